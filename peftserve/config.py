@@ -1,0 +1,133 @@
+"""Configuration objects, one per concern.
+
+Every field has a docstring (the string literal under it) and is validated in
+``__post_init__`` with a ``ValueError`` a user can act on. The CLI
+(``peftserve.cli``) maps each field one-to-one onto a ``--flag`` and a
+``PEFTSERVE_<FIELD>`` environment variable.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "adapters" / "base"
+DEFAULT_ADAPTERS_DIR = Path(__file__).resolve().parent.parent / "adapters"
+
+
+def _default_data_dir() -> str:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "peftserve")
+
+
+@dataclass
+class ModelConfig:
+    model: str = str(DEFAULT_MODEL_DIR)
+    """Local Hugging Face model directory (Llama, Mistral or Qwen2 family)."""
+    device: str = "auto"
+    """auto (cuda when available, else cpu), cpu or cuda."""
+    dtype: str = "auto"
+    """auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16 or float16."""
+    seed: int = 0
+    """Seed for requests that give none."""
+
+    def __post_init__(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, not {self.device!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
+
+
+@dataclass
+class LoRAConfig:
+    max_lora_rank: int = 64
+    """Largest adapter rank accepted; adapters above it are refused at load."""
+    max_loras: int = 16
+    """Adapter slots resident on the device (slot 0, 'no adapter', comes on top)."""
+    lora_backend: str = "auto"
+    """LoRA kernels: auto (triton on cuda, torch elsewhere), torch or triton."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_lora_rank <= 512:
+            raise ValueError(f"max_lora_rank must be in 1..512, not {self.max_lora_rank}")
+        if self.max_loras < 1:
+            raise ValueError(f"max_loras must be at least 1, not {self.max_loras}")
+        if self.lora_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"lora_backend must be auto, torch or triton, not {self.lora_backend!r}")
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = 16
+    """Tokens per KV-cache block."""
+    kv_cache_memory_gb: float = 0.0
+    """Memory budget for the paged KV cache in GiB; 0 picks a default (1 GiB on cpu, 90% of free on cuda)."""
+    max_model_len: int = 0
+    """Longest prompt plus completion in tokens; 0 takes the model's max_position_embeddings."""
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, not {self.block_size}")
+        if self.kv_cache_memory_gb < 0:
+            raise ValueError("kv_cache_memory_gb must be >= 0")
+        if self.max_model_len < 0:
+            raise ValueError("max_model_len must be >= 0")
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 128
+    """Most sequences running in one step."""
+    max_num_batched_tokens: int = 2048
+    """Token budget of one step (prefill chunks and decode tokens together)."""
+    max_waiting: int = 1024
+    """Bound of the waiting queue; a full queue answers 429."""
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be at least 1")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError("max_num_batched_tokens must be at least max_num_seqs")
+        if self.max_waiting < 1:
+            raise ValueError("max_waiting must be at least 1")
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    """Address to listen on."""
+    port: int = 8000
+    """Port to listen on."""
+    adapter: list[str] = field(default_factory=list)
+    """Adapters to serve, as NAME=PATH (repeatable). With none given and the default model, the bundled demo adapters."""
+    served_model_name: str = ""
+    """Name of the base model in the API; defaults to the model directory's name."""
+    api_key: list[str] = field(default_factory=list)
+    """API keys accepted on inference routes (repeatable); none means open."""
+    admin_token: str = ""
+    """Bearer token for /admin routes; empty means admin answers on loopback only."""
+    data_dir: str = field(default_factory=_default_data_dir)
+    """Where the adapter registry and rollout state live."""
+    log_level: str = "info"
+    """debug, info, warning or error."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535, not {self.port}")
+        for spec in self.adapter:
+            name, sep, path = spec.partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"adapter must be NAME=PATH, not {spec!r}")
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            raise ValueError(f"log_level must be debug, info, warning or error, not {self.log_level!r}")
+
+
+@dataclass
+class EngineConfig:
+    """Everything the engine needs, grouped by concern."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

@@ -1,0 +1,30 @@
+"""What the engine streams back for each request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: dict[str, float] = field(default_factory=dict)
+    """The requested top-k alternatives (token text -> logprob)."""
+
+
+@dataclass
+class RequestOutput:
+    """One increment of a request's output; the last one has ``finished`` set."""
+
+    request_id: str
+    text: str
+    """New text since the previous increment (stop strings already cut)."""
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None
+    finished: bool
+    finish_reason: str | None
+    """'stop' (EOS or a stop string), 'length' (max_tokens or context), 'abort' or 'error'."""
+    prompt_tokens: int
+    completion_tokens: int
+    error: str | None = None

@@ -1,0 +1,51 @@
+"""Per-request sampling parameters, validated with errors that name the parameter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class InvalidParameter(ValueError):
+    """A request parameter is out of range; ``param`` names it (OpenAI's error field)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    """Most tokens to generate."""
+    temperature: float = 1.0
+    """0 means greedy."""
+    top_p: float = 1.0
+    """Nucleus sampling mass, in (0, 1]."""
+    top_k: int = -1
+    """Keep the k most likely tokens; -1 (or 0) keeps all."""
+    seed: int | None = None
+    """Same seed and prompt give the same output."""
+    stop: list[str] = field(default_factory=list)
+    """Strings that end generation; not included in the output."""
+    logprobs: int | None = None
+    """Return the top-k log-probabilities of each generated token (0..20)."""
+    ignore_eos: bool = False
+    """Keep generating past the end-of-sequence token."""
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise InvalidParameter("max_tokens", f"max_tokens must be at least 1, got {self.max_tokens}")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise InvalidParameter("temperature", f"temperature must be in [0, 2], got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidParameter("top_p", f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < -1:
+            raise InvalidParameter("top_k", f"top_k must be -1 (all) or positive, got {self.top_k}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise InvalidParameter("logprobs", f"logprobs must be in 0..20, got {self.logprobs}")
+        if len(self.stop) > 4 or any(not s for s in self.stop):
+            raise InvalidParameter("stop", "stop takes up to 4 non-empty strings")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
