@@ -1,0 +1,107 @@
+"""LoRA injection (a module-swap pass over a plain model) and the adapter slot pool."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from peftserve.config import LoRAConfig
+from peftserve.lora.backend import select_backend
+from peftserve.lora.layers import LoRAStepContext, MultiLoRALinear
+from peftserve.lora.metadata import LoRAStepMetadata
+from peftserve.lora.peft_adapter import TARGET_NAMES, AdapterError, LoRAAdapter
+
+logger = logging.getLogger(__name__)
+
+
+def inject_lora(model: nn.Module, num_slots: int, max_rank: int, ctx: LoRAStepContext) -> dict[str, MultiLoRALinear]:
+    """Replace every target ``nn.Linear`` of ``model`` with a ``MultiLoRALinear``, in place."""
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if name.rsplit(".", 1)[-1] in TARGET_NAMES and isinstance(module, nn.Linear)
+    ]
+    layers: dict[str, MultiLoRALinear] = {}
+    for name, linear in targets:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        wrapped = MultiLoRALinear(linear, num_slots, max_rank, ctx)
+        setattr(parent, attr, wrapped)
+        layers[name] = wrapped
+    return layers
+
+
+class LoRAManager:
+    """Owns the wrapped layers, the slot table and the per-step metadata.
+
+    Slot ids are the same in every layer: slot ``k`` is one adapter everywhere, with rank
+    0 in the layers it does not target. Loading and unloading must happen between steps.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: LoRAConfig,
+        max_num_tokens: int,
+        max_num_seqs: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ) -> None:
+        self.config = config
+        self.num_slots = config.max_loras + 1
+        self.device = torch.device(device)
+        self.meta = LoRAStepMetadata(max_num_tokens, max_num_seqs, self.device)
+        self.backend = select_backend(config.lora_backend, self.device)
+        self.ctx = LoRAStepContext(self.backend, self.meta)
+        self.layers = inject_lora(model, self.num_slots, config.max_lora_rank, self.ctx)
+        self._slot_of: dict[str, int] = {}
+        self._free = list(range(self.num_slots - 1, 0, -1))
+        logger.info(
+            "LoRA: %d projections wrapped, %d adapter slots, backend %s",
+            len(self.layers), config.max_loras, self.backend.name,
+        )
+
+    def load(self, lora_id: str, adapter: LoRAAdapter) -> int:
+        """Write ``adapter`` into a free slot (or its current one) and return the slot."""
+        unknown = set(adapter.weights) - set(self.layers)
+        if unknown:
+            raise AdapterError(f"adapter targets modules this model lacks: {sorted(unknown)[:3]}")
+        slot = self._slot_of.get(lora_id)
+        if slot is None:
+            if not self._free:
+                raise RuntimeError(f"all {self.num_slots - 1} adapter slots are in use")
+            slot = self._free.pop()
+        for name, layer in self.layers.items():
+            a, b = adapter.weights.get(name, (None, None))
+            layer.set_slot(slot, a, b)
+        self._slot_of[lora_id] = slot
+        return slot
+
+    def unload(self, lora_id: str) -> None:
+        """Clear the adapter's slot and free it."""
+        slot = self._slot_of.pop(lora_id)
+        for layer in self.layers.values():
+            layer.set_slot(slot, None, None)
+        self._free.append(slot)
+
+    def slot_of(self, lora_id: str | None) -> int:
+        """Slot of a loaded adapter; 0 (no adapter) for None. KeyError if not loaded."""
+        return 0 if lora_id is None else self._slot_of[lora_id]
+
+    def is_loaded(self, lora_id: str) -> bool:
+        return lora_id in self._slot_of
+
+    @property
+    def loaded(self) -> dict[str, int]:
+        return dict(self._slot_of)
+
+    @property
+    def num_free_slots(self) -> int:
+        return len(self._free)
+
+    def prepare(self, token_slots: Sequence[int]) -> None:
+        """Publish this step's segments (tokens already ordered by slot) to every layer."""
+        self.meta.prepare(token_slots)

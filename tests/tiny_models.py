@@ -1,0 +1,92 @@
+"""Tiny random models and PEFT adapters, built in a temporary directory for tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+FAMILIES = ("llama", "mistral", "qwen2")
+_CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
+CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789 +-=:.,!?\n")
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer: every character is one token, decoding is exact."""
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    from tokenizers import decoders
+
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def make_tiny_model(tmp_path: Path, family: str = "llama", seed: int = 0, **overrides) -> Path:
+    """Save a random 2-layer model of ``family`` with its tokenizer; return the directory."""
+    torch.manual_seed(seed)
+    tokenizer = make_tokenizer()
+    kwargs = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    kwargs.update(overrides)
+    config = _CONFIGS[family](**kwargs)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # larger than default init so logits are far from uniform
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    out = Path(tmp_path) / f"tiny-{family}"
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def make_peft_adapter(
+    model_dir: Path,
+    out_dir: Path,
+    r: int = 4,
+    target_modules: list[str] | str = ("q_proj", "v_proj"),
+    seed: int = 1,
+    std: float = 0.1,
+    **lora_kwargs,
+) -> Path:
+    """Make a PEFT LoRA adapter with random (non-zero) A and B for the model in ``model_dir``."""
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    targets = target_modules if isinstance(target_modules, str) else list(target_modules)
+    config = LoraConfig(r=r, target_modules=targets, init_lora_weights=False, **lora_kwargs)
+    peft_model = get_peft_model(base, config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, std)
+    peft_model.save_pretrained(out_dir)
+    return Path(out_dir)
