@@ -1,0 +1,45 @@
+"""Paged KV-cache blocks: a free list and each sequence's block table."""
+
+from __future__ import annotations
+
+from peftserve.engine.sequence import Sequence
+
+
+class BlockManager:
+    """Hands out fixed-size KV blocks; a sequence holds ``ceil(tokens / block_size)`` of them."""
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        if num_blocks < 1:
+            raise ValueError("the KV cache needs at least one block")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
+        """New blocks ``seq`` needs so that its table covers ``num_tokens`` tokens."""
+        total = -(-num_tokens // self.block_size)
+        return max(0, total - len(seq.block_table))
+
+    def can_allocate(self, seq: Sequence, num_tokens: int) -> bool:
+        return self.blocks_needed(seq, num_tokens) <= len(self._free)
+
+    def allocate(self, seq: Sequence, num_tokens: int) -> None:
+        """Append blocks to ``seq.block_table`` until it covers ``num_tokens`` tokens."""
+        need = self.blocks_needed(seq, num_tokens)
+        if need > len(self._free):
+            raise RuntimeError(f"{seq.request_id}: needs {need} KV blocks, {len(self._free)} free")
+        for _ in range(need):
+            seq.block_table.append(self._free.pop())
+
+    def free(self, seq: Sequence) -> None:
+        """Return all of ``seq``'s blocks."""
+        self._free.extend(reversed(seq.block_table))
+        seq.block_table.clear()

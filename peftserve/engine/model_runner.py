@@ -1,0 +1,282 @@
+"""Loads the base model, owns the KV cache, and runs one packed step through the model.
+
+A step's scheduled tokens (prefill chunks and decode tokens, ordered by LoRA slot) are
+flattened into one sequence ``input_ids [1, T]`` with per-token ``position_ids [1, T]``.
+The attention metadata of the step (``attention.PagedAttentionMetadata``) is built once
+and passed as a forward kwarg; the LoRA segments are published once through
+``LoRAManager.prepare``. Logits are computed only for the rows that are sampled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+
+from peftserve.config import CacheConfig, EngineConfig
+from peftserve.engine.attention import (
+    ATTN_IMPLEMENTATION,
+    METADATA_KWARG,
+    DecodeBatch,
+    PagedAttentionMetadata,
+    PrefillChunk,
+    gather_numel,
+)
+from peftserve.engine.scheduler import SchedulerOutput
+from peftserve.engine.sequence import Sequence
+from peftserve.lora.manager import LoRAManager
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_CUDA_KV_FRACTION = 0.9
+_CPU_KV_BYTES = 1 << 30
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # [1, T]
+    position_ids: torch.Tensor  # [1, T]
+    token_slots: list[int]  # [T] LoRA slot per token
+    attn: PagedAttentionMetadata
+    sample_idx: torch.Tensor  # [S] packed rows whose logits are sampled
+    sample_seqs: list[Sequence]  # [S]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda was asked for but no CUDA device is available; use device=cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+def read_model_config(model_dir: str) -> PretrainedConfig:
+    """The model's HF config; one-line ValueError for a missing dir or an unsupported family."""
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"model directory {path} does not exist or holds no config.json")
+    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    return AutoConfig.from_pretrained(path)
+
+
+def load_model(model_dir: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """Load the causal LM, resident in eval mode, with the paged attention switched on."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    model = model.to(device).eval().requires_grad_(False)
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    return model
+
+
+def load_tokenizer(model_dir: str):
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot load the tokenizer in {model_dir}: {exc}".splitlines()[0]) from exc
+
+
+def resolve_max_model_len(cache: CacheConfig, hf_config: PretrainedConfig) -> int:
+    limit = getattr(hf_config, "max_position_embeddings", None)
+    if not cache.max_model_len:
+        if limit is None:
+            raise ValueError("the model config has no max_position_embeddings; set max_model_len")
+        return int(limit)
+    if limit is not None and cache.max_model_len > limit:
+        raise ValueError(f"max_model_len {cache.max_model_len} exceeds the model's {limit} positions")
+    return cache.max_model_len
+
+
+def kv_geometry(hf_config: PretrainedConfig) -> tuple[int, int, int]:
+    """(num_layers, num_kv_heads, head_dim)."""
+    heads = hf_config.num_attention_heads
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+    return hf_config.num_hidden_layers, kv_heads, head_dim
+
+
+class ModelRunner:
+    """The base model (with LoRA injected), its tokenizer and the paged KV cache."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.model.device)
+        self.dtype = resolve_dtype(config.model.dtype, self.device)
+        self.hf_config = read_model_config(config.model.model)
+        self.max_model_len = resolve_max_model_len(config.cache, self.hf_config)
+        self.tokenizer = load_tokenizer(config.model.model)
+        self.model = load_model(config.model.model, self.device, self.dtype)
+        sched = config.scheduler
+        self.lora_manager = LoRAManager(
+            self.model, config.lora, sched.max_num_batched_tokens, sched.max_num_seqs, self.device, self.dtype
+        )
+        self.block_size = config.cache.block_size
+        self.num_blocks = self._num_blocks()
+        layers, kv_heads, head_dim = kv_geometry(self.hf_config)
+        self.kv_caches = [
+            torch.zeros(2, kv_heads, self.num_blocks * self.block_size, head_dim, dtype=self.dtype, device=self.device)
+            for _ in range(layers)
+        ]  # per layer [2, Hkv, num_blocks * block_size, D]
+        self._workspace = torch.empty(0, dtype=self.dtype, device=self.device)
+        logger.info(
+            "model %s (%s) on %s/%s; KV cache %d blocks x %d tokens; max_model_len %d",
+            config.model.model, self.hf_config.model_type, self.device, self.dtype,
+            self.num_blocks, self.block_size, self.max_model_len,
+        )
+
+    def _num_blocks(self) -> int:
+        """Blocks that fit the memory budget, capped at what max_num_seqs full sequences use."""
+        layers, kv_heads, head_dim = kv_geometry(self.hf_config)
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        block_bytes = 2 * layers * kv_heads * head_dim * self.block_size * itemsize
+        budget = self._kv_budget_bytes()
+        blocks_per_seq = -(-self.max_model_len // self.block_size)
+        num_blocks = min(budget // block_bytes, blocks_per_seq * self.config.scheduler.max_num_seqs)
+        if num_blocks < blocks_per_seq:
+            raise ValueError(
+                f"the KV cache budget ({budget / 2**30:.3g} GiB) holds {num_blocks * self.block_size} tokens,"
+                f" fewer than max_model_len {self.max_model_len}: raise kv_cache_memory_gb or lower max_model_len"
+            )
+        return int(num_blocks)
+
+    def _kv_budget_bytes(self) -> int:
+        gib = self.config.cache.kv_cache_memory_gb
+        if gib > 0:
+            return int(gib * 2**30)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return int(free * _CUDA_KV_FRACTION)
+        return _CPU_KV_BYTES
+
+    def zero_blocks(self, blocks: list[int]) -> None:
+        """Clear KV blocks in every layer (after a sequence produced non-finite values)."""
+        if not blocks:
+            return
+        idx = self._tensor(blocks)
+        for cache in self.kv_caches:
+            two, kv_heads, _, head_dim = cache.shape
+            cache.view(two, kv_heads, self.num_blocks, self.block_size, head_dim).index_fill_(2, idx, 0)
+
+    def execute(self, sched: SchedulerOutput) -> tuple[torch.Tensor, list[Sequence]]:
+        """Run one step; return the fp32 logits [S, V] of the sampled rows and their sequences."""
+        inputs = self.prepare(sched)
+        self.lora_manager.prepare(inputs.token_slots)
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=inputs.input_ids,
+                position_ids=inputs.position_ids,
+                use_cache=False,
+                logits_to_keep=inputs.sample_idx,
+                **{METADATA_KWARG: inputs.attn},
+            )
+        return out.logits[0].float(), inputs.sample_seqs  # [S, V]
+
+    def prepare(self, sched: SchedulerOutput) -> StepInputs:
+        """Flatten a scheduled step into packed tensors and attention metadata (host work once)."""
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        token_slots: list[int] = []
+        sample_idx: list[int] = []
+        sample_seqs: list[Sequence] = []
+        decodes: list[tuple[int, Sequence]] = []
+        prefills: list[tuple[int, int, Sequence]] = []
+        for seq, n in zip(sched.seqs, sched.num_tokens, strict=True):
+            row, start = len(ids), seq.num_computed_tokens
+            ids.extend(seq.token_ids[start : start + n])
+            positions.extend(range(start, start + n))
+            self._slot_mapping(seq.block_table, start, start + n, slots)
+            token_slots.extend([seq.slot] * n)
+            if n == 1:
+                decodes.append((row, seq))
+            else:
+                prefills.append((row, n, seq))
+            if start + n == seq.num_tokens:
+                sample_idx.append(row + n - 1)
+                sample_seqs.append(seq)
+        decode = self._decode_batch(decodes, len(ids))
+        chunks = [self._prefill_chunk(row, n, seq) for row, n, seq in prefills]
+        attn = PagedAttentionMetadata(
+            kv_caches=self.kv_caches,
+            block_size=self.block_size,
+            slot_mapping=self._tensor(slots),
+            num_tokens=len(ids),
+            device=self.device,
+            decode=decode,
+            prefills=chunks,
+            workspace=self._gather_workspace(decode, chunks),
+        )
+        return StepInputs(
+            input_ids=self._tensor(ids)[None],
+            position_ids=self._tensor(positions)[None],
+            token_slots=token_slots,
+            attn=attn,
+            sample_idx=self._tensor(sample_idx),
+            sample_seqs=sample_seqs,
+        )
+
+    def _gather_workspace(self, decode: DecodeBatch | None, chunks: list[PrefillChunk]) -> torch.Tensor:
+        """The gather buffer, grown (never shrunk) to the most blocks one attention call reads."""
+        blocks = [decode.num_seqs * decode.max_blocks] if decode else []
+        blocks += [c.block_table.numel() for c in chunks if c.block_table is not None]
+        _, kv_heads, head_dim = kv_geometry(self.hf_config)
+        need = gather_numel(kv_heads, max(blocks, default=0), self.block_size, head_dim)
+        if need > self._workspace.numel():
+            self._workspace = torch.empty(need + need // 2, dtype=self.dtype, device=self.device)
+        return self._workspace
+
+    def _slot_mapping(self, block_table: list[int], start: int, end: int, out: list[int]) -> None:
+        """Append the cache slots of positions ``start .. end`` (one range per block)."""
+        bs = self.block_size
+        pos = start
+        while pos < end:
+            block, offset = divmod(pos, bs)
+            take = min(end - pos, bs - offset)
+            base = block_table[block] * bs + offset
+            out.extend(range(base, base + take))
+            pos += take
+
+    def _decode_batch(self, decodes: list[tuple[int, Sequence]], num_tokens: int) -> DecodeBatch | None:
+        if not decodes:
+            return None
+        bs = self.block_size
+        context = [seq.num_computed_tokens + 1 for _, seq in decodes]
+        max_blocks = -(-max(context) // bs)
+        flat: list[int] = []
+        for (_, seq), ctx in zip(decodes, context, strict=True):
+            used = seq.block_table[: -(-ctx // bs)]
+            flat.extend(used)
+            flat.extend([0] * (max_blocks - len(used)))  # padding, masked out
+        rows = [row for row, _ in decodes]
+        in_order = len(rows) == num_tokens  # a pure decode step: rows are 0 .. T-1
+        return DecodeBatch(
+            token_idx=None if in_order else self._tensor(rows),
+            block_flat=self._tensor(flat),
+            context_lens=self._tensor(context),
+            num_seqs=len(decodes),
+            max_blocks=max_blocks,
+        )
+
+    def _prefill_chunk(self, row: int, n: int, seq: Sequence) -> PrefillChunk:
+        context = seq.num_computed_tokens
+        num_blocks = -(-(context + n) // self.block_size)
+        table = self._tensor(seq.block_table[:num_blocks]) if context else None
+        return PrefillChunk(start=row, length=n, context=context, block_table=table)
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)

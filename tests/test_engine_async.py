@@ -1,0 +1,130 @@
+"""AsyncLLMEngine: the background step loop, streaming, client disconnects, queue bounds."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from peftserve.engine.engine import AsyncLLMEngine, QueueFull, UnknownAdapter
+from tests.engine_helpers import generate_all, greedy, make_engine, random_prompts
+from tests.tiny_models import make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("m"), "llama")
+
+
+async def _collect(engine: AsyncLLMEngine, rid: str, prompt, params):
+    ids, text, outs = [], "", []
+    async for out in engine.generate(rid, prompt, params):
+        ids += out.token_ids
+        text += out.text
+        outs.append(out)
+    return ids, text, outs
+
+
+def _wait_until(cond, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_concurrent_streams_match_the_sync_engine(model_dir):
+    prompts = random_prompts((4, 12, 20, 28, 7), seed=12)
+    want = generate_all(make_engine(model_dir), prompts, greedy(12))
+    engine = AsyncLLMEngine(make_engine(model_dir))
+    engine.start()
+    try:
+
+        async def main():
+            return await asyncio.gather(*(_collect(engine, str(i), p, greedy(12)) for i, p in enumerate(prompts)))
+
+        got = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    for i, (ids, text, outs) in enumerate(got):
+        assert ids == want[str(i)].token_ids and text == want[str(i)].text
+        assert outs[-1].finished and not any(o.finished for o in outs[:-1])
+    assert engine.stats.kv_blocks_used == 0
+
+
+def test_disconnect_aborts_and_frees_blocks(model_dir):
+    engine = AsyncLLMEngine(make_engine(model_dir))
+    engine.start()
+    try:
+
+        async def main():
+            gen = engine.generate("r", [5] * 30, greedy(200))
+            async for _ in gen:
+                break  # the client goes away after the first token
+            await gen.aclose()
+
+        asyncio.run(main())
+        _wait_until(lambda: not engine.engine.has_unfinished_requests())
+        assert engine.stats.kv_blocks_used == 0
+    finally:
+        engine.shutdown()
+
+
+def test_cancelled_consumer_aborts(model_dir):
+    engine = AsyncLLMEngine(make_engine(model_dir))
+    engine.start()
+    try:
+
+        async def main():
+            task = asyncio.create_task(_collect(engine, "r", [5] * 30, greedy(200)))
+            while not engine.stats.num_running:
+                await asyncio.sleep(0.01)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        asyncio.run(main())
+        _wait_until(lambda: not engine.engine.has_unfinished_requests())
+        assert engine.stats.kv_blocks_used == 0
+    finally:
+        engine.shutdown()
+
+
+def test_errors_come_before_the_first_output(model_dir):
+    engine = AsyncLLMEngine(make_engine(model_dir, max_waiting=1))  # not started: nothing moves
+
+    async def main():
+        first = engine.generate("a", [5, 6], greedy(4))
+        pending = asyncio.create_task(first.__anext__())
+        await asyncio.sleep(0.05)
+        with pytest.raises(QueueFull):
+            await engine.generate("b", [5, 6], greedy(4)).__anext__()
+        with pytest.raises(UnknownAdapter):
+            await engine.generate("c", [5, 6], greedy(4), lora_id="nope").__anext__()
+        with pytest.raises(ValueError, match="already in use"):
+            await engine.generate("a", [5, 6], greedy(4)).__anext__()
+        engine.start()
+        out = await pending
+        assert out.request_id == "a"
+        rest = [o async for o in first]
+        assert rest[-1].finished
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.shutdown()
+
+
+def test_shutdown_ends_open_requests(model_dir):
+    engine = AsyncLLMEngine(make_engine(model_dir))
+
+    async def main():
+        gen = engine.generate("r", [5] * 10, greedy(8))
+        task = asyncio.create_task(gen.__anext__())
+        await asyncio.sleep(0.05)
+        engine.shutdown()  # never started: the request is still waiting
+        out = await task
+        assert out.finished and out.finish_reason == "abort"
+
+    asyncio.run(main())
+    assert engine.stats.kv_blocks_used == 0 and not engine.engine.has_unfinished_requests()
