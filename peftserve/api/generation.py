@@ -1,0 +1,140 @@
+"""Talking to AsyncLLMEngine from a request: open a stream, collect it, abort on disconnect.
+
+Aborting is closing: when the engine's ``generate`` iterator is closed or cancelled, the
+engine aborts the request and frees its KV blocks. Everything here makes sure that happens
+the moment a client goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import anyio
+from fastapi import Request
+
+from peftserve.api.errors import APIError, internal_error, invalid_request, queue_full
+from peftserve.engine.engine import AsyncLLMEngine, QueueFull
+from peftserve.engine.outputs import RequestOutput, TokenLogprob
+from peftserve.engine.sampling_params import InvalidParameter, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+DISCONNECT_POLL_S = 0.1
+"""How often a non-streaming request checks whether its client is still there."""
+CLIENT_CLOSED_STATUS = 499
+
+
+class ClientDisconnected(APIError):
+    def __init__(self) -> None:
+        super().__init__(CLIENT_CLOSED_STATUS, "Client closed the request.", "client_closed")
+
+
+class OutputStream:
+    """The engine's output iterator, started (so its errors are known) and closable."""
+
+    def __init__(self, first: RequestOutput, outputs: AsyncIterator[RequestOutput]) -> None:
+        self._first = first
+        self._outputs = outputs
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        yield self._first
+        if self._first.finished:
+            return
+        async for out in self._outputs:
+            yield out
+
+    async def aclose(self) -> None:
+        """Close the engine iterator (aborting the request if unfinished), even when cancelled."""
+        with anyio.CancelScope(shield=True):
+            await self._outputs.aclose()  # type: ignore[attr-defined]
+
+
+async def open_stream(
+    engine: AsyncLLMEngine,
+    request_id: str,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    lora_id: str | None,
+) -> OutputStream:
+    """Submit the request and wait for its first output; engine refusals become APIErrors."""
+    outputs = engine.generate(request_id, prompt_ids, params, lora_id=lora_id)
+    try:
+        first = await outputs.__anext__()
+    except QueueFull:
+        raise queue_full() from None
+    except InvalidParameter as e:
+        raise invalid_request(str(e), e.param) from None
+    except ValueError as e:
+        raise invalid_request(str(e)) from None
+    except StopAsyncIteration:
+        logger.error("request %s: engine returned no output", request_id)
+        raise internal_error(request_id) from None
+    return OutputStream(first, outputs)
+
+
+def output_error(out: RequestOutput, request_id: str) -> APIError | None:
+    """The APIError for an output that ended in an engine error or abort, else None."""
+    if out.finish_reason == "error":
+        logger.error("request %s failed in the engine: %s", request_id, out.error)
+        return internal_error(request_id)
+    if out.finish_reason == "abort":
+        return APIError(
+            503, "The request was aborted by the server.", "server_error", None, "aborted"
+        )
+    return None
+
+
+@dataclass
+class Generation:
+    """A whole non-streamed generation."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def add(self, out: RequestOutput) -> None:
+        self.text += out.text
+        self.token_ids.extend(out.token_ids)
+        if out.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + list(out.logprobs)
+        self.finish_reason = out.finish_reason
+        self.prompt_tokens = out.prompt_tokens
+        self.completion_tokens = out.completion_tokens
+
+
+async def collect(stream: OutputStream, request_id: str) -> Generation:
+    generation = Generation()
+    try:
+        async for out in stream:
+            error = output_error(out, request_id)
+            if error is not None:
+                raise error
+            generation.add(out)
+    finally:
+        await stream.aclose()
+    return generation
+
+
+async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Run ``work``; if the client disconnects first, cancel it and raise ClientDisconnected."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                logger.info("request %s: client disconnected, aborting", request.state.request_id)
+                raise ClientDisconnected()
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)

@@ -1,0 +1,155 @@
+"""Startup of ``peftserve serve``: settings -> engine -> adapters -> FastAPI app -> uvicorn.
+
+Every failure a user can cause (missing or unsupported model directory, bad adapter) is
+raised as ``StartupError`` with a one-line message; the CLI prints it without a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from peftserve.config import DEFAULT_ADAPTERS_DIR, DEFAULT_MODEL_DIR
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from peftserve.api.model_table import ModelTable
+    from peftserve.cli import ServeSettings
+    from peftserve.config import EngineConfig
+    from peftserve.engine.engine import LLMEngine
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+GRACEFUL_SHUTDOWN_S = 5
+"""On Ctrl-C, how long open requests may finish before they are cut."""
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class StartupError(Exception):
+    """The server cannot start; the message (one line) says why."""
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT)
+    logging.getLogger().setLevel(level.upper())
+
+
+def check_model_dir(path: str) -> None:
+    model_dir = Path(path)
+    if not model_dir.is_dir():
+        raise StartupError(f"model directory {path} does not exist (give one with --model)")
+    if not (model_dir / "config.json").is_file():
+        raise StartupError(f"{path} is not a Hugging Face model directory: it has no config.json")
+
+
+def demo_adapters(adapters_dir: Path | None = None) -> dict[str, str]:
+    """Every directory under ``adapters_dir`` (default: the bundled ``adapters/``) that holds
+    an adapter_config.json, by directory name."""
+    adapters_dir = DEFAULT_ADAPTERS_DIR if adapters_dir is None else adapters_dir
+    if not adapters_dir.is_dir():
+        return {}
+    found = sorted(p.parent for p in adapters_dir.glob(f"*/{ADAPTER_CONFIG}"))
+    return {p.name: str(p) for p in found}
+
+
+def served_adapters(settings: ServeSettings) -> dict[str, str]:
+    """NAME=PATH specs as a dict; with none given and the default model, the demo adapters."""
+    server = settings.server
+    if "adapter" not in settings.explicit and _is_default_model(settings.engine.model.model):
+        return demo_adapters()
+    adapters: dict[str, str] = {}
+    for spec in server.adapter:
+        name, _, path = spec.partition("=")
+        if name in adapters:
+            raise StartupError(f"adapter name {name!r} is given twice")
+        adapters[name] = path
+    return adapters
+
+
+def _is_default_model(path: str) -> bool:
+    return Path(path).resolve() == DEFAULT_MODEL_DIR.resolve()
+
+
+def served_model_name(settings: ServeSettings) -> str:
+    name = settings.server.served_model_name
+    return name or Path(settings.engine.model.model).resolve().name
+
+
+def load_engine(config: EngineConfig) -> LLMEngine:
+    check_model_dir(config.model.model)
+    from peftserve.engine.engine import LLMEngine
+
+    logger.info("loading model %s", config.model.model)
+    try:
+        return LLMEngine(config)
+    except Exception as e:  # any load failure becomes one line; the traceback stays at debug
+        logger.debug("model load failed", exc_info=True)
+        raise StartupError(f"cannot load model {config.model.model}: {_one_line(e)}") from e
+
+
+def load_adapters(engine: LLMEngine, adapters: dict[str, str], max_rank: int) -> None:
+    from peftserve.lora.peft_adapter import AdapterError, load_adapter
+
+    for name, path in adapters.items():
+        try:
+            adapter = load_adapter(path, engine.model, max_rank, name=name)
+            engine.add_lora(name, adapter)
+        except (AdapterError, ValueError, OSError) as e:
+            raise StartupError(f"adapter {name!r} ({path}): {_one_line(e)}") from e
+        logger.info("loaded adapter %s from %s (rank %d)", name, path, adapter.rank)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def build_serving_app(settings: ServeSettings) -> FastAPI:
+    """Load the engine and adapters and return the app (the engine starts with the app)."""
+    check_model_dir(settings.engine.model.model)
+    table = _model_table(settings)
+    from peftserve.api.app import build_app
+    from peftserve.engine.engine import AsyncLLMEngine
+
+    engine = load_engine(settings.engine)
+    table.max_model_len = engine.max_model_len
+    adapters = {name: a.path for name, a in table.adapters.items()}
+    load_adapters(engine, adapters, settings.engine.lora.max_lora_rank)
+    return build_app(AsyncLLMEngine(engine), table, settings.server)
+
+
+def _model_table(settings: ServeSettings) -> ModelTable:
+    from peftserve.api.model_table import ModelTable
+
+    model_dir = Path(settings.engine.model.model).resolve()
+    table = ModelTable(
+        base_name=served_model_name(settings), base_path=str(model_dir), max_model_len=0
+    )
+    for name, path in served_adapters(settings).items():
+        if not (Path(path) / ADAPTER_CONFIG).is_file():
+            raise StartupError(f"adapter {name!r}: {path} has no {ADAPTER_CONFIG}")
+        try:
+            table.add_adapter(name, str(Path(path).resolve()))
+        except ValueError as e:
+            raise StartupError(str(e)) from e
+    return table
+
+
+def run_server(settings: ServeSettings) -> None:
+    """Start serving and block until interrupted."""
+    import uvicorn
+
+    server = settings.server
+    configure_logging(server.log_level)
+    app = build_serving_app(settings)
+    logger.info("starting server on http://%s:%d (OpenAI API under /v1)", server.host, server.port)
+    uvicorn.run(
+        app,
+        host=server.host,
+        port=server.port,
+        log_config=None,  # uvicorn's loggers go through ours (one format)
+        log_level=server.log_level,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+    )
