@@ -41,19 +41,82 @@ class LoRABackend(Protocol):
 
 
 class TorchBackend:
-    """Plain-torch reference: the CPU path and the test oracle for the kernels."""
+    """Plain-torch reference: the CPU path and the test oracle for the kernels.
+
+    Long segments (prefill chunks) run as one pair of matmuls each. Short segments
+    (decode tokens grouped by adapter) are padded to a common length and run as one
+    batched matmul pair over all of them: a decode step then costs a handful of ops per
+    layer however many adapters it holds, instead of a few ops per adapter.
+    """
 
     name = "torch"
+    short_segment = 32
+    """Segments up to this many tokens go through the batched path."""
+
+    def __init__(self) -> None:
+        self._plan_key: tuple[int, int] | None = None
+        self._plan: _BatchedPlan | None = None
+        self._long: list[tuple[int, int, int]] = []
 
     def add_lora(self, x, out, lora_a, lora_b, ranks, meta) -> None:
-        for start, length, slot in meta.host_segments:
+        self._make_plan(meta, x.device)
+        for start, length, slot in self._long:
             r = ranks[slot]
-            if slot == 0 or r == 0 or length == 0:
+            if r == 0:
                 continue
             xs = x[start : start + length]
             y = xs.float() @ lora_a[slot, :r].float().T  # [n, r] fp32
             delta = y @ lora_b[slot, :, :r].float().T  # [n, out] fp32
             out[start : start + length] += delta.to(out.dtype)
+        if self._plan is not None:
+            self._plan.run(x, out, lora_a, lora_b, ranks)
+
+    def _make_plan(self, meta: LoRAStepMetadata, device: torch.device) -> None:
+        """Split the step's segments into long ones and one batched plan (once per step)."""
+        key = (id(meta), meta.step_id)
+        if key == self._plan_key:
+            return
+        segs = [s for s in meta.host_segments if s[2] != 0 and s[1] > 0]
+        short = [s for s in segs if s[1] <= self.short_segment]
+        if len(short) < 2:
+            short = []
+        self._long = [s for s in segs if s not in short]
+        self._plan = _BatchedPlan(short, device) if short else None
+        self._plan_key = key
+
+
+class _BatchedPlan:
+    """Padded gather/scatter indices for running many short segments as one bmm pair."""
+
+    def __init__(self, segments: list[tuple[int, int, int]], device: torch.device) -> None:
+        width = max(length for _, length, _ in segments)
+        rows = torch.zeros(len(segments), width, dtype=torch.long)  # [S, L] token index
+        valid = torch.zeros(len(segments), width, dtype=torch.bool)  # [S, L]
+        for i, (start, length, _) in enumerate(segments):
+            rows[i, :length] = torch.arange(start, start + length)
+            rows[i, length:] = start  # padding reads a real row; its result is dropped
+            valid[i, :length] = True
+        self.slots_host = [slot for _, _, slot in segments]
+        self.slots = torch.tensor(self.slots_host, dtype=torch.long, device=device)  # [S]
+        self.gather = rows.view(-1).to(device)  # [S*L]
+        self.padded = not bool(valid.all())
+        self.scatter = rows[valid].to(device)  # [n_valid]
+        self.valid = valid.view(-1).to(device)  # [S*L]
+        self.shape = (len(segments), width)
+
+    def run(self, x, out, lora_a, lora_b, ranks) -> None:
+        r = max(ranks[s] for s in self.slots_host)
+        if r == 0:
+            return
+        num_segs, width = self.shape
+        xs = x.index_select(0, self.gather).view(num_segs, width, -1).float()  # [S, L, in]
+        a = lora_a[:, :r].index_select(0, self.slots).float()  # [S, r, in]
+        b = lora_b[:, :, :r].index_select(0, self.slots).float()  # [S, out, r]
+        y = torch.bmm(xs, a.transpose(1, 2))  # [S, L, r] fp32
+        delta = torch.bmm(y, b.transpose(1, 2)).view(num_segs * width, -1)  # [S*L, out]
+        if self.padded:
+            delta = delta[self.valid]
+        out.index_add_(0, self.scatter, delta.to(out.dtype))
 
 
 def select_backend(name: str, device: torch.device) -> LoRABackend:

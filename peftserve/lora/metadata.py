@@ -30,24 +30,25 @@ class LoRAStepMetadata:
         # Host mirrors (python ints) of the live part of the buffers.
         self.host_segments: list[tuple[int, int, int]] = []  # (start, length, slot)
         self.has_lora = False
+        self.step_id = 0
+        """Bumped by every ``prepare``: lets backends cache per-step plans."""
 
     def prepare(self, token_slots: Sequence[int]) -> None:
         """Fill the buffers for one step from the slot of every packed token."""
         n = len(token_slots)
         if n > self.max_tokens:
             raise ValueError(f"step has {n} tokens, more than the {self.max_tokens} preallocated")
-        segments: list[tuple[int, int, int]] = []
-        start = 0
-        for i in range(1, n + 1):
-            if i == n or token_slots[i] != token_slots[start]:
-                segments.append((start, i - start, int(token_slots[start])))
-                start = i
-        if len(segments) > self.max_segments:
-            raise ValueError(f"step has {len(segments)} segments, more than {self.max_segments}")
+        slots_cpu = torch.as_tensor(token_slots, dtype=torch.int32)  # [T]
+        seg_slots, seg_lens = torch.unique_consecutive(slots_cpu, return_counts=True)
+        if len(seg_slots) > self.max_segments:
+            raise ValueError(f"step has {len(seg_slots)} segments, more than {self.max_segments}")
+        seg_starts = torch.cumsum(seg_lens, 0) - seg_lens
+        segments = list(zip(seg_starts.tolist(), seg_lens.tolist(), seg_slots.tolist(), strict=True))
         self.num_tokens = n
         self.num_segments = len(segments)
         self.host_segments = segments
         self.has_lora = any(slot != 0 for _, _, slot in segments)
+        self.step_id += 1
         host = torch.zeros(3, self.max_segments, dtype=torch.int32)
         if segments:
             host[:, : len(segments)] = torch.tensor(segments, dtype=torch.int32).T
@@ -55,4 +56,4 @@ class LoRAStepMetadata:
         self.seg_len.copy_(host[1], non_blocking=True)
         self.seg_slot.copy_(host[2], non_blocking=True)
         if n:
-            self.token_slot[:n].copy_(torch.as_tensor(token_slots, dtype=torch.int32), non_blocking=True)
+            self.token_slot[:n].copy_(slots_cpu, non_blocking=True)
