@@ -1,0 +1,120 @@
+"""Canary rollouts: specs, router, metric windows, statistical judge, store and controller.
+
+The names below are imported lazily (PEP 562): ``import peftserve.canary.router`` stays light,
+while ``from peftserve.canary import RolloutController`` pulls in the store (and with it the
+registry package) only when asked.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS: dict[str, str] = {
+    "ControllerConfig": "controller",
+    "ControllerHooks": "controller",
+    "PendingUnload": "controller",
+    "RolloutController": "controller",
+    "RolloutNotFoundError": "controller",
+    "deciding_metric": "controller",
+    "Counts": "judge",
+    "Decision": "judge",
+    "Judgment": "judge",
+    "MetricSamples": "judge",
+    "decide": "judge",
+    "judge": "judge",
+    "METRICS": "metrics",
+    "MetricWindows": "metrics",
+    "check_metrics": "metrics",
+    "metric_kind": "metrics",
+    "RouteDecision": "router",
+    "Router": "router",
+    "RoutingError": "router",
+    "AnalysisSpec": "spec",
+    "DecisionPolicy": "spec",
+    "MetricSpec": "spec",
+    "Rollout": "spec",
+    "RolloutConflictError": "spec",
+    "RolloutSpec": "spec",
+    "RolloutSpecError": "spec",
+    "TargetingRule": "spec",
+    "check_registry": "spec",
+    "default_metrics": "spec",
+    "Event": "store",
+    "RolloutStore": "store",
+    "ensure_schema": "store",
+}
+
+__all__ = [
+    "AnalysisSpec",
+    "ControllerConfig",
+    "ControllerHooks",
+    "Counts",
+    "Decision",
+    "DecisionPolicy",
+    "Event",
+    "Judgment",
+    "METRICS",
+    "MetricSamples",
+    "MetricSpec",
+    "MetricWindows",
+    "PendingUnload",
+    "Rollout",
+    "RolloutConflictError",
+    "RolloutController",
+    "RolloutNotFoundError",
+    "RolloutSpec",
+    "RolloutSpecError",
+    "RolloutStore",
+    "RouteDecision",
+    "Router",
+    "RoutingError",
+    "TargetingRule",
+    "check_metrics",
+    "check_registry",
+    "decide",
+    "deciding_metric",
+    "default_metrics",
+    "ensure_schema",
+    "judge",
+    "metric_kind",
+]
+
+if TYPE_CHECKING:
+    from peftserve.canary.controller import (
+        ControllerConfig,
+        ControllerHooks,
+        PendingUnload,
+        RolloutController,
+        RolloutNotFoundError,
+        deciding_metric,
+    )
+    from peftserve.canary.judge import Counts, Decision, Judgment, MetricSamples, decide, judge
+    from peftserve.canary.metrics import METRICS, MetricWindows, check_metrics, metric_kind
+    from peftserve.canary.router import RouteDecision, Router, RoutingError
+    from peftserve.canary.spec import (
+        AnalysisSpec,
+        DecisionPolicy,
+        MetricSpec,
+        Rollout,
+        RolloutConflictError,
+        RolloutSpec,
+        RolloutSpecError,
+        TargetingRule,
+        check_registry,
+        default_metrics,
+    )
+    from peftserve.canary.store import Event, RolloutStore, ensure_schema
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
