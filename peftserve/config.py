@@ -44,7 +44,9 @@ class LoRAConfig:
     max_lora_rank: int = 64
     """Largest adapter rank accepted; adapters above it are refused at load."""
     max_loras: int = 16
-    """Adapter slots resident on the device (slot 0, 'no adapter', comes on top)."""
+    """Adapter slots resident on the device (the GPU tier; slot 0, 'no adapter', comes on top)."""
+    max_cpu_adapters: int = 64
+    """Prepared adapters kept in host memory (the CPU tier, LRU; pinned on cuda), on top of the resident ones."""
     lora_backend: str = "auto"
     """LoRA kernels: auto (triton on cuda, torch elsewhere), torch or triton."""
 
@@ -53,6 +55,8 @@ class LoRAConfig:
             raise ValueError(f"max_lora_rank must be in 1..512, not {self.max_lora_rank}")
         if self.max_loras < 1:
             raise ValueError(f"max_loras must be at least 1, not {self.max_loras}")
+        if self.max_cpu_adapters < 1:
+            raise ValueError(f"max_cpu_adapters must be at least 1, not {self.max_cpu_adapters}")
         if self.lora_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"lora_backend must be auto, torch or triton, not {self.lora_backend!r}")
 
@@ -109,6 +113,8 @@ class ServerConfig:
     """Bearer token for /admin routes; empty means admin answers on loopback only."""
     data_dir: str = field(default_factory=_default_data_dir)
     """Where the adapter registry and rollout state live."""
+    max_adapter_bytes: int = 512 * 1024 * 1024
+    """Largest adapter upload accepted by the admin API, in bytes (counted as it streams); larger ones get 413."""
     log_level: str = "info"
     """debug, info, warning or error."""
 
@@ -119,8 +125,43 @@ class ServerConfig:
             name, sep, path = spec.partition("=")
             if not sep or not name or not path:
                 raise ValueError(f"adapter must be NAME=PATH, not {spec!r}")
+        if self.max_adapter_bytes < 1:
+            raise ValueError(f"max_adapter_bytes must be at least 1, not {self.max_adapter_bytes}")
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise ValueError(f"log_level must be debug, info, warning or error, not {self.log_level!r}")
+
+
+@dataclass
+class CanaryConfig:
+    canary_interval_s: float = 10.0
+    """Seconds between two rounds of the rollout controller (probe, judge, decide)."""
+    promote_keep_warm_s: float = 600.0
+    """After a promotion, the previous stable version stays loaded this long (for an instant rollback)."""
+    rollback_keep_warm_s: float = 60.0
+    """After a rollback, the candidate stays loaded this long (for requests in flight), then is unloaded."""
+    probes_per_tick: int = 5
+    """Eval-set prompts sent to both versions of a rollout per controller round."""
+    probe_max_tokens: int = 64
+    """Most tokens of one probe completion (greedy)."""
+    feedback_ttl_s: float = 3600.0
+    """How long a completion id accepts feedback (POST /v1/feedback)."""
+    shadow_max_inflight: int = 4
+    """Most shadow copies running at once; a copy beyond it is skipped (shadows never queue up)."""
+
+    def __post_init__(self) -> None:
+        if not self.canary_interval_s > 0:
+            raise ValueError(f"canary_interval_s must be > 0, not {self.canary_interval_s}")
+        for name in ("promote_keep_warm_s", "rollback_keep_warm_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, not {getattr(self, name)}")
+        if self.probes_per_tick < 0:
+            raise ValueError(f"probes_per_tick must be >= 0, not {self.probes_per_tick}")
+        if self.probe_max_tokens < 1:
+            raise ValueError(f"probe_max_tokens must be at least 1, not {self.probe_max_tokens}")
+        if not self.feedback_ttl_s > 0:
+            raise ValueError(f"feedback_ttl_s must be > 0, not {self.feedback_ttl_s}")
+        if self.shadow_max_inflight < 0:
+            raise ValueError(f"shadow_max_inflight must be >= 0 (0 turns shadow copies off), not {self.shadow_max_inflight}")
 
 
 @dataclass

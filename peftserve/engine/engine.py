@@ -2,8 +2,13 @@
 
 ``LLMEngine`` is single-threaded: call ``step()`` until ``has_unfinished_requests()`` is
 False. ``AsyncLLMEngine`` runs that loop in one background thread; requests, aborts and
-adapter loads reach it through a command list applied between steps, and outputs travel
+adapter changes reach it through a command list applied between steps, and outputs travel
 back to each request's asyncio queue with ``call_soon_threadsafe``.
+
+Adapters live in three tiers (``peftserve.lora.cache``): GPU slots, a CPU cache and disk.
+A registered adapter is servable at once; a request for one that is not resident waits
+while it is loaded, and the scheduler admits it when its adapter has a slot. In the async
+engine the disk reads run on a small loader thread pool, so running sequences keep going.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import logging
 import threading
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -30,13 +36,24 @@ from peftserve.engine.sampler import Sampler
 from peftserve.engine.sampling_params import InvalidParameter, SamplingParams
 from peftserve.engine.scheduler import Scheduler, SchedulerOutput
 from peftserve.engine.sequence import Sequence
+from peftserve.lora.cache import AdapterTiers, Fetched, LoadCallback, Loader
+from peftserve.lora.manager import SlotsBusy
+from peftserve.lora.peft_adapter import AdapterError
 
 if TYPE_CHECKING:
     from peftserve.lora.peft_adapter import LoRAAdapter
 
+__all__ = [
+    "AdapterError", "AsyncLLMEngine", "EngineStats", "LLMEngine", "QueueFull", "SlotsBusy", "UnknownAdapter",
+]
+
 logger = logging.getLogger(__name__)
 
 NON_FINITE_ERROR = "the model produced non-finite logits (NaN or inf)"
+ADAPTER_LOAD_WORKERS = 2
+"""Threads of the async engine that read adapters from disk."""
+IDLE_WAIT_S = 0.05
+"""How long the async loop sleeps when nothing could be scheduled (all waiting on loads)."""
 
 
 class QueueFull(Exception):
@@ -44,7 +61,7 @@ class QueueFull(Exception):
 
 
 class UnknownAdapter(ValueError):
-    """The request names an adapter that is not loaded (or is being removed)."""
+    """The request names an adapter that is not registered (or is being removed)."""
 
 
 @dataclass
@@ -63,6 +80,22 @@ class EngineStats:
     num_waiting: int = 0
     kv_blocks_used: int = 0
     kv_blocks_total: int = 0
+    gpu_slots_used: int = 0
+    """Adapter slots holding an adapter."""
+    gpu_slots_total: int = 0
+    cpu_cache_used: int = 0
+    """Adapters in the CPU cache (not counting the resident ones)."""
+    cpu_cache_total: int = 0
+    cpu_cache_hits: int = 0
+    """Adapters made resident from the CPU cache."""
+    cpu_cache_misses: int = 0
+    """Disk loads of adapters that were needed and not in host memory."""
+    adapter_loads: int = 0
+    """Adapters written into a slot."""
+    adapter_evictions: int = 0
+    """Adapters moved off the GPU (to make room, or by unload_lora)."""
+    adapter_load_seconds_total: float = 0.0
+    """Sum of adapter load times (disk read included for loads from disk)."""
 
 
 class LLMEngine:
@@ -72,14 +105,17 @@ class LLMEngine:
         self.config = config
         self.runner = ModelRunner(config)
         self.block_manager = BlockManager(self.runner.num_blocks, self.runner.block_size)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.tiers = AdapterTiers(
+            self.lora_manager, config.lora.max_cpu_adapters, self.dtype, pin=self.device.type == "cuda"
+        )
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.tiers)
         generator = torch.Generator(device=self.device).manual_seed(config.model.seed)
         self.sampler = Sampler(generator)
         self.detokenizer = Detokenizer(self.tokenizer)
         self.eos_token_ids = _eos_token_ids(self.runner)
         self._stats = EngineStats(kv_blocks_total=self.block_manager.num_blocks)
-        self._lora_users: dict[str, int] = defaultdict(int)
-        self._draining: set[str] = set()
+        self._lora_users: dict[str, int] = defaultdict(int)  # queued + running requests per adapter
+        self._draining: set[str] = set()  # unregistered; dropped when their last request ends
 
     # -- what the API layer reads -----------------------------------------------------
 
@@ -121,38 +157,111 @@ class LLMEngine:
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
             kv_blocks_used=self.block_manager.num_used_blocks,
+            gpu_slots_used=self.lora_manager.num_used_slots,
+            gpu_slots_total=self.lora_manager.num_slots - 1,
+            cpu_cache_used=len(self.tiers.cpu),
+            cpu_cache_total=self.tiers.cpu.capacity,
+            **dataclasses.asdict(self.tiers.counters),
         )
 
     # -- adapters --------------------------------------------------------------------
 
+    @property
+    def on_adapter_load(self) -> LoadCallback | None:
+        """Called as ``(lora_id, seconds, source)`` after each adapter is made resident,
+        source 'cpu' or 'disk' (disk read included in seconds); runs on the engine thread."""
+        return self.tiers.on_load
+
+    @on_adapter_load.setter
+    def on_adapter_load(self, callback: LoadCallback | None) -> None:
+        self.tiers.on_load = callback
+
+    def register_lora(self, lora_id: str, loader: Loader) -> None:
+        """Make ``lora_id`` servable at once; ``loader`` reads and validates it when a request
+        needs it (it need not be resident). Registering an idle id again replaces it."""
+        self._check_replaceable(lora_id)
+        self.tiers.register(lora_id, loader)
+        logger.info("adapter %s registered", lora_id)
+
     def add_lora(self, lora_id: str, adapter: LoRAAdapter) -> int:
-        """Load ``adapter`` into a free slot (or reload an idle one in place); return the slot."""
-        if lora_id in self._draining or self._lora_users.get(lora_id):
-            raise ValueError(f"adapter {lora_id!r} is in use by running requests; remove it and wait")
-        slot = self.lora_manager.load(lora_id, adapter)
-        logger.info("adapter %s loaded in slot %d", lora_id, slot)
+        """Register an adapter already in memory, resident at once if a slot is free.
+
+        Returns its slot, or 0 when every slot is taken (it then waits in the CPU cache).
+        An idle id is replaced; one with requests raises ValueError.
+        """
+        self._check_replaceable(lora_id)
+        slot = self.tiers.add(lora_id, adapter)
+        logger.info("adapter %s added (%s)", lora_id, f"slot {slot}" if slot else "CPU cache")
         return slot
 
-    def remove_lora(self, lora_id: str) -> None:
-        """Refuse new requests for ``lora_id`` at once; free its slot when its last request ends."""
-        if lora_id in self._draining or not self.lora_manager.is_loaded(lora_id):
-            raise UnknownAdapter(f"adapter {lora_id!r} is not loaded")
+    def unregister_lora(self, lora_id: str) -> None:
+        """Refuse new requests for ``lora_id`` at once (UnknownAdapter); once its queued and
+        running requests end, drop it from every tier."""
+        self._check_servable(lora_id)
         self._draining.add(lora_id)
-        self._unload_if_idle(lora_id)
+        self._drop_if_idle(lora_id)
 
-    def _unload_if_idle(self, lora_id: str) -> None:
+    def remove_lora(self, lora_id: str) -> None:
+        """``unregister_lora``."""
+        self.unregister_lora(lora_id)
+
+    def load_lora(self, lora_id: str) -> int:
+        """Make ``lora_id`` resident now and return its slot, evicting the least recently
+        used idle adapter if needed. Raises SlotsBusy when every slot holds an adapter with
+        running requests, AdapterError when its loader fails (the disk is read inline here;
+        ``AsyncLLMEngine.load_lora`` reads it on a loader thread first)."""
+        self._check_servable(lora_id)
+        return self.tiers.make_resident(lora_id, self._protected_adapters())
+
+    def unload_lora(self, lora_id: str) -> bool:
+        """Move ``lora_id`` off the GPU to the CPU cache; it stays registered and a later
+        request loads it back. With running requests the unload is deferred until they end
+        (returns False; its waiting requests are held back meanwhile)."""
+        self._check_servable(lora_id)
+        return self.tiers.request_unload(lora_id, self.scheduler.busy_adapters())
+
+    def lora_status(self) -> dict[str, str]:
+        """Tier of every registered adapter: 'gpu', 'cpu' or 'disk' (a snapshot)."""
+        return {i: tier for i, tier in self.tiers.statuses().items() if i not in self._draining}
+
+    def _check_replaceable(self, lora_id: str) -> None:
+        if lora_id in self._draining or self._lora_users.get(lora_id):
+            raise ValueError(f"adapter {lora_id!r} is in use by requests; unregister it and wait")
+
+    def _check_servable(self, lora_id: str) -> None:
+        if lora_id in self._draining or not self.tiers.is_registered(lora_id):
+            raise UnknownAdapter(f"adapter {lora_id!r} is not registered")
+
+    def _protected_adapters(self) -> set[str]:
+        """Adapters an explicit load may not evict: those running, and the next one to admit."""
+        busy = self.scheduler.busy_adapters()
+        waiting = self.scheduler.waiting
+        if waiting and waiting[0].lora_id is not None:
+            busy.add(waiting[0].lora_id)
+        return busy
+
+    def _drop_if_idle(self, lora_id: str) -> None:
         if lora_id in self._draining and not self._lora_users.get(lora_id):
             self._draining.discard(lora_id)
             self._lora_users.pop(lora_id, None)
-            self.lora_manager.unload(lora_id)
-            logger.info("adapter %s unloaded", lora_id)
+            self.tiers.drop(lora_id)
+            logger.info("adapter %s unregistered", lora_id)
 
-    def _slot_for(self, lora_id: str | None) -> int:
-        if lora_id is None:
-            return 0
-        if lora_id in self._draining or not self.lora_manager.is_loaded(lora_id):
-            raise UnknownAdapter(f"adapter {lora_id!r} is not loaded")
-        return self.lora_manager.slot_of(lora_id)
+    def _adapter_fetched(self, result: Fetched) -> list[RequestOutput]:
+        """Take a background disk load's result; the outputs of requests it failed."""
+        self.tiers.fetched(result)
+        return self._fail_unloadable()
+
+    def _fail_unloadable(self) -> list[RequestOutput]:
+        """End the waiting requests of adapters whose disk load failed."""
+        failed = self.tiers.take_failures()
+        if not failed:
+            return []
+        seqs = [seq for seq in self.scheduler.waiting if seq.lora_id in failed]
+        return [
+            self._finish_output(seq, [], "error", f"adapter {seq.lora_id!r} could not be loaded: {failed[seq.lora_id]}")
+            for seq in seqs
+        ]
 
     # -- requests --------------------------------------------------------------------
 
@@ -179,6 +288,8 @@ class LLMEngine:
         """Validate a request (touches no engine state) and build its sequence."""
         if self.scheduler.get(request_id) is not None:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if lora_id is not None:
+            self._check_servable(lora_id)
         prompt = list(prompt_token_ids)
         self._check_prompt(prompt, params)
         generator = None
@@ -190,7 +301,6 @@ class LLMEngine:
             num_prompt_tokens=len(prompt),
             params=params,
             lora_id=lora_id,
-            slot=self._slot_for(lora_id),
             generator=generator,
         )
 
@@ -211,11 +321,13 @@ class LLMEngine:
             )
 
     def _enqueue(self, seq: Sequence) -> None:
-        seq.slot = self._slot_for(seq.lora_id)  # again: the adapter may have gone since
+        if seq.lora_id is not None:
+            self._check_servable(seq.lora_id)  # again: the adapter may have gone since
         self.scheduler.add(seq)
         self.detokenizer.start(seq)
         if seq.lora_id is not None:
             self._lora_users[seq.lora_id] += 1
+            self.tiers.prefetch(seq.lora_id)
 
     def abort_request(self, request_id: str) -> None:
         """Drop a request and free its KV blocks (no output; unknown ids are ignored)."""
@@ -244,21 +356,23 @@ class LLMEngine:
 
     @torch.inference_mode()
     def _step(self) -> tuple[list[RequestOutput], torch.Tensor, list[Sequence]]:
-        sched = self.scheduler.schedule()
+        self.tiers.apply_pending_unloads(self.scheduler.busy_adapters())
+        sched = self.scheduler.schedule()  # may make adapters resident (between steps)
+        failed = self._fail_unloadable()
         if not sched.seqs:
-            return [], torch.empty(0), []
+            return failed, torch.empty(0), []
         logits, seqs = self.runner.execute(sched)  # [S, V]
         for seq, n in zip(sched.seqs, sched.num_tokens, strict=True):
             seq.num_computed_tokens += n
         self._record(sched)
         if not seqs:
-            return [], logits, seqs
+            return failed, logits, seqs
         sampled = self.sampler(logits, seqs)
         outputs = [
             self._postprocess(seq, tok, ok, lp)
             for seq, tok, ok, lp in zip(seqs, sampled.token_ids, sampled.finite, sampled.logprobs, strict=True)
         ]
-        return outputs, logits, seqs
+        return failed + outputs, logits, seqs
 
     def _record(self, sched: SchedulerOutput) -> None:
         stats = self._stats
@@ -268,6 +382,8 @@ class LLMEngine:
         slots = {seq.slot for seq in sched.seqs}
         stats.max_loras_in_step = max(stats.max_loras_in_step, len(slots - {0}))
         stats.mixed_lora_steps += len(slots) >= 2
+        for lora_id in {seq.lora_id for seq in sched.seqs} - {None}:
+            self.tiers.touch(lora_id)
 
     def _postprocess(
         self, seq: Sequence, token: int, finite: bool, logprob: tuple[float, list[int], list[float]] | None
@@ -306,7 +422,7 @@ class LLMEngine:
         self._stats.requests_finished += 1
         if seq.lora_id is not None:
             self._lora_users[seq.lora_id] -= 1
-            self._unload_if_idle(seq.lora_id)
+            self._drop_if_idle(seq.lora_id)
 
     def _finish_output(self, seq: Sequence, new_ids: list[int], reason: str, error: str | None = None) -> RequestOutput:
         self._finish(seq, reason, error)
@@ -361,6 +477,7 @@ class AsyncLLMEngine:
         self._streams: dict[str, _Stream] = {}
         self._num_pending_adds = 0
         self._thread: threading.Thread | None = None
+        self._loads: ThreadPoolExecutor | None = None  # disk reads of adapters
         self._stopping = False
 
     @property
@@ -375,11 +492,27 @@ class AsyncLLMEngine:
     def is_running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def on_adapter_load(self) -> LoadCallback | None:
+        """See ``LLMEngine.on_adapter_load`` (called on the engine thread)."""
+        return self._engine.on_adapter_load
+
+    @on_adapter_load.setter
+    def on_adapter_load(self, callback: LoadCallback | None) -> None:
+        self._engine.on_adapter_load = callback
+
+    def lora_status(self) -> dict[str, str]:
+        """Tier of every registered adapter: 'gpu', 'cpu' or 'disk' (a snapshot read from
+        the caller's thread; it may lag a change being applied)."""
+        return self._engine.lora_status()
+
     def start(self) -> None:
-        """Start the step-loop thread (idempotent)."""
+        """Start the step-loop thread and the adapter loader threads (idempotent)."""
         if self.is_running:
             return
         self._stopping = False
+        self._loads = ThreadPoolExecutor(ADAPTER_LOAD_WORKERS, thread_name_prefix="peftserve-adapter-load")
+        self._engine.tiers.fetcher = self._fetch_in_background
         self._thread = threading.Thread(target=self._loop, name="peftserve-engine", daemon=True)
         self._thread.start()
 
@@ -390,8 +523,16 @@ class AsyncLLMEngine:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        self._stop_loads()
         self._run_commands()
         self._publish(self._engine.finish_all("abort"))
+
+    def _stop_loads(self) -> None:
+        self._engine.tiers.fetcher = None
+        self._engine.tiers.forget_loads()
+        if self._loads is not None:
+            self._loads.shutdown(wait=False, cancel_futures=True)
+            self._loads = None
 
     async def generate(
         self,
@@ -422,6 +563,29 @@ class AsyncLLMEngine:
         """Remove an adapter between two steps (its running requests finish first)."""
         await self._call(partial(self._engine.remove_lora, lora_id))
 
+    async def register_lora(self, lora_id: str, loader: Loader) -> None:
+        """Register an adapter between two steps; it is servable as soon as this returns."""
+        await self._call(partial(self._engine.register_lora, lora_id, loader))
+
+    async def unregister_lora(self, lora_id: str) -> None:
+        """Unregister an adapter between two steps (its queued and running requests finish first)."""
+        await self._call(partial(self._engine.unregister_lora, lora_id))
+
+    async def load_lora(self, lora_id: str) -> int:
+        """Make an adapter resident; returns its slot. The disk read runs on a loader thread,
+        the slot copy between two steps. Raises like ``LLMEngine.load_lora``."""
+        job = await self._call(partial(self._admin_fetch_job, lora_id))
+        if job is not None:
+            result = await asyncio.get_running_loop().run_in_executor(self._loads, job)
+            await self._call(partial(self._apply_fetched, result))
+            if result.error is not None:
+                raise AdapterError(f"adapter {lora_id!r} could not be loaded: {result.error}")
+        return await self._call(partial(self._engine.load_lora, lora_id))
+
+    async def unload_lora(self, lora_id: str) -> bool:
+        """Move an adapter off the GPU between two steps; see ``LLMEngine.unload_lora``."""
+        return await self._call(partial(self._engine.unload_lora, lora_id))
+
     # -- caller side -------------------------------------------------------------------
 
     def _submit(self, request_id, prompt_token_ids, params, lora_id, stream: _Stream) -> None:
@@ -440,7 +604,12 @@ class AsyncLLMEngine:
     def _abort(self, request_id: str) -> None:
         with self._lock:
             self._streams.pop(request_id, None)
-            self._commands.append(partial(self._engine.abort_request, request_id))
+        self._post(partial(self._engine.abort_request, request_id))
+
+    def _post(self, command: Callable[[], None]) -> None:
+        """Run ``command`` on the engine thread between two steps."""
+        with self._lock:
+            self._commands.append(command)
         self._wake.set()
 
     async def _call(self, fn: Callable[[], Any]) -> Any:
@@ -452,9 +621,7 @@ class AsyncLLMEngine:
             except Exception as exc:  # handed to the awaiting caller
                 future.set_exception(exc)
 
-        with self._lock:
-            self._commands.append(run)
-        self._wake.set()
+        self._post(run)
         if not self.is_running:
             self._run_commands()
         return await asyncio.wrap_future(future)
@@ -473,18 +640,39 @@ class AsyncLLMEngine:
                 self._wake.wait()
                 self._wake.clear()
                 continue
+            steps = self._engine.stats.steps
             try:
                 outputs = self._engine.step()
             except Exception as exc:  # a broken step must not kill the loop
                 logger.exception("engine step failed")
                 outputs = self._engine.finish_all("error", f"engine step failed: {exc}")
             self._publish(outputs)
+            if not outputs and self._engine.stats.steps == steps:  # all waiting for adapter loads
+                self._wake.wait(IDLE_WAIT_S)
+                self._wake.clear()
 
     def _run_commands(self) -> None:
         with self._lock:
             commands, self._commands = self._commands, []
         for command in commands:
             command()
+
+    def _admin_fetch_job(self, lora_id: str) -> Callable[[], Fetched] | None:
+        self._engine._check_servable(lora_id)
+        return self._engine.tiers.admin_fetch_job(lora_id)
+
+    def _fetch_in_background(self, job: Callable[[], Fetched]) -> None:
+        """The tiers' fetcher: run a disk load on a loader thread, apply it between steps."""
+        if self._loads is None:  # shutting down: load inline
+            self._apply_fetched(job())
+            return
+        self._loads.submit(self._run_fetch, job)
+
+    def _run_fetch(self, job: Callable[[], Fetched]) -> None:  # on a loader thread
+        self._post(partial(self._apply_fetched, job()))
+
+    def _apply_fetched(self, result: Fetched) -> None:
+        self._publish(self._engine._adapter_fetched(result))
 
     def _apply_add(self, seq: Sequence) -> None:
         with self._lock:

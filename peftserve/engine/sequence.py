@@ -32,12 +32,14 @@ class Sequence:
     params: SamplingParams
     lora_id: str | None = None
     slot: int = 0
-    """LoRA slot (0 = base model)."""
+    """LoRA slot (0 = base model); given at admission, valid while running."""
     arrival: int = 0
     """Admission order; the scheduler serves in this order."""
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    num_slot_waits: int = 0
+    """Steps this sequence was passed over because its adapter had no free slot."""
     generator: torch.Generator | None = None
     """Per-request generator for seeded sampling (None: the engine's shared one)."""
     # Output bookkeeping (engine/detokenizer).

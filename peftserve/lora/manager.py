@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -34,11 +35,17 @@ def inject_lora(model: nn.Module, num_slots: int, max_rank: int, ctx: LoRAStepCo
     return layers
 
 
+class SlotsBusy(RuntimeError):
+    """Every adapter slot holds an adapter with running requests; try again when one ends."""
+
+
 class LoRAManager:
-    """Owns the wrapped layers, the slot table and the per-step metadata.
+    """Owns the wrapped layers, the slot table (the GPU tier) and the per-step metadata.
 
     Slot ids are the same in every layer: slot ``k`` is one adapter everywhere, with rank
     0 in the layers it does not target. Loading and unloading must happen between steps.
+    The resident adapters are kept in least-recently-used order (``touch``, ``lru``) for
+    the eviction policy of ``peftserve.lora.cache.AdapterTiers``.
     """
 
     def __init__(
@@ -57,18 +64,29 @@ class LoRAManager:
         self.backend = select_backend(config.lora_backend, self.device)
         self.ctx = LoRAStepContext(self.backend, self.meta)
         self.layers = inject_lora(model, self.num_slots, config.max_lora_rank, self.ctx)
-        self._slot_of: dict[str, int] = {}
+        self._slot_of: OrderedDict[str, int] = OrderedDict()  # least recently used first
         self._free = list(range(self.num_slots - 1, 0, -1))
         logger.info(
             "LoRA: %d projections wrapped, %d adapter slots, backend %s",
             len(self.layers), config.max_loras, self.backend.name,
         )
 
-    def load(self, lora_id: str, adapter: LoRAAdapter) -> int:
-        """Write ``adapter`` into a free slot (or its current one) and return the slot."""
+    def check(self, adapter: LoRAAdapter) -> None:
+        """Raise AdapterError unless every weight of ``adapter`` fits a wrapped layer exactly."""
         unknown = set(adapter.weights) - set(self.layers)
         if unknown:
             raise AdapterError(f"adapter targets modules this model lacks: {sorted(unknown)[:3]}")
+        for name, (a, b) in adapter.weights.items():
+            layer = self.layers[name]
+            rank = a.shape[0]
+            if rank > self.config.max_lora_rank:
+                raise AdapterError(f"{name}: rank {rank} is above max_lora_rank {self.config.max_lora_rank}")
+            if a.shape != (rank, layer.in_features) or b.shape != (layer.out_features, rank):
+                raise AdapterError(f"{name}: shapes A{tuple(a.shape)} B{tuple(b.shape)} do not fit the layer")
+
+    def load(self, lora_id: str, adapter: LoRAAdapter) -> int:
+        """Write ``adapter`` into a free slot (or its current one) and return the slot."""
+        self.check(adapter)
         slot = self._slot_of.get(lora_id)
         if slot is None:
             if not self._free:
@@ -78,6 +96,7 @@ class LoRAManager:
             a, b = adapter.weights.get(name, (None, None))
             layer.set_slot(slot, a, b)
         self._slot_of[lora_id] = slot
+        self._slot_of.move_to_end(lora_id)
         return slot
 
     def unload(self, lora_id: str) -> None:
@@ -94,6 +113,14 @@ class LoRAManager:
     def is_loaded(self, lora_id: str) -> bool:
         return lora_id in self._slot_of
 
+    def touch(self, lora_id: str) -> None:
+        """Mark a resident adapter as just used (most recent in the LRU order)."""
+        self._slot_of.move_to_end(lora_id)
+
+    def lru(self) -> list[str]:
+        """Resident adapters, least recently used first."""
+        return list(self._slot_of)
+
     @property
     def loaded(self) -> dict[str, int]:
         return dict(self._slot_of)
@@ -101,6 +128,10 @@ class LoRAManager:
     @property
     def num_free_slots(self) -> int:
         return len(self._free)
+
+    @property
+    def num_used_slots(self) -> int:
+        return len(self._slot_of)
 
     def prepare(self, token_slots: Sequence[int]) -> None:
         """Publish this step's segments (tokens already ordered by slot) to every layer."""
