@@ -18,6 +18,7 @@ import concurrent.futures
 import dataclasses
 import logging
 import threading
+import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -345,6 +346,23 @@ class LLMEngine:
 
     # -- the step ----------------------------------------------------------------------
 
+    def score(self, prompt_ids: list[int], target_ids: list[int], lora_id: str | None = None) -> list[float]:
+        """Teacher-forced log p(target_i | prompt, target_<i) under ``lora_id``, from one prefill.
+
+        Runs steps until done, so it needs an otherwise idle engine (the async engine's
+        ``score`` has no such limit)."""
+        if self.has_unfinished_requests():
+            raise RuntimeError("LLMEngine.score needs an idle engine; use AsyncLLMEngine.score")
+        params = SamplingParams(max_tokens=1, temperature=0.0, score_from=len(prompt_ids), ignore_eos=True)
+        self.add_request(f"score-{uuid.uuid4().hex}", list(prompt_ids) + list(target_ids), params, lora_id)
+        outs: list[RequestOutput] = []
+        while self.has_unfinished_requests():
+            outs += self.step()
+        final = outs[-1]
+        if final.prompt_logprobs is None or final.finish_reason == "error":
+            raise RuntimeError(f"scoring failed: {final.error}")
+        return final.prompt_logprobs
+
     def step(self) -> list[RequestOutput]:
         """One iteration: schedule, run the packed batch, sample, postprocess."""
         return self._step()[0]
@@ -444,7 +462,15 @@ class LLMEngine:
             prompt_tokens=seq.num_prompt_tokens,
             completion_tokens=seq.num_generated,
             error=seq.error,
+            prompt_logprobs=_prompt_logprobs(seq) if finished else None,
         )
+
+
+def _prompt_logprobs(seq: Sequence) -> list[float] | None:
+    start = seq.params.score_from
+    if start is None:
+        return None
+    return [seq.prompt_logprobs[i] for i in range(start, seq.num_prompt_tokens) if i in seq.prompt_logprobs]
 
 
 def _eos_token_ids(runner: ModelRunner) -> frozenset[int]:
@@ -558,6 +584,17 @@ class AsyncLLMEngine:
     async def add_lora(self, lora_id: str, adapter: LoRAAdapter) -> int:
         """Load an adapter between two steps; returns its slot."""
         return await self._call(partial(self._engine.add_lora, lora_id, adapter))
+
+    async def score(self, prompt_ids: list[int], target_ids: list[int], lora_id: str | None = None) -> list[float]:
+        """Teacher-forced log p(target_i | prompt, target_<i) under ``lora_id``, from one prefill."""
+        params = SamplingParams(max_tokens=1, temperature=0.0, score_from=len(prompt_ids), ignore_eos=True)
+        request_id = f"score-{uuid.uuid4().hex}"
+        out = None
+        async for item in self.generate(request_id, list(prompt_ids) + list(target_ids), params, lora_id):
+            out = item
+        if out is None or out.prompt_logprobs is None or out.finish_reason == "error":
+            raise RuntimeError(f"scoring failed: {out.error if out else 'no output'}")
+        return out.prompt_logprobs
 
     async def remove_lora(self, lora_id: str) -> None:
         """Remove an adapter between two steps (its running requests finish first)."""

@@ -47,6 +47,7 @@ class StepInputs:
     attn: PagedAttentionMetadata
     sample_idx: torch.Tensor  # [S] packed rows whose logits are sampled
     sample_seqs: list[Sequence]  # [S]
+    score_rows: list[tuple[Sequence, int]]  # [P] (sequence, index of the prompt token scored)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -173,7 +174,11 @@ class ModelRunner:
             cache.view(two, kv_heads, self.num_blocks, self.block_size, head_dim).index_fill_(2, idx, 0)
 
     def execute(self, sched: SchedulerOutput) -> tuple[torch.Tensor, list[Sequence]]:
-        """Run one step; return the fp32 logits [S, V] of the sampled rows and their sequences."""
+        """Run one step; return the fp32 logits [S, V] of the sampled rows and their sequences.
+
+        Prompt tokens asked for by ``score_from`` get their teacher-forced log-probabilities
+        recorded in ``Sequence.prompt_logprobs`` from the same forward.
+        """
         inputs = self.prepare(sched)
         self.lora_manager.prepare(inputs.token_slots)
         with torch.inference_mode():
@@ -184,7 +189,11 @@ class ModelRunner:
                 logits_to_keep=inputs.sample_idx,
                 **{METADATA_KWARG: inputs.attn},
             )
-        return out.logits[0].float(), inputs.sample_seqs  # [S, V]
+        logits = out.logits[0].float()  # [S + P, V]
+        num_sampled = len(inputs.sample_seqs)
+        if inputs.score_rows:
+            _record_prompt_logprobs(logits[num_sampled:], inputs.score_rows)
+        return logits[:num_sampled], inputs.sample_seqs  # [S, V]
 
     def prepare(self, sched: SchedulerOutput) -> StepInputs:
         """Flatten a scheduled step into packed tensors and attention metadata (host work once)."""
@@ -196,6 +205,8 @@ class ModelRunner:
         sample_seqs: list[Sequence] = []
         decodes: list[tuple[int, Sequence]] = []
         prefills: list[tuple[int, int, Sequence]] = []
+        score_idx: list[int] = []
+        score_rows: list[tuple[Sequence, int]] = []
         for seq, n in zip(sched.seqs, sched.num_tokens, strict=True):
             row, start = len(ids), seq.num_computed_tokens
             ids.extend(seq.token_ids[start : start + n])
@@ -209,6 +220,8 @@ class ModelRunner:
             if start + n == seq.num_tokens:
                 sample_idx.append(row + n - 1)
                 sample_seqs.append(seq)
+            if seq.params.score_from is not None:
+                _score_rows(seq, row, start, n, score_idx, score_rows)
         decode = self._decode_batch(decodes, len(ids))
         chunks = [self._prefill_chunk(row, n, seq) for row, n, seq in prefills]
         attn = PagedAttentionMetadata(
@@ -226,8 +239,9 @@ class ModelRunner:
             position_ids=self._tensor(positions)[None],
             token_slots=token_slots,
             attn=attn,
-            sample_idx=self._tensor(sample_idx),
+            sample_idx=self._tensor(sample_idx + score_idx),
             sample_seqs=sample_seqs,
+            score_rows=score_rows,
         )
 
     def _gather_workspace(self, decode: DecodeBatch | None, chunks: list[PrefillChunk]) -> torch.Tensor:
@@ -280,3 +294,22 @@ class ModelRunner:
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
+
+
+def _score_rows(
+    seq: Sequence, row: int, start: int, n: int, idx: list[int], rows: list[tuple[Sequence, int]]
+) -> None:
+    """Rows of this chunk whose next token is a prompt token to score (teacher forcing)."""
+    first = max(start, seq.params.score_from - 1)  # row at position p predicts token p + 1
+    last = min(start + n, seq.num_prompt_tokens - 1)
+    for pos in range(first, last):
+        idx.append(row + pos - start)
+        rows.append((seq, pos + 1))
+
+
+def _record_prompt_logprobs(logits: torch.Tensor, rows: list[tuple[Sequence, int]]) -> None:
+    """Store log p(token | prefix) for each scored prompt token; ``logits`` is [P, V] fp32."""
+    targets = torch.tensor([seq.token_ids[i] for seq, i in rows], device=logits.device)  # [P]
+    logprobs = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0].tolist()
+    for (seq, i), lp in zip(rows, logprobs, strict=True):
+        seq.prompt_logprobs[i] = lp  # a recompute after preemption rewrites the same value

@@ -28,3 +28,6 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    prompt_logprobs: list[float] | None = None
+    """With ``SamplingParams.score_from``: the log-probability of each prompt token from that
+    index on, on the last output."""

@@ -31,6 +31,9 @@ class SamplingParams:
     """Return the top-k log-probabilities of each generated token (0..20)."""
     ignore_eos: bool = False
     """Keep generating past the end-of-sequence token."""
+    score_from: int | None = None
+    """Teacher forcing: return the log-probability of every prompt token from this index on
+    (each given the tokens before it), computed during the prefill."""
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -43,6 +46,8 @@ class SamplingParams:
             raise InvalidParameter("top_k", f"top_k must be -1 (all) or positive, got {self.top_k}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise InvalidParameter("logprobs", f"logprobs must be in 0..20, got {self.logprobs}")
+        if self.score_from is not None and self.score_from < 1:
+            raise InvalidParameter("score_from", f"score_from must be at least 1, got {self.score_from}")
         if len(self.stop) > 4 or any(not s for s in self.stop):
             raise InvalidParameter("stop", "stop takes up to 4 non-empty strings")
 

@@ -50,6 +50,8 @@ class Sequence:
     prefix_offset: int = 0
     read_offset: int = 0
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: dict[int, float] = field(default_factory=dict)
+    """Teacher-forced log-probability of prompt token i (i >= params.score_from)."""
     finish_reason: str | None = None
     error: str | None = None
 
