@@ -4,6 +4,12 @@
 flag is the field name with dashes, its help is the field's docstring, list fields are
 repeatable flags, and every flag has a ``PEFTSERVE_<FIELD>`` environment variable (lists
 comma-separated). A flag beats its environment variable, which beats the field's default.
+
+``peftserve adapters upload|list|show|delete|load|unload`` and ``peftserve rollout
+start|status|pause|resume|promote|rollback|retry|history`` talk to a running server
+through ``peftserve.client`` (``--server``, env ``PEFTSERVE_SERVER``; the admin token from
+``PEFTSERVE_ADMIN_TOKEN``): readable tables, ``--json`` for scripts, the server's message
+on stderr and exit status 1 when a call fails.
 """
 
 from __future__ import annotations
@@ -12,18 +18,22 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import json
 import os
 import sys
 import textwrap
+import time
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 from peftserve import __version__
 from peftserve.config import (
     CacheConfig,
+    CanaryConfig,
     EngineConfig,
     LoRAConfig,
     ModelConfig,
@@ -37,6 +47,7 @@ CONFIG_CLASSES: tuple[type, ...] = (
     CacheConfig,
     SchedulerConfig,
     ServerConfig,
+    CanaryConfig,
 )
 ENV_PREFIX = "PEFTSERVE_"
 EXIT_USAGE = 2
@@ -188,6 +199,7 @@ class ServeSettings:
     server: ServerConfig
     explicit: frozenset[str]
     """Fields set by a flag or an environment variable (the rest took their default)."""
+    canary: CanaryConfig = dataclasses.field(default_factory=CanaryConfig)
 
 
 def serve_settings(
@@ -203,7 +215,7 @@ def serve_settings(
         cache=configs[CacheConfig],
         scheduler=configs[SchedulerConfig],
     )
-    return ServeSettings(engine, configs[ServerConfig], frozenset(values))
+    return ServeSettings(engine, configs[ServerConfig], frozenset(values), configs[CanaryConfig])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -219,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_flags(serve, flag_specs())
     serve.set_defaults(handler=_run_serve)
+    add_adapters_parser(commands)
+    add_rollout_parser(commands)
     return parser
 
 
@@ -234,6 +248,347 @@ def _run_serve(args: argparse.Namespace) -> int:
     except StartupError as e:
         return _fail(f"peftserve serve: error: {e}", EXIT_STARTUP)
     return 0
+
+
+# ---- peftserve adapters ... ------------------------------------------------------------------
+
+ADAPTER_COLUMNS = ("TASK", "VERSION", "STABLE", "STATUS", "RANK", "SIZE", "SHA256", "CREATED")
+
+
+def _client_options() -> argparse.ArgumentParser:
+    """--server and --json, shared by the commands that talk to a running server."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--server",
+        default=os.environ.get("PEFTSERVE_SERVER", "http://127.0.0.1:8000"),
+        help="server URL (default: %(default)s; env PEFTSERVE_SERVER). The admin token comes "
+        "from PEFTSERVE_ADMIN_TOKEN.",
+    )
+    common.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return common
+
+
+def add_adapters_parser(commands: Any) -> None:
+    """``peftserve adapters upload|list|show|delete|load|unload``."""
+    common = _client_options()
+    adapters = commands.add_parser("adapters", help="manage the adapters of a running server")
+    sub = adapters.add_subparsers(dest="adapters_command", metavar="COMMAND", required=True)
+    upload = sub.add_parser("upload", parents=[common], help="upload an adapter directory")
+    upload.add_argument("dir", metavar="DIR", help="PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")
+    upload.add_argument("--name", required=True, help="task name (the API model name)")
+    upload.add_argument("--version", required=True, help="version of the task")
+    upload.add_argument("--base-fingerprint", default=None, help="refuse unless the server's base model has this fingerprint")
+    upload.add_argument("--no-progress", action="store_true", help="no progress bar")
+    listing = sub.add_parser("list", parents=[common], help="list registered adapter versions")
+    listing.add_argument("--task", default=None, help="only this task's versions")
+    show = sub.add_parser("show", parents=[common], help="show a task (NAME) or a version (NAME@VERSION)")
+    show.add_argument("ref", metavar="NAME[@VERSION]")
+    for name, text in (("delete", "delete a version"), ("load", "load a version into an adapter slot"),
+                       ("unload", "free a version's adapter slot")):  # fmt: skip
+        action = sub.add_parser(name, parents=[common], help=text)
+        action.add_argument("ref", metavar="NAME@VERSION")
+    adapters.set_defaults(handler=_run_adapters)
+
+
+def _run_adapters(args: argparse.Namespace) -> int:
+    from peftserve.client import Client, PeftserveError
+
+    command = args.adapters_command
+    try:
+        with Client(args.server) as client:
+            return _ADAPTER_COMMANDS[command](client, args)
+    except PeftserveError as e:
+        status = f" (HTTP {e.status})" if e.status else ""
+        return _fail(f"peftserve adapters {command}: error: {e.message}{status}", EXIT_STARTUP)
+    except (OSError, ValueError) as e:
+        return _fail(f"peftserve adapters {command}: error: {e}", EXIT_STARTUP)
+
+
+def _split_ref(ref: str, need_version: bool) -> tuple[str, str | None]:
+    task, sep, version = ref.partition("@")
+    if not task or (sep and not version) or (need_version and not sep):
+        shape = "NAME@VERSION" if need_version else "NAME or NAME@VERSION"
+        raise ValueError(f"expected {shape}, not {ref!r}")
+    return task, version or None
+
+
+def _cmd_upload(client: Any, args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from peftserve.client import UPLOAD_FILES
+
+    directory = Path(args.dir)
+    total = sum((directory / n).stat().st_size for n in UPLOAD_FILES if (directory / n).is_file())
+    ref = f"{args.name}@{args.version}"
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=ref,
+              file=sys.stderr, disable=True if args.no_progress else None) as bar:  # fmt: skip
+        adapter = client.upload(directory, args.name, args.version,
+                                base_fingerprint=args.base_fingerprint, progress=bar.update)  # fmt: skip
+    if args.json:
+        return _print_json(adapter)
+    role = "the stable version" if adapter.stable else f"pin it with model {adapter.ref!r}"
+    print(f"uploaded {adapter.ref} (rank {adapter.rank}, {_size(adapter.size_bytes)}, "
+          f"sha256 {adapter.sha256[:12]}): {role}")  # fmt: skip
+    return 0
+
+
+def _cmd_list(client: Any, args: argparse.Namespace) -> int:
+    adapters = client.list(args.task)
+    if args.json:
+        return _print_json(adapters)
+    _print_table(adapters)
+    return 0
+
+
+def _cmd_show(client: Any, args: argparse.Namespace) -> int:
+    task, version = _split_ref(args.ref, need_version=False)
+    if version is not None:
+        return _print_adapter(client.show(task, version), args.json)
+    info = client.task(task)
+    if args.json:
+        return _print_json(info)
+    print(f"task {info.task}: stable version {info.stable or '-'}, {len(info.versions)} versions")
+    _print_table(info.versions)
+    return 0
+
+
+def _cmd_action(client: Any, args: argparse.Namespace) -> int:
+    task, version = _split_ref(args.ref, need_version=True)
+    adapter = getattr(client, args.adapters_command)(task, version)
+    if args.json:
+        return _print_json(adapter)
+    done = {"delete": "deleted", "load": "loaded", "unload": "unloaded"}[args.adapters_command]
+    print(f"{done} {adapter.ref}" + ("" if args.adapters_command == "delete" else f" (now {adapter.status})"))
+    return 0
+
+
+_ADAPTER_COMMANDS: dict[str, Callable[[Any, argparse.Namespace], int]] = {
+    "upload": _cmd_upload, "list": _cmd_list, "show": _cmd_show,
+    "delete": _cmd_action, "load": _cmd_action, "unload": _cmd_action,
+}  # fmt: skip
+
+
+# ---- peftserve rollout ... -------------------------------------------------------------------
+
+ROLLOUT_ACTIONS = {"pause": "paused", "resume": "resumed", "promote": "promoted", "rollback": "rolled back",
+                   "retry": "retried"}  # fmt: skip
+HISTORY_COLUMNS = ("TIME", "EVENT", "WEIGHT", "RESULT", "SCORE", "REASON")
+
+
+def _steps(text: str) -> list[float]:
+    try:
+        return [float(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"steps must be comma-separated percentages, not {text!r}") from None
+
+
+def _target_header(text: str) -> dict[str, Any]:
+    """'x-tier=internal,beta' -> a targeting rule (the header must hold one of the values)."""
+    header, sep, values = text.partition("=")
+    items = [v.strip() for v in values.split(",") if v.strip()]
+    if not sep or not header.strip() or not items:
+        raise argparse.ArgumentTypeError(f"expected HEADER=VALUE[,VALUE...], not {text!r}")
+    return {"header": header.strip(), "values": items, "op": "in"}
+
+
+def add_rollout_parser(commands: Any) -> None:
+    """``peftserve rollout start|status|pause|resume|promote|rollback|retry|history``."""
+    common = _client_options()
+    rollout = commands.add_parser("rollout", help="start and steer canary rollouts on a running server")
+    sub = rollout.add_subparsers(dest="rollout_command", metavar="COMMAND", required=True)
+    start = sub.add_parser("start", parents=[common], help="roll a candidate version of a task out")
+    start.add_argument("task", metavar="TASK")
+    start.add_argument("--candidate", required=True, metavar="VERSION", help="the version to roll out")
+    start.add_argument("--stable", default=None, metavar="VERSION", help="the version serving today (default: the task's stable version)")
+    start.add_argument("--steps", type=_steps, default=None, metavar="W1,W2,...", help="candidate weights in percent, increasing (default: 1,5,10,25,50)")
+    start.add_argument("--interval", type=float, default=None, metavar="SECONDS", help="least time at each step (default: 60)")
+    start.add_argument("--min-samples", type=int, default=None, metavar="N", help="fewest samples per arm for a metric to be judged (default: 200)")
+    start.add_argument("--shadow-percent", type=float, default=None, metavar="P", help="share of stable requests also copied to the candidate; above 0 the rollout starts in a shadow phase")
+    start.add_argument("--eval-set", type=Path, default=None, metavar="FILE.jsonl", help="known-answer probes, one {\"prompt\", \"answer\"} per line (judged as probe_accuracy)")
+    start.add_argument("--target-header", type=_target_header, action="append", default=None, metavar="HEADER=V1[,V2]", help="only requests whose header holds one of the values may reach the candidate (repeatable; all must match)")
+    start.add_argument("--reason", default=None, help="why, for the history")
+    status = sub.add_parser("status", parents=[common], help="where a task's rollout stands (all rollouts without TASK)")
+    status.add_argument("task", metavar="TASK", nargs="?")
+    for name, text in (("pause", "stop the automatic progression (the weight stays)"),
+                       ("resume", "resume a paused rollout"), ("promote", "promote the candidate now"),
+                       ("rollback", "roll back now (the candidate's weight drops to 0)"),
+                       ("retry", "start a rolled-back rollout again")):  # fmt: skip
+        action = sub.add_parser(name, parents=[common], help=text)
+        action.add_argument("task", metavar="TASK")
+        action.add_argument("--reason", default=None, help="why, for the history")
+    history = sub.add_parser("history", parents=[common], help="a rollout's judgments, decisions and state changes")
+    history.add_argument("task", metavar="TASK")
+    history.add_argument("--limit", type=int, default=100, help="latest N events (default: %(default)s)")
+    history.add_argument("--kind", action="append", default=None, help="only events of this kind: state, judgment, decision, evaluator_error, unload, restored (repeatable)")
+    rollout.set_defaults(handler=_run_rollout)
+
+
+def _run_rollout(args: argparse.Namespace) -> int:
+    from peftserve.client import Client, PeftserveError
+
+    command = args.rollout_command
+    try:
+        with Client(args.server) as client:
+            return _ROLLOUT_COMMANDS.get(command, _cmd_rollout_action)(client, args)
+    except PeftserveError as e:
+        status = f" (HTTP {e.status})" if e.status else ""
+        return _fail(f"peftserve rollout {command}: error: {e.message}{status}", EXIT_STARTUP)
+    except (OSError, ValueError) as e:
+        return _fail(f"peftserve rollout {command}: error: {e}", EXIT_STARTUP)
+
+
+def _cmd_rollout_start(client: Any, args: argparse.Namespace) -> int:
+    rollout = client.start_rollout(
+        args.task, args.candidate, stable=args.stable, steps=args.steps, step_interval_s=args.interval,
+        min_samples=args.min_samples, shadow_percent=args.shadow_percent, eval_set=args.eval_set,
+        targeting=args.target_header, reason=args.reason,
+    )  # fmt: skip
+    if args.json:
+        return _print_json(rollout)
+    print(f"started rollout #{rollout.rollout_id}")
+    _print_rollout(rollout)
+    return 0
+
+
+def _cmd_rollout_status(client: Any, args: argparse.Namespace) -> int:
+    rollouts = [client.rollout(args.task)] if args.task else client.rollouts()
+    if args.json:
+        return _print_json(rollouts[0] if args.task else rollouts)
+    if not rollouts:
+        print("no rollouts")
+    for i, rollout in enumerate(rollouts):
+        if i:
+            print()
+        _print_rollout(rollout)
+    return 0
+
+
+def _cmd_rollout_action(client: Any, args: argparse.Namespace) -> int:
+    rollout = getattr(client, f"{args.rollout_command}_rollout")(args.task, args.reason)
+    if args.json:
+        return _print_json(rollout)
+    print(f"{ROLLOUT_ACTIONS[args.rollout_command]} the rollout of {args.task}")
+    _print_rollout(rollout)
+    return 0
+
+
+def _cmd_rollout_history(client: Any, args: argparse.Namespace) -> int:
+    events = client.rollout_history(args.task, args.limit, args.kind)
+    if args.json:
+        return _print_json(events)
+    rows = [HISTORY_COLUMNS] + [_history_row(e) for e in events]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(HISTORY_COLUMNS) - 1)]
+    for row in rows:
+        cells = [cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)]
+        print("  ".join([*cells, row[-1]]).rstrip())
+    return 0
+
+
+_ROLLOUT_COMMANDS: dict[str, Callable[[Any, argparse.Namespace], int]] = {
+    "start": _cmd_rollout_start, "status": _cmd_rollout_status, "history": _cmd_rollout_history,
+}  # fmt: skip
+
+
+def _history_row(event: Any) -> tuple[str, ...]:
+    if event.kind == "state":
+        what = f"state {event.state_from or 'start'} -> {event.state_to}"
+    elif event.kind == "decision":
+        what = f"decision {event.action}"
+    else:
+        what = event.kind
+    weight = f"{event.weight:g} %" if event.weight is not None else ""
+    score = f"{event.score:.1f}" if event.score is not None else ""
+    result = event.result or ""
+    return (_when(event.at), what, weight, result, score, event.reason or "")
+
+
+def _print_rollout(r: Any) -> None:
+    spec = r.spec
+    print(r.summary)
+    steps = ", ".join(f"{s:g}" for s in r.steps)
+    lines = [("steps", f"{steps} % (at least {spec.get('step_interval_s', 0):g} s each)"),
+             ("started", f"{_when(r.started_at)}; last change {_when(r.updated_at)}")]  # fmt: skip
+    j = r.last_judgment
+    if j is not None:
+        score = f"score {j.score:.1f}" if j.score is not None else "no score"
+        lines.append(("judgment", f"{j.result}, {score}, {_when(j.at)}: {j.reason}"))
+    if r.last_decision:
+        lines.append(("decision", f"{r.last_decision.get('action')}: {r.last_decision.get('reason')}"))
+    for arm, version in (("stable", r.stable), ("candidate", r.candidate)):
+        lines.append((arm, f"{version}: {_arm_line(r.arms.get(arm) or {})}"))
+    if r.shadow:
+        lines.append(("shadow", _shadow_line(r.shadow)))
+    for key, value in lines:
+        print(f"  {key:<10} {value}")
+
+
+def _arm_line(arm: dict[str, Any]) -> str:
+    parts = [f"{arm.get('requests', 0)} requests ({arm.get('in_experiment', 0)} judged)",
+             f"{arm.get('errors', 0)} errors"]  # fmt: skip
+    if arm.get("median_latency_e2e") is not None:
+        parts.append(f"median latency {arm['median_latency_e2e']:.3f} s")
+    if arm.get("feedback"):
+        parts.append(f"feedback {arm['mean_feedback_score']:.2f} (n={arm['feedback']})")
+    if arm.get("probes"):
+        parts.append(f"probe accuracy {arm['probe_accuracy']:.0%} (n={arm['probes']})")
+    return ", ".join(parts)
+
+
+def _shadow_line(shadow: dict[str, Any]) -> str:
+    parts = [f"{shadow.get('n', 0)} copies, {shadow.get('errors', 0)} errors"]
+    if shadow.get("agreement_rate") is not None:
+        parts.append(f"agreement {shadow['agreement_rate']:.0%}")
+    if shadow.get("divergence") is not None:
+        parts.append(f"divergence {shadow['divergence']:.4f} nats/token")
+    elif shadow.get("mean_llr") is None:
+        parts.append("no divergence (the engine cannot score)")
+    return ", ".join(parts)
+
+
+def _print_adapter(adapter: Any, as_json: bool) -> int:
+    if as_json:
+        return _print_json(adapter)
+    fields = dataclasses.asdict(adapter)
+    fields["target_modules"] = ", ".join(adapter.target_modules)
+    fields["size_bytes"] = f"{adapter.size_bytes} ({_size(adapter.size_bytes)})"
+    fields["created_at"] = _when(adapter.created_at)
+    width = max(map(len, fields))
+    print(f"{'ref':<{width}}  {adapter.ref}")
+    for key, value in fields.items():
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _print_table(adapters: Sequence[Any]) -> None:
+    rows = [ADAPTER_COLUMNS] + [
+        (a.task, a.version, "yes" if a.stable else "", a.status, str(a.rank), _size(a.size_bytes),
+         a.sha256[:12], _when(a.created_at))
+        for a in adapters
+    ]  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(ADAPTER_COLUMNS))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _print_json(value: Any) -> int:
+    data = [dataclasses.asdict(v) for v in value] if isinstance(value, list) else dataclasses.asdict(value)
+    print(json.dumps(data, indent=2))
+    return 0
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    value, unit = n / 1024, "KiB"
+    for bigger in ("MiB", "GiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{value:.1f} {unit}"
+
+
+def _when(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
 
 
 def _fail(message: str, code: int) -> int:

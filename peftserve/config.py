@@ -140,7 +140,7 @@ class CanaryConfig:
     rollback_keep_warm_s: float = 60.0
     """After a rollback, the candidate stays loaded this long (for requests in flight), then is unloaded."""
     probes_per_tick: int = 5
-    """Eval-set prompts sent to both versions of a rollout per controller round."""
+    """Eval-set prompts sent to both versions of a rollout per controller round (0: no probes; eval sets are refused)."""
     probe_max_tokens: int = 64
     """Most tokens of one probe completion (greedy)."""
     feedback_ttl_s: float = 3600.0

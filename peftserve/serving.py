@@ -1,4 +1,5 @@
-"""Startup of ``peftserve serve``: settings -> engine -> adapters -> FastAPI app -> uvicorn.
+"""Startup of ``peftserve serve``: settings -> engine -> registry and adapters -> rollouts -> FastAPI
+app -> uvicorn (whose lifespan starts the engine, then restores and runs the rollout controller).
 
 Every failure a user can cause (missing or unsupported model directory, bad adapter) is
 raised as ``StartupError`` with a one-line message; the CLI prints it without a traceback.
@@ -7,6 +8,7 @@ raised as ``StartupError`` with a one-line message; the CLI prints it without a 
 from __future__ import annotations
 
 import logging
+import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,10 +17,12 @@ from peftserve.config import DEFAULT_ADAPTERS_DIR, DEFAULT_MODEL_DIR
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
+    from peftserve.api.adapters import AdapterService
+    from peftserve.api.canary import CanaryRuntime
     from peftserve.api.model_table import ModelTable
     from peftserve.cli import ServeSettings
     from peftserve.config import EngineConfig
-    from peftserve.engine.engine import LLMEngine
+    from peftserve.engine.engine import AsyncLLMEngine, LLMEngine
 
 logger = logging.getLogger(__name__)
 
@@ -90,51 +94,99 @@ def load_engine(config: EngineConfig) -> LLMEngine:
         raise StartupError(f"cannot load model {config.model.model}: {_one_line(e)}") from e
 
 
-def load_adapters(engine: LLMEngine, adapters: dict[str, str], max_rank: int) -> None:
-    from peftserve.lora.peft_adapter import AdapterError, load_adapter
-
-    for name, path in adapters.items():
-        try:
-            adapter = load_adapter(path, engine.model, max_rank, name=name)
-            engine.add_lora(name, adapter)
-        except (AdapterError, ValueError, OSError) as e:
-            raise StartupError(f"adapter {name!r} ({path}): {_one_line(e)}") from e
-        logger.info("loaded adapter %s from %s (rank %d)", name, path, adapter.rank)
-
-
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
 def build_serving_app(settings: ServeSettings) -> FastAPI:
-    """Load the engine and adapters and return the app (the engine starts with the app)."""
+    """Load the engine, open the registry, serve its adapters; return the app (the engine
+    starts with the app)."""
     check_model_dir(settings.engine.model.model)
     table = _model_table(settings)
+    startup = _startup_adapters(settings)
     from peftserve.api.app import build_app
     from peftserve.engine.engine import AsyncLLMEngine
 
     engine = load_engine(settings.engine)
     table.max_model_len = engine.max_model_len
-    adapters = {name: a.path for name, a in table.adapters.items()}
-    load_adapters(engine, adapters, settings.engine.lora.max_lora_rank)
-    return build_app(AsyncLLMEngine(engine), table, settings.server)
+    async_engine = AsyncLLMEngine(engine)
+    service = open_adapter_service(settings, async_engine, table)
+    try:
+        register_startup_adapters(service, startup)
+        service.restore()
+        canary = open_canary(settings, async_engine, service)
+    except BaseException:
+        service.close()
+        raise
+    return build_app(async_engine, table, settings.server, service, canary)
 
 
 def _model_table(settings: ServeSettings) -> ModelTable:
     from peftserve.api.model_table import ModelTable
 
     model_dir = Path(settings.engine.model.model).resolve()
-    table = ModelTable(
-        base_name=served_model_name(settings), base_path=str(model_dir), max_model_len=0
-    )
-    for name, path in served_adapters(settings).items():
+    return ModelTable(base_name=served_model_name(settings), base_path=str(model_dir), max_model_len=0)
+
+
+def _startup_adapters(settings: ServeSettings) -> dict[str, str]:
+    adapters = served_adapters(settings)
+    for name, path in adapters.items():
         if not (Path(path) / ADAPTER_CONFIG).is_file():
             raise StartupError(f"adapter {name!r}: {path} has no {ADAPTER_CONFIG}")
+    return adapters
+
+
+def open_adapter_service(
+    settings: ServeSettings, engine: AsyncLLMEngine, table: ModelTable
+) -> AdapterService:
+    """Open the registry and stable pointers under --data-dir for the engine's base model."""
+    from peftserve.api.adapters import AdapterService
+    from peftserve.api.stable import StablePointers
+    from peftserve.registry import Registry, base_fingerprint
+
+    data_dir = settings.server.data_dir
+    llm = engine.engine
+    try:
+        registry = Registry(data_dir, base_fingerprint(llm.model_config))
+    except (OSError, sqlite3.Error, RuntimeError) as e:
+        raise StartupError(f"cannot open the data directory {data_dir}: {_one_line(e)}") from e
+    try:
+        stable = StablePointers(data_dir)
+    except (OSError, sqlite3.Error, RuntimeError) as e:
+        registry.close()
+        raise StartupError(f"cannot open the data directory {data_dir}: {_one_line(e)}") from e
+    logger.info("adapter registry: %s", data_dir)
+    return AdapterService(
+        registry=registry,
+        stable=stable,
+        table=table,
+        engine=engine,
+        max_rank=settings.engine.lora.max_lora_rank,
+        max_bytes=settings.server.max_adapter_bytes,
+    )
+
+
+def open_canary(settings: ServeSettings, engine: AsyncLLMEngine, service: AdapterService) -> CanaryRuntime:
+    """The rollout runtime on the registry's database; its rollouts are restored when the app starts."""
+    from peftserve.api.canary import CanaryRuntime
+
+    data_dir = settings.server.data_dir
+    try:
+        return CanaryRuntime(service, engine, settings.canary, data_dir)
+    except (OSError, sqlite3.Error, RuntimeError) as e:
+        raise StartupError(f"cannot open the rollout store in {data_dir}: {_one_line(e)}") from e
+
+
+def register_startup_adapters(service: AdapterService, adapters: dict[str, str]) -> None:
+    """Register each --adapter NAME=PATH (or demo adapter) in the registry."""
+    from peftserve.registry import RegistryError
+
+    for name, path in adapters.items():
         try:
-            table.add_adapter(name, str(Path(path).resolve()))
-        except ValueError as e:
-            raise StartupError(str(e)) from e
-    return table
+            record = service.register_startup(name, path)
+        except RegistryError as e:
+            raise StartupError(f"adapter {name!r} ({path}): {_one_line(e)}") from e
+        logger.info("adapter %s from %s is registered as %s (rank %d)", name, path, record.ref, record.rank)
 
 
 def run_server(settings: ServeSettings) -> None:

@@ -4,13 +4,15 @@
 code path as ``peftserve serve`` (flags named like config fields: ``max_num_seqs=2``,
 ``api_key=["k1", "k2"]``), runs uvicorn in a background thread on a free port, waits for
 ``/health`` and yields the base URL. The server runs in-process, so a test can monkeypatch
-the API's internals while it runs.
+the API's internals while it runs. Without a ``data_dir`` flag each server gets a fresh
+temporary data directory (its adapter registry), removed when it stops.
 """
 
 from __future__ import annotations
 
 import contextlib
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -43,6 +45,21 @@ def running_server(
     model_dir: Path | str, adapters: Mapping[str, Path | str] | None = None, **flags: Any
 ) -> Iterator[str]:
     """Serve ``model_dir`` (+ adapters) on 127.0.0.1:<free port>; yields ``http://127.0.0.1:<port>``."""
+    if "data_dir" in flags:
+        with _serve(model_dir, adapters, flags) as url:
+            yield url
+        return
+    with (
+        tempfile.TemporaryDirectory(prefix="peftserve-data-") as data_dir,
+        _serve(model_dir, adapters, {**flags, "data_dir": data_dir}) as url,
+    ):
+        yield url
+
+
+@contextlib.contextmanager
+def _serve(
+    model_dir: Path | str, adapters: Mapping[str, Path | str] | None, flags: dict[str, Any]
+) -> Iterator[str]:
     flags.setdefault("log_level", "warning")
     args = build_parser().parse_args(serve_argv(model_dir, adapters or {}, flags))
     settings = serve_settings(args, environ={})
@@ -89,3 +106,45 @@ def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> b
         if result or time.monotonic() > deadline:
             return bool(result)
         time.sleep(interval)
+
+
+def registry_snapshot(data_dir: Path | str) -> dict[str, Any]:
+    """What the registry under ``data_dir`` holds: rows, stable pointers, blobs, tmp/ entries."""
+    import sqlite3
+
+    root = Path(data_dir)
+    conn = sqlite3.connect(root / "peftserve.db")
+    try:
+        rows = conn.execute("SELECT task, version, sha256 FROM adapters ORDER BY id").fetchall()
+        stable = conn.execute("SELECT task, version FROM task_stable ORDER BY task").fetchall()
+    finally:
+        conn.close()
+    return {
+        "rows": rows,
+        "stable": stable,
+        "blobs": sorted(p.name for p in (root / "blobs").iterdir()),
+        "tmp": sorted(p.name for p in (root / "tmp").iterdir()),
+    }
+
+
+def upload_parts(
+    url: str,
+    task: str,
+    version: str,
+    parts: list[tuple[str, str | None, bytes]],
+    headers: Mapping[str, str] | None = None,
+) -> httpx.Response:
+    """PUT /admin/adapters/task/version with multipart parts (field name, filename, data), in order."""
+    files = [(name, (filename, data, "application/octet-stream")) for name, filename, data in parts
+             if filename is not None]  # fmt: skip
+    fields = {name: data.decode() for name, filename, data in parts if filename is None}
+    return httpx.put(
+        f"{url}/admin/adapters/{task}/{version}", files=files, data=fields, headers=headers, timeout=60
+    )
+
+
+def adapter_parts(adapter_dir: Path | str) -> list[tuple[str, str | None, bytes]]:
+    """The two files of an adapter directory as upload parts (config first)."""
+    root = Path(adapter_dir)
+    names = ("adapter_config.json", "adapter_model.safetensors")
+    return [(name, name, (root / name).read_bytes()) for name in names]

@@ -261,8 +261,10 @@ def test_full_queue_is_429_with_retry_after(model_dir: Path) -> None:
     flags = {"served_model_name": "base", "max_num_seqs": 1, "max_waiting": 1}
     with running_server(model_dir, **flags) as url:
         long = _completion(max_tokens=LONG, ignore_eos=True, stream=True)
-        streams = [_open_stream(url, long) for _ in range(2)]
-        try:
+        streams = [_open_stream(url, long)]
+        try:  # the first must be running before the second queues, or the second is refused
+            assert wait_for(lambda: _queue(url) == (1, 0), timeout=10), engine_stats(url)
+            streams.append(_open_stream(url, long))
             assert wait_for(lambda: _queue(url) == (1, 1), timeout=10), engine_stats(url)
             for route, body in (
                 ("completions", _completion()),

@@ -77,7 +77,9 @@ def _greedy(client: openai.OpenAI, model: str, prompt: str, max_tokens: int = 24
 
 def test_models_lists_base_and_adapters(client: openai.OpenAI, model_dir: Path, adapters) -> None:
     models = {m.id: m for m in client.models.list().data}
-    assert set(models) == {"base", "alpha", "beta"}
+    pinned = {m for m in models if "@" in m}  # each task@version (startup ones: sha256[:12])
+    assert set(models) - pinned == {"base", "alpha", "beta"}
+    assert {m.split("@")[0] for m in pinned} == {"alpha", "beta"}
     assert models["base"].root == str(model_dir.resolve())
     assert models["base"].parent is None
     for name in ("alpha", "beta"):

@@ -46,8 +46,9 @@ def test_invalid_json_error() -> None:
 
 def test_model_table() -> None:
     table = ModelTable("base", "/m", 128)
-    table.add_adapter("a", "/a")
-    assert table.resolve("base") is None and table.resolve("a") == "a"
+    table.add_version("a", "v1", "/a")
+    table.set_stable("a", "v1")
+    assert table.resolve("base").lora_id is None and table.resolve("a").lora_id == "a@v1"
     with pytest.raises(APIError) as info:
         table.resolve("b")
     assert (info.value.status, info.value.code, info.value.param) == (
@@ -56,12 +57,13 @@ def test_model_table() -> None:
         "model",
     )
     with pytest.raises(ValueError, match="unique"):
-        table.add_adapter("base", "/x")
+        table.add_version("base", "v1", "/x")
     cards = table.cards().model_dump()
     assert cards["object"] == "list"
     assert [(c["id"], c["parent"], c["root"]) for c in cards["data"]] == [
         ("base", None, "/m"),
         ("a", "base", "/a"),
+        ("a@v1", "base", "/a"),
     ]
 
 

@@ -1,4 +1,5 @@
-"""The FastAPI app: OpenAI routes, /health, errors in OpenAI's shape, engine lifecycle."""
+"""The FastAPI app: OpenAI routes, /admin (adapters, rollouts), /metrics, /health, errors in OpenAI's
+shape, engine and rollout-controller lifecycle."""
 
 from __future__ import annotations
 
@@ -10,12 +11,16 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI
 
 from peftserve import __version__
-from peftserve.api import health, openai_routes
+from peftserve.api import admin, health, metrics, openai_routes, rollouts
+from peftserve.api.canary import RolloutCollector
 from peftserve.api.errors import install_error_handlers
+from peftserve.api.metrics import Metrics
 from peftserve.api.middleware import RequestIdMiddleware
 from peftserve.api.state import ServingState
 
 if TYPE_CHECKING:
+    from peftserve.api.adapters import AdapterService
+    from peftserve.api.canary import CanaryRuntime
     from peftserve.api.model_table import ModelTable
     from peftserve.config import ServerConfig
     from peftserve.engine.engine import AsyncLLMEngine
@@ -23,23 +28,60 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def build_app(engine: AsyncLLMEngine, models: ModelTable, server: ServerConfig) -> FastAPI:
-    """The app serving ``engine``; the engine's step loop runs while the app is up."""
+def build_app(
+    engine: AsyncLLMEngine,
+    models: ModelTable,
+    server: ServerConfig,
+    adapters: AdapterService | None = None,
+    canary: CanaryRuntime | None = None,
+) -> FastAPI:
+    """The app serving ``engine``; the engine's step loop runs while the app is up.
+
+    ``adapters`` (the registry-backed service) enables /admin; ``canary`` the rollouts
+    (/admin/rollouts, /v1/feedback): its controller restores the stored rollouts once the
+    engine runs and judges them in the background. Both are closed with the app.
+    """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()
-        logger.info("engine started: %s + %d adapters", models.base_name, len(models.adapters))
+        logger.info("engine started: %s + %d tasks", models.base_name, len(models.tasks))
         try:
+            if canary is not None:
+                await canary.start()
             yield
         finally:
+            if canary is not None:
+                await canary.stop()
             engine.shutdown()
+            if canary is not None:
+                canary.close()
+            if adapters is not None:
+                adapters.close()
             logger.info("engine stopped")
 
     app = FastAPI(title="peftserve", version=__version__, lifespan=lifespan)
-    app.state.serving = ServingState(engine, models, tuple(server.api_key))
+    app_metrics = Metrics(engine)
+    engine.on_adapter_load = app_metrics.observe_adapter_load
+    if adapters is not None:
+        adapters.on_delete.append(app_metrics.forget)
+    if canary is not None:
+        app_metrics.add_collector(RolloutCollector(canary))
+    app.state.serving = ServingState(
+        engine=engine,
+        models=models,
+        metrics=app_metrics,
+        api_keys=tuple(server.api_key),
+        admin_token=server.admin_token,
+        adapters=adapters,
+        canary=canary,
+    )
     install_error_handlers(app)
     app.add_middleware(RequestIdMiddleware)
     app.include_router(openai_routes.router)
+    app.include_router(admin.router)
+    app.include_router(rollouts.admin_router)
+    app.include_router(rollouts.feedback_router)
+    app.include_router(metrics.router)
     app.include_router(health.router)
     return app

@@ -83,6 +83,24 @@ def unauthorized() -> APIError:
     return APIError(401, message, "invalid_request_error", None, "invalid_api_key")
 
 
+def admin_unauthorized() -> APIError:
+    message = "This admin route needs the admin token: send it as 'Authorization: Bearer <token>'."
+    return APIError(401, message, "invalid_request_error", None, "missing_admin_token",
+                    {"WWW-Authenticate": "Bearer"})  # fmt: skip
+
+
+def admin_forbidden(message: str) -> APIError:
+    return APIError(403, message, "invalid_request_error", None, "forbidden")
+
+
+def registry_error(exc: Exception) -> APIError:
+    """A ``RegistryError`` (it carries ``status`` and ``kind``) in OpenAI's shape."""
+    status = int(getattr(exc, "status", 500))
+    kind = getattr(exc, "kind", "registry_error")
+    error_type = "server_error" if status >= 500 else "invalid_request_error"
+    return APIError(status, str(exc), error_type, None, kind)
+
+
 def internal_error(request_id: str) -> APIError:
     message = f"The server had an error while processing the request (request id {request_id})."
     return APIError(500, message, "server_error", None, "internal_error")
@@ -121,7 +139,10 @@ def _is_union_tag(part: str) -> bool:
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    from peftserve.registry.errors import RegistryError
+
     app.add_exception_handler(APIError, _api_error_handler)
+    app.add_exception_handler(RegistryError, _registry_error_handler)
     app.add_exception_handler(RequestValidationError, _validation_handler)
     app.add_exception_handler(StarletteHTTPException, _http_error_handler)
 
@@ -129,6 +150,10 @@ def install_error_handlers(app: FastAPI) -> None:
 async def _api_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, APIError)
     return exc.response()
+
+
+async def _registry_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    return registry_error(exc).response()
 
 
 async def _validation_handler(request: Request, exc: Exception) -> JSONResponse:

@@ -11,13 +11,13 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import anyio
 from fastapi import Request
 
 from peftserve.api.errors import APIError, internal_error, invalid_request, queue_full
-from peftserve.engine.engine import AsyncLLMEngine, QueueFull
+from peftserve.engine.engine import NON_FINITE_ERROR, AsyncLLMEngine, QueueFull
 from peftserve.engine.outputs import RequestOutput, TokenLogprob
 from peftserve.engine.sampling_params import InvalidParameter, SamplingParams
 
@@ -34,24 +34,67 @@ class ClientDisconnected(APIError):
         super().__init__(CLIENT_CLOSED_STATUS, "Client closed the request.", "client_closed")
 
 
+class EngineFailed(APIError):
+    """A request the engine ended with finish reason 'error' (answered as a generic 500).
+
+    ``error`` is the engine's message, for the log and the canary layer, never for the client.
+    """
+
+    def __init__(self, request_id: str, error: str | None) -> None:
+        base = internal_error(request_id)
+        super().__init__(base.status, base.message, base.type, base.param, base.code)
+        self.error = error
+
+    @property
+    def non_finite(self) -> bool:
+        """Whether the model produced non-finite logits (NaN or inf)."""
+        return self.error == NON_FINITE_ERROR
+
+
+class StreamObserver(Protocol):
+    """Sees every output of a stream, then its close (the metrics' RequestTracker)."""
+
+    def on_output(self, out: RequestOutput) -> None: ...
+    def close(self) -> None: ...
+
+
 class OutputStream:
     """The engine's output iterator, started (so its errors are known) and closable."""
 
-    def __init__(self, first: RequestOutput, outputs: AsyncIterator[RequestOutput]) -> None:
+    def __init__(
+        self,
+        first: RequestOutput,
+        outputs: AsyncIterator[RequestOutput],
+        observer: StreamObserver | None = None,
+    ) -> None:
         self._first = first
         self._outputs = outputs
+        self._observer = observer
+
+    @property
+    def first(self) -> RequestOutput:
+        """The first output (its first token, or the error that ended the request at once)."""
+        return self._first
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        self._observe(self._first)
         yield self._first
         if self._first.finished:
             return
         async for out in self._outputs:
+            self._observe(out)
             yield out
+
+    def _observe(self, out: RequestOutput) -> None:
+        if self._observer is not None:
+            self._observer.on_output(out)
 
     async def aclose(self) -> None:
         """Close the engine iterator (aborting the request if unfinished), even when cancelled."""
         with anyio.CancelScope(shield=True):
             await self._outputs.aclose()  # type: ignore[attr-defined]
+        if self._observer is not None:
+            self._observer.close()
 
 
 async def open_stream(
@@ -60,6 +103,7 @@ async def open_stream(
     prompt_ids: list[int],
     params: SamplingParams,
     lora_id: str | None,
+    observer: StreamObserver | None = None,
 ) -> OutputStream:
     """Submit the request and wait for its first output; engine refusals become APIErrors."""
     outputs = engine.generate(request_id, prompt_ids, params, lora_id=lora_id)
@@ -74,14 +118,14 @@ async def open_stream(
     except StopAsyncIteration:
         logger.error("request %s: engine returned no output", request_id)
         raise internal_error(request_id) from None
-    return OutputStream(first, outputs)
+    return OutputStream(first, outputs, observer)
 
 
 def output_error(out: RequestOutput, request_id: str) -> APIError | None:
     """The APIError for an output that ended in an engine error or abort, else None."""
     if out.finish_reason == "error":
         logger.error("request %s failed in the engine: %s", request_id, out.error)
-        return internal_error(request_id)
+        return EngineFailed(request_id, out.error)
     if out.finish_reason == "abort":
         return APIError(
             503, "The request was aborted by the server.", "server_error", None, "aborted"

@@ -20,7 +20,7 @@ async def health(state: ServingState = Depends(get_state)) -> JSONResponse:
     body = {
         "status": "ok" if running else "engine stopped",
         "model": state.models.base_name,
-        "adapters": sorted(state.models.adapters),
+        "adapters": state.models.tasks,
         "engine": stats_dict(state.engine.stats),
     }
     return JSONResponse(body, status_code=200 if running else 503)

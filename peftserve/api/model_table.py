@@ -1,63 +1,174 @@
 """Which API model name means which engine adapter.
 
-For now a name maps straight to a lora_id (the adapter's name) and the base model's name to
-``None`` (slot 0). This is the one place a canary router (task -> version) will later sit.
+A request names the base model, a task (``"reverse"``) or a pinned version
+(``"reverse@v2"``). A task's unpinned requests go where the canary ``Router``
+(``peftserve.canary.router``) sends them: its stable version, or (once rollouts run) the
+candidate. The engine knows adapters by ``lora_id = "task@version"``; metrics label
+requests with the resolved (task, version), and the base model as (base name, "base").
+Every answer names what served it in ``X-Peftserve-Version`` and ``X-Peftserve-Arm``.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from peftserve.api.errors import model_not_found
+from peftserve.api.errors import invalid_request, model_not_found
 from peftserve.api.schemas import ModelCard, ModelList
+from peftserve.canary.router import RouteDecision, Router, RoutingError
+
+BASE_VERSION = "base"
+"""The version label of the base model (no adapter)."""
+VERSION_HEADER = "X-Peftserve-Version"
+"""Response header: ``task@version`` that served the request (``<base>@base`` for the base model)."""
+ARM_HEADER = "X-Peftserve-Arm"
+"""Response header: ``stable`` or ``candidate``."""
+
+
+def lora_id_of(task: str, version: str) -> str:
+    """The engine's adapter id of ``task@version``."""
+    return f"{task}@{version}"
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where one request goes."""
+
+    task: str
+    version: str
+    lora_id: str | None
+    """None for the base model."""
+    decision: RouteDecision | None = None
+    """The router's decision (None for the base model)."""
+
+    @property
+    def arm(self) -> str:
+        """``candidate`` or ``stable`` (the base model and tasks without a rollout: stable)."""
+        return self.decision.arm if self.decision is not None else "stable"
+
+    def headers(self) -> dict[str, str]:
+        """The response headers naming what served the request."""
+        return {VERSION_HEADER: f"{self.task}@{self.version}", ARM_HEADER: self.arm}
 
 
 @dataclass
-class ServedAdapter:
-    name: str
-    path: str
+class ServedVersion:
+    root: str
+    """Where the adapter's files are (shown as the model card's ``root``)."""
     created: int = field(default_factory=lambda: int(time.time()))
 
 
 @dataclass
 class ModelTable:
-    """The base model's name and path, and the adapters served on top of it."""
+    """The base model, and every servable task with its versions and stable version."""
 
     base_name: str
     base_path: str
     max_model_len: int
     created: int = field(default_factory=lambda: int(time.time()))
-    adapters: dict[str, ServedAdapter] = field(default_factory=dict)
+    router: Router = field(default_factory=Router)
+    versions: dict[str, dict[str, ServedVersion]] = field(default_factory=dict)
+    """task -> version -> card data, in registration order."""
 
-    def add_adapter(self, name: str, path: str) -> None:
-        if name == self.base_name or name in self.adapters:
-            raise ValueError(f"model name {name!r} is already served; adapter names must be unique")
-        self.adapters[name] = ServedAdapter(name, path)
+    # ---- changes -------------------------------------------------------------------------
 
-    def remove_adapter(self, name: str) -> None:
-        self.adapters.pop(name, None)
+    def add_version(self, task: str, version: str, root: str, created: float | None = None) -> None:
+        """Make ``task@version`` servable (pinned); a task takes traffic once it has a stable version."""
+        if task == self.base_name:
+            raise ValueError(f"task {task!r} has the base model's name; adapter names must be unique")
+        served = ServedVersion(root, int(created) if created is not None else int(time.time()))
+        self.versions.setdefault(task, {})[version] = served
+        stable = self.stable(task)
+        if stable is not None:
+            self.router.set_task(task, stable, self.versions[task])
 
-    def resolve(self, model: str) -> str | None:
-        """The lora_id for an API model name (``None`` = base model); 404 if unknown."""
+    def set_stable(self, task: str, version: str) -> None:
+        """Route ``task``'s unpinned requests to ``version`` (one of its versions)."""
+        if version not in self.versions.get(task, {}):
+            raise KeyError(f"{task}@{version} is not served")
+        self.router.set_task(task, version, self.versions[task])
+
+    def remove_version(self, task: str, version: str) -> None:
+        """Stop serving ``task@version`` (never the stable one while the task has other versions)."""
+        versions = self.versions.get(task, {})
+        versions.pop(version, None)
+        stable = self.stable(task)
+        if not versions:
+            self.versions.pop(task, None)
+            self.router.remove_task(task)
+        elif stable is not None and stable != version:
+            self.router.set_task(task, stable, versions)
+
+    # ---- reading ------------------------------------------------------------------------
+
+    def stable(self, task: str) -> str | None:
+        return self.router.tasks.get(task)
+
+    @property
+    def tasks(self) -> list[str]:
+        """Tasks that take traffic (they have a stable version), sorted."""
+        return sorted(self.router.tasks)
+
+    def is_served(self, task: str, version: str) -> bool:
+        return version in self.versions.get(task, {})
+
+    def resolve(
+        self,
+        model: str,
+        *,
+        user: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        request_id: str = "",
+        is_admin: bool = False,
+    ) -> Target:
+        """The target of a request's ``model``: 404 if unknown, 400 if malformed.
+
+        ``is_admin``: the caller is authorized as admin, so its ``X-Canary`` header counts.
+        """
         if model == self.base_name:
-            return None
-        if model in self.adapters:
-            return model
-        raise model_not_found(model)
+            return Target(self.base_name, BASE_VERSION, None)
+        try:
+            decision = self.router.route(
+                model, user=user, headers=headers, request_id=request_id, is_admin=is_admin
+            )
+        except RoutingError as exc:
+            if exc.status == 404:
+                raise model_not_found(model) from None
+            raise invalid_request(str(exc), "model", "invalid_model") from None
+        return Target(decision.task, decision.version, lora_id_of(decision.task, decision.version), decision)
+
+    def fallback(self, target: Target) -> Target:
+        """Where a failed candidate request goes instead: the stable arm of its task's rollout.
+
+        The decision keeps the original bucket; its reason stays, but the stable answer is
+        recorded outside the experiment by the caller (the failure already counted).
+        """
+        decision = target.decision
+        if decision is None:
+            raise ValueError("only routed requests have a fallback")
+        rollout = self.router.rollout(decision.task)
+        stable = rollout.spec.stable if rollout is not None else self.stable(decision.task)
+        if stable is None:
+            raise model_not_found(decision.task)
+        fallback = RouteDecision(decision.task, stable, "stable", decision.reason, False, decision.bucket)
+        return Target(decision.task, stable, lora_id_of(decision.task, stable), fallback)
 
     def cards(self) -> ModelList:
+        """The base model, then each task (its stable version's files) and each ``task@version``."""
         base = ModelCard(
-            id=self.base_name,
-            created=self.created,
-            root=self.base_path,
-            max_model_len=self.max_model_len,
+            id=self.base_name, created=self.created, root=self.base_path, max_model_len=self.max_model_len
         )
-        adapters = [
-            ModelCard(id=a.name, created=a.created, root=a.path, parent=self.base_name)
-            for a in self.adapters.values()
-        ]
-        return ModelList(data=[base, *adapters])
+        cards = [base]
+        for task in self.tasks:
+            versions = self.versions[task]
+            stable = versions[self.router.tasks[task]]
+            cards.append(self._card(task, stable))
+            cards.extend(self._card(lora_id_of(task, v), s) for v, s in versions.items())
+        return ModelList(data=cards)
+
+    def _card(self, model_id: str, served: ServedVersion) -> ModelCard:
+        return ModelCard(id=model_id, created=served.created, root=served.root, parent=self.base_name)
 
     def card(self, model: str) -> ModelCard:
         for card in self.cards().data:

@@ -1,4 +1,4 @@
-"""What the routes share: the engine, the model table and the API keys."""
+"""What the routes share: the engine, the model table, the adapters, rollouts, metrics and credentials."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ from typing import TYPE_CHECKING
 from fastapi import Request
 
 if TYPE_CHECKING:
+    from peftserve.api.adapters import AdapterService
+    from peftserve.api.canary import CanaryRuntime
+    from peftserve.api.metrics import Metrics
     from peftserve.api.model_table import ModelTable
     from peftserve.engine.engine import AsyncLLMEngine, LLMEngine
 
@@ -16,7 +19,13 @@ if TYPE_CHECKING:
 class ServingState:
     engine: AsyncLLMEngine
     models: ModelTable
+    metrics: Metrics
     api_keys: tuple[str, ...] = ()
+    admin_token: str = ""
+    adapters: AdapterService | None = None
+    """The registry-backed adapter service; None on a server built without a data directory."""
+    canary: CanaryRuntime | None = None
+    """Canary rollouts (controller, metric windows, shadow copies); None without a registry."""
 
     @property
     def llm(self) -> LLMEngine:

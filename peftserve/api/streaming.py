@@ -190,8 +190,9 @@ class SSEResponse(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(self, body: AsyncIterator[str]) -> None:
-        super().__init__(body, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    def __init__(self, body: AsyncIterator[str], headers: dict[str, str] | None = None) -> None:
+        fixed = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        super().__init__(body, headers={**fixed, **(headers or {})})
 
     async def stream_response(self, send: Send) -> None:
         try:

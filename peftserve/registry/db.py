@@ -41,6 +41,14 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX adapters_sha256 ON adapters (sha256);
     """,
+    # 2: the stable version of each task (the one its unpinned requests go to).
+    """
+    CREATE TABLE task_stable (
+        task    TEXT PRIMARY KEY,
+        version TEXT NOT NULL,
+        FOREIGN KEY (task, version) REFERENCES adapters (task, version)
+    );
+    """,
 )
 """Schema scripts in order; the database's ``user_version`` counts those applied."""
 

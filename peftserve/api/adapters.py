@@ -1,0 +1,378 @@
+"""Adapters end to end: the registry (files and metadata), stable pointers, model table, engine.
+
+Every change goes through ``AdapterService`` so that the four agree:
+
+- upload: the multipart stream is staged by the registry, validated by the engine's own
+  ``load_adapter`` and committed; then the engine registers it (``lora_id = task@version``,
+  loaded on demand), the model table serves it as ``task@version``, and a task's first
+  version becomes its stable version (which serves plain ``"model": "task"``).
+- delete: refused (409) for a task's stable version and for what ``protectors`` (the
+  rollout layer) protect; otherwise registry, model table, engine (running requests finish)
+  and metrics series, in that order.
+- start-up: ``--adapter NAME=PATH`` is registered like an upload (a task's first version
+  becomes stable; new content under an existing task is registered but does not take
+  traffic), then every registered version made for this base model is served again.
+
+Registry calls block: the async methods run them in worker threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from anyio import from_thread, to_thread
+
+from peftserve.api.errors import RETRY_AFTER_S, APIError
+from peftserve.api.model_table import ModelTable
+from peftserve.api.multipart import MultipartReader, Part, boundary_of
+from peftserve.api.stable import StablePointers, is_foreign_key_error
+from peftserve.engine.engine import UnknownAdapter
+from peftserve.lora.manager import SlotsBusy
+from peftserve.lora.peft_adapter import CONFIG_NAME, WEIGHTS_NAME, AdapterError, load_adapter
+from peftserve.registry import (
+    AdapterRecord,
+    Conflict,
+    InvalidAdapter,
+    NotFound,
+    Registry,
+    TooLarge,
+    validate_name,
+)
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from peftserve.engine.engine import AsyncLLMEngine
+    from peftserve.lora.peft_adapter import LoRAAdapter
+    from peftserve.registry.store import StreamSource
+
+logger = logging.getLogger(__name__)
+
+Protector = Callable[[str, str], bool]
+"""``(task, version) -> True`` while that version must not be deleted."""
+
+UPLOAD_FIELDS = ("base_fingerprint",)
+"""Text fields an upload may carry besides its two files."""
+MAX_FIELD_BYTES = 1024
+MAX_CONFIG_BYTES = 1 << 20
+MULTIPART_SLACK = 64 * 1024
+"""Bytes of multipart framing allowed on top of --max-adapter-bytes."""
+
+
+@dataclass
+class AdapterService:
+    """The adapters this server stores and serves."""
+
+    registry: Registry
+    stable: StablePointers
+    table: ModelTable
+    engine: AsyncLLMEngine
+    max_rank: int
+    max_bytes: int
+    protectors: list[Protector] = field(default_factory=list)
+    """Extra delete protection (the rollout layer adds its stable and candidate versions)."""
+    on_delete: list[Callable[[str, str], None]] = field(default_factory=list)
+    """Called with (task, version) after a version is deleted."""
+    _sources: dict[str, str] = field(default_factory=dict, init=False)
+    """lora_id -> the directory given at start-up (shown as the model card's root)."""
+
+    @property
+    def model(self) -> nn.Module:
+        """The engine's base model: uploads are validated against it, as the engine loads them."""
+        return self.engine.engine.model
+
+    def close(self) -> None:
+        self.stable.close()
+        self.registry.close()
+
+    # ---- start-up (before the engine loop runs) ---------------------------------------------
+
+    def register_startup(self, name: str, path: str | Path) -> AdapterRecord:
+        """Register ``--adapter NAME=PATH``; the task's first version becomes its stable version."""
+        if name == self.table.base_name:
+            raise Conflict(f"adapter name {name!r} is the base model's name; pick another")
+        record = self.registry.register_startup(name, path, self._validator(name))
+        stable = self.stable.ensure(name, record.version)
+        if stable != record.version:
+            logger.warning(
+                "adapter %s from %s is registered as %s, but %s@%s stays the stable version; "
+                "pin it with model %r or roll it out", name, path, record.ref, name, stable, record.ref,
+            )  # fmt: skip
+        self._sources[record.ref] = str(Path(path).resolve())
+        return record
+
+    def restore(self) -> None:
+        """Serve every registered version made for this base model."""
+        by_task: dict[str, list[AdapterRecord]] = {}
+        for record in self.registry.list():
+            if record.base_fingerprint == self.registry.base_fingerprint:
+                by_task.setdefault(record.task, []).append(record)
+        pointers = self.stable.all()
+        for task, records in by_task.items():
+            self._restore_task(task, records, pointers.get(task))
+        logger.info("serving %d tasks, %d adapter versions", len(self.table.tasks),
+                    sum(len(v) for v in self.table.versions.values()))  # fmt: skip
+
+    def _restore_task(self, task: str, records: list[AdapterRecord], stable: str | None) -> None:
+        if task == self.table.base_name:
+            logger.warning("task %s is not served: it has the base model's name", task)
+            return
+        if stable is None:  # its first upload was interrupted before the pointer was written
+            stable = self.stable.ensure(task, records[0].version)
+        if stable not in {r.version for r in records}:
+            logger.warning("task %s is not served: its stable version %s is for another base model",
+                           task, stable)  # fmt: skip
+            return
+        for record in records:
+            if self._files_present(record):
+                self.engine.engine.register_lora(record.ref, self._loader(record))
+                self.table.add_version(task, record.version, self._root(record), record.created_at)
+        if self.table.is_served(task, stable):
+            self.table.set_stable(task, stable)
+
+    # ---- admin -------------------------------------------------------------------------------
+
+    async def upload(
+        self,
+        task: str,
+        version: str,
+        content_type: str | None,
+        content_length: int | None,
+        body: AsyncIterator[bytes],
+    ) -> tuple[dict[str, Any], bool]:
+        """Store and serve an uploaded adapter; return its view and whether it is new."""
+        validate_name(task, "task name")
+        validate_name(version, "version")
+        if task == self.table.base_name:
+            raise Conflict(f"task name {task!r} is the base model's name; pick another")
+        limit = self.max_bytes + MULTIPART_SLACK
+        if content_length is not None and content_length > limit:
+            raise self._too_large()
+        boundary = boundary_of(content_type)
+        existed = await to_thread.run_sync(self._exists, task, version)
+        chunks = _pull(body, limit)
+        record = await to_thread.run_sync(self._receive, task, version, boundary, chunks)
+        if record.base_fingerprint != self.registry.base_fingerprint:
+            raise Conflict(f"adapter {record.ref} is already registered for another base model")
+        if not self.table.is_served(task, version):
+            await self._serve(record)
+        return self.view(record), not existed
+
+    def _receive(self, task: str, version: str, boundary: bytes, chunks: Iterator[bytes]) -> AdapterRecord:
+        def add(files: dict[str, StreamSource], base: str | None) -> AdapterRecord:
+            return self.registry.add_from_stream(
+                task, version, files, self.max_bytes, self._validator(f"{task}@{version}"), base
+            )
+
+        try:
+            return read_upload(MultipartReader(chunks, boundary), add)
+        except TooLarge:
+            raise self._too_large() from None
+
+    async def _serve(self, record: AdapterRecord) -> None:
+        await self.engine.register_lora(record.ref, self._loader(record))
+        self.table.add_version(record.task, record.version, self._root(record), record.created_at)
+        stable = await to_thread.run_sync(self.stable.ensure, record.task, record.version)
+        if self.table.stable(record.task) != stable:
+            self.table.set_stable(record.task, stable)
+
+    async def delete(self, task: str, version: str) -> dict[str, Any]:
+        """Delete ``task@version``: 409 while it is protected, 404 if unknown."""
+        validate_name(task, "task name")
+        validate_name(version, "version")
+        if await to_thread.run_sync(self.stable.get, task) == version:
+            raise Conflict(
+                f"adapter {task}@{version} is the stable version of task {task!r}: it serves the "
+                "task's traffic and cannot be deleted"
+            )
+        try:
+            record = await to_thread.run_sync(self.registry.delete, task, version, self.is_protected)
+        except sqlite3.IntegrityError as exc:
+            if is_foreign_key_error(exc):
+                raise Conflict(f"adapter {task}@{version} is the stable version of its task") from None
+            raise
+        self.table.remove_version(task, version)
+        if record.ref in self.engine.lora_status():
+            await self.engine.unregister_lora(record.ref)
+        self._sources.pop(record.ref, None)
+        for hook in self.on_delete:
+            hook(task, version)
+        return {**self.view(record, {}), "status": "deleted", "deleted": True}
+
+    def is_protected(self, task: str, version: str) -> bool:
+        return self.stable.get(task) == version or any(p(task, version) for p in self.protectors)
+
+    async def load(self, task: str, version: str) -> dict[str, Any]:
+        """Make ``task@version`` resident in an adapter slot."""
+        record = await self._servable(task, version)
+        await _engine_call(self.engine.load_lora, record.ref, "load")
+        return self.view(record)
+
+    async def unload(self, task: str, version: str) -> dict[str, Any]:
+        """Free the slot of ``task@version`` (it stays registered)."""
+        record = await self._servable(task, version)
+        await _engine_call(self.engine.unload_lora, record.ref, "unload")
+        return self.view(record)
+
+    async def list(self, task: str | None = None) -> list[dict[str, Any]]:
+        records = await to_thread.run_sync(self.registry.list, task)
+        statuses = self.engine.lora_status()
+        return [self.view(r, statuses) for r in records]
+
+    async def get(self, task: str, version: str) -> dict[str, Any]:
+        return self.view(await to_thread.run_sync(self.registry.get, task, version))
+
+    async def task(self, task: str) -> dict[str, Any]:
+        """The task: its stable version and every version."""
+        versions = await self.list(task)
+        if not versions:
+            raise NotFound(f"task {task!r} has no registered adapter")
+        stable = await to_thread.run_sync(self.stable.get, task)
+        return {"object": "task", "task": task, "stable": stable, "versions": versions}
+
+    def view(self, record: AdapterRecord, statuses: dict[str, str] | None = None) -> dict[str, Any]:
+        """JSON of one version: the record, whether it is stable, and where it is (gpu/cpu/disk)."""
+        if statuses is None:
+            statuses = self.engine.lora_status()
+        served = self.table.is_served(record.task, record.version)
+        return {
+            "object": "adapter",
+            "id": record.ref,
+            **record.to_dict(),
+            "stable": self.table.stable(record.task) == record.version,
+            "status": statuses.get(record.ref, "disk") if served else "unservable",
+        }
+
+    # ---- helpers -----------------------------------------------------------------------------
+
+    def _validator(self, name: str) -> Callable[[Path], Any]:
+        return lambda path: load_adapter(path, self.model, self.max_rank, name=name)
+
+    def _loader(self, record: AdapterRecord) -> Callable[[], LoRAAdapter]:
+        def load() -> LoRAAdapter:
+            return load_adapter(self.registry.path_of(record), self.model, self.max_rank, name=record.ref)
+
+        return load
+
+    def _files_present(self, record: AdapterRecord) -> bool:
+        try:
+            self.registry.path_of(record)
+        except NotFound as exc:
+            logger.error("adapter %s is not served: %s", record.ref, exc)
+            return False
+        return True
+
+    def _root(self, record: AdapterRecord) -> str:
+        return self._sources.get(record.ref) or str(self.registry.path_of(record))
+
+    def _exists(self, task: str, version: str) -> bool:
+        try:
+            self.registry.get(task, version)
+        except NotFound:
+            return False
+        return True
+
+    async def _servable(self, task: str, version: str) -> AdapterRecord:
+        record = await to_thread.run_sync(self.registry.get, task, version)
+        if record.ref not in self.engine.lora_status():
+            raise Conflict(f"adapter {record.ref} is not served here (it was made for another base model)")
+        return record
+
+    def _too_large(self) -> TooLarge:
+        return TooLarge(
+            f"the upload is larger than the limit of the server ({self.max_bytes} bytes of adapter "
+            "files; the server's --max-adapter-bytes)"
+        )
+
+
+def read_upload(
+    reader: MultipartReader, add: Callable[[dict[str, StreamSource], str | None], AdapterRecord]
+) -> AdapterRecord:
+    """Read the parts and hand them to ``add`` (the registry): the config part whole, then the
+    weights part as a stream. The config must come first; nothing may follow the weights."""
+    config: bytes | None = None
+    fields: dict[str, str] = {}
+    while (part := reader.next_part()) is not None:
+        name = _part_name(part)
+        if part.filename is None and part.name in UPLOAD_FIELDS:
+            fields[name] = _read_limited(part, MAX_FIELD_BYTES).decode("utf-8", errors="replace").strip()
+        elif name == CONFIG_NAME:
+            if config is not None:
+                raise InvalidAdapter(f"{CONFIG_NAME} is sent twice")
+            config = _read_limited(part, MAX_CONFIG_BYTES)
+        else:
+            files: dict[str, StreamSource] = {} if config is None else {CONFIG_NAME: config}
+            files[name] = _last_part(reader, part, name)
+            return add(files, fields.get("base_fingerprint") or None)
+    if config is None:
+        raise InvalidAdapter(
+            f"the upload holds no files: send {CONFIG_NAME} and {WEIGHTS_NAME} as multipart parts"
+        )
+    return add({CONFIG_NAME: config}, fields.get("base_fingerprint") or None)
+
+
+def _part_name(part: Part) -> str:
+    """The stored file a part is: its field name if that is a stored name, else its file name."""
+    if part.name in (CONFIG_NAME, WEIGHTS_NAME):
+        return part.name
+    name = part.filename or part.name
+    if not name:
+        raise InvalidAdapter("a multipart part has neither a name nor a filename")
+    return name
+
+
+def _read_limited(part: Part, limit: int) -> bytes:
+    try:
+        return part.read(limit)
+    except OverflowError:
+        raise InvalidAdapter(f"part {_part_name(part)!r} is longer than {limit} bytes") from None
+
+
+def _last_part(reader: MultipartReader, part: Part, name: str) -> Iterator[bytes]:
+    """The part's data; then the body must end."""
+    yield from part.chunks()
+    extra = reader.next_part()
+    if extra is None:
+        return
+    extra_name = extra.filename or extra.name
+    if extra_name == CONFIG_NAME:
+        raise InvalidAdapter(f"send {CONFIG_NAME} before {name} in the upload")
+    raise InvalidAdapter(f"unexpected part {str(extra_name)[:80]!r} after {name}: an upload holds "
+                         f"only {CONFIG_NAME} and {WEIGHTS_NAME}")  # fmt: skip
+
+
+def _pull(body: AsyncIterator[bytes], limit: int) -> Iterator[bytes]:
+    """The request body, read from a worker thread; TooLarge past ``limit`` bytes."""
+    total = 0
+    while (chunk := from_thread.run(_next_chunk, body)) is not None:
+        total += len(chunk)
+        if total > limit:
+            raise TooLarge("the upload is larger than the limit of the server")
+        yield chunk
+
+
+async def _next_chunk(body: AsyncIterator[bytes]) -> bytes | None:
+    try:
+        return await body.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+async def _engine_call(fn: Callable[[str], Any], lora_id: str, what: str) -> None:
+    """``fn(lora_id)``; SlotsBusy -> 503 (retry), UnknownAdapter -> 404, a failed load -> 500."""
+    try:
+        await fn(lora_id)
+    except SlotsBusy as exc:
+        raise APIError(503, f"cannot {what} adapter {lora_id}: {exc}", "server_error", None,
+                       "slots_busy", {"Retry-After": str(RETRY_AFTER_S)}) from None  # fmt: skip
+    except UnknownAdapter as exc:
+        raise NotFound(str(exc)) from None
+    except AdapterError as exc:
+        logger.error("adapter %s could not be loaded: %s", lora_id, exc)
+        raise APIError(500, f"cannot {what} adapter {lora_id}: {exc}", "server_error", None,
+                       f"{what}_failed") from None  # fmt: skip

@@ -1,0 +1,93 @@
+"""Admin routes under /admin: upload, list, show, delete, load and unload adapters.
+
+All of them need the admin token (``peftserve.api.auth.require_admin``), checked before a
+byte of the body is read. Errors are in OpenAI's shape; registry errors keep their status
+(400 invalid, 404 unknown, 409 conflict or protected, 413 too large) and their ``kind`` as
+the error ``code``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
+
+from peftserve.api.adapters import AdapterService
+from peftserve.api.auth import require_admin
+from peftserve.api.errors import APIError, invalid_request
+from peftserve.api.multipart import MultipartError
+from peftserve.api.state import get_state
+
+router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
+
+CLIENT_CLOSED_STATUS = 499
+
+
+def _service(request: Request) -> AdapterService:
+    service = get_state(request).adapters
+    if service is None:
+        raise APIError(503, "This server has no adapter registry.", "server_error", None, "no_registry")
+    return service
+
+
+@router.get("/adapters")
+async def list_adapters(request: Request, task: str | None = None) -> dict[str, Any]:
+    """Every registered version (of ``task`` if given), by task, oldest first."""
+    return {"object": "list", "data": await _service(request).list(task)}
+
+
+@router.get("/adapters/{task}")
+async def show_task(task: str, request: Request) -> dict[str, Any]:
+    """The task's stable version and all its versions."""
+    return await _service(request).task(task)
+
+
+@router.get("/adapters/{task}/{version}")
+async def show_adapter(task: str, version: str, request: Request) -> dict[str, Any]:
+    return await _service(request).get(task, version)
+
+
+@router.put("/adapters/{task}/{version}")
+async def upload_adapter(task: str, version: str, request: Request) -> JSONResponse:
+    """Store ``task@version`` from a multipart body (adapter_config.json, then
+    adapter_model.safetensors; optional field base_fingerprint): 201 if new, 200 if this
+    exact content was already registered under that version."""
+    service = _service(request)
+    try:
+        view, created = await service.upload(
+            task, version, request.headers.get("content-type"), _content_length(request),
+            request.stream(),
+        )  # fmt: skip
+    except MultipartError as exc:
+        raise invalid_request(str(exc), None, "invalid_multipart") from None
+    except ClientDisconnect:
+        raise APIError(CLIENT_CLOSED_STATUS, "Client closed the request.", "client_closed") from None
+    return JSONResponse(view, status_code=201 if created else 200)
+
+
+@router.delete("/adapters/{task}/{version}")
+async def delete_adapter(task: str, version: str, request: Request) -> dict[str, Any]:
+    """Delete a version: 409 while it is its task's stable version (or a rollout uses it)."""
+    return await _service(request).delete(task, version)
+
+
+@router.post("/adapters/{task}/{version}/load")
+async def load_adapter(task: str, version: str, request: Request) -> dict[str, Any]:
+    """Load the version into an adapter slot now (instead of on its first request)."""
+    return await _service(request).load(task, version)
+
+
+@router.post("/adapters/{task}/{version}/unload")
+async def unload_adapter(task: str, version: str, request: Request) -> dict[str, Any]:
+    """Free its slot; it stays registered and is loaded again on demand."""
+    return await _service(request).unload(task, version)
+
+
+def _content_length(request: Request) -> int | None:
+    raw = request.headers.get("content-length")
+    try:
+        return int(raw) if raw is not None else None
+    except ValueError:
+        raise invalid_request("Content-Length is not a number") from None

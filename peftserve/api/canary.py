@@ -1,0 +1,384 @@
+"""Canary rollouts in the server: the controller and its hooks, request accounting, shadow copies.
+
+``CanaryRuntime`` ties ``peftserve.canary`` to the running server:
+
+- **controller**: a ``RolloutController`` on the registry's data directory (``RolloutStore``),
+  the metric windows and the model table's router. Its hooks: ``versions`` are the task's
+  served versions; ``ensure_loaded``/``unload`` load and unload ``task@version`` through the
+  adapter service; ``set_stable`` writes the stable pointer and the model table; ``probe`` is
+  one greedy completion pinned to a version, never recorded as user traffic. ``start`` (in the
+  app's lifespan, once the engine runs) restores the rollouts and runs the controller loop.
+- **accounting**: ``finish_hook`` gives the ``RequestTracker`` hook of one attempt. When the
+  request ends it records the attempt in the metric windows (the router's experiment flag; a
+  stable answer that replaced a failed candidate is recorded outside the experiment), counts a
+  failed in-experiment candidate request with ``controller.record_canary_failure``, registers
+  the completion id for feedback, and schedules the shadow copy.
+- **shadow copies**: after a shadowed stable request finished, a copy runs on the candidate in
+  a background task: it never delays the answer and never reaches the client. The copy is
+  greedy, or repeats the request's own sampling when it was seeded (reproducible either way),
+  so ``exact_match`` (the copy's text equals stable's) is a fair agreement test for greedy and
+  seeded traffic; for unseeded sampled traffic the LLR is the meaningful measure. The LLR is
+  the mean per-token log-likelihood of stable's output under stable minus under the candidate,
+  both teacher-forced with ``engine.score`` (a Monte-Carlo estimate of KL(stable || candidate),
+  about 0 for identical weights, positive otherwise). Its noise floor is the same quantity
+  between two scorings of that output by stable itself: the numerical noise of the engine
+  (batch composition, kernels), which the candidate's LLR must exceed to count. Without
+  ``engine.score`` the LLR is None and no noise floor is recorded. At most
+  ``shadow_max_inflight`` copies run at once; others are skipped (and counted).
+- **delete protection**: ``protects`` refuses deleting the stable or candidate version of an
+  active rollout (registered in ``AdapterService.protectors``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from anyio import to_thread
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from peftserve.api.model_table import Target, lora_id_of
+from peftserve.canary.controller import ControllerConfig, ControllerHooks, RolloutController
+from peftserve.canary.metrics import MetricWindows
+from peftserve.canary.spec import STATES
+from peftserve.canary.store import RolloutStore
+from peftserve.engine.engine import NON_FINITE_ERROR
+from peftserve.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from peftserve.api.adapters import AdapterService
+    from peftserve.api.metrics import FinishHook, RequestTracker
+    from peftserve.config import CanaryConfig
+    from peftserve.engine.engine import AsyncLLMEngine
+    from peftserve.engine.outputs import RequestOutput
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "peftserve"
+STOP_TIMEOUT_S = 10.0
+"""How long shutdown waits for the controller's current round."""
+SHADOW_OUTCOMES = ("ok", "error", "skipped")
+
+
+@dataclass
+class InternalResult:
+    """A generation the server ran for itself (a probe or a shadow copy)."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    error: str | None = None
+    ttft: float | None = None
+    e2e: float | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.finish_reason == "error"
+
+    @property
+    def non_finite(self) -> bool:
+        return self.error == NON_FINITE_ERROR
+
+
+def shadow_params(params: SamplingParams) -> SamplingParams:
+    """The copy's sampling: the request's own when reproducible (greedy or seeded), else greedy."""
+    reproducible = params.greedy or params.seed is not None
+    return replace(params, logprobs=None, temperature=params.temperature if reproducible else 0.0)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+class CanaryRuntime:
+    """The rollout controller, its hooks and the canary side of the request path."""
+
+    def __init__(
+        self, service: AdapterService, engine: AsyncLLMEngine, config: CanaryConfig, data_dir: str
+    ) -> None:
+        self.service = service
+        self.engine = engine
+        self.config = config
+        self.table = service.table
+        self.router = service.table.router
+        self.windows = MetricWindows(feedback_ttl_s=config.feedback_ttl_s)
+        self.store = RolloutStore(data_dir)
+        self.controller = RolloutController(
+            self.store, self.windows, self.router, self._hooks(), config=self._controller_config()
+        )
+        self.shadow_counts: dict[str, dict[str, int]] = {}
+        self._shadows: set[asyncio.Task] = set()
+        self._loop_task: asyncio.Task | None = None
+        service.protectors.append(self.protects)
+
+    def _controller_config(self) -> ControllerConfig:
+        c = self.config
+        return ControllerConfig(
+            interval_s=c.canary_interval_s, promote_keep_warm_s=c.promote_keep_warm_s,
+            rollback_keep_warm_s=c.rollback_keep_warm_s, probes_per_tick=c.probes_per_tick,
+        )  # fmt: skip
+
+    def _hooks(self) -> ControllerHooks:
+        return ControllerHooks(
+            versions=self._versions, ensure_loaded=self._ensure_loaded, unload=self._unload,
+            set_stable=self._set_stable, probe=self._probe if self.config.probes_per_tick > 0 else None,
+        )  # fmt: skip
+
+    # ---- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Restore the stored rollouts (the engine must run: candidates are loaded) and run the loop."""
+        restored = await self.controller.restore()
+        if restored:
+            logger.info("restored %d active rollout(s)", len(restored))
+        self._loop_task = asyncio.create_task(self.controller.run(), name="rollout-controller")
+
+    async def stop(self) -> None:
+        """Stop the controller loop and the shadow copies (before the engine stops)."""
+        self.controller.stop()
+        if self._loop_task is not None:
+            try:
+                await asyncio.wait_for(self._loop_task, STOP_TIMEOUT_S)
+            except (asyncio.TimeoutError, asyncio.CancelledError):
+                logger.warning("rollout controller did not stop in %g s; cancelled", STOP_TIMEOUT_S)
+            self._loop_task = None
+        for task in list(self._shadows):
+            task.cancel()
+        await asyncio.gather(*self._shadows, return_exceptions=True)
+
+    def close(self) -> None:
+        self.store.close()
+
+    # ---- controller hooks ---------------------------------------------------------------
+
+    async def _versions(self, task: str) -> Collection[str] | None:
+        versions = self.table.versions.get(task)
+        return set(versions) if versions else None
+
+    async def _ensure_loaded(self, task: str, version: str) -> None:
+        await self.service.load(task, version)
+
+    async def _unload(self, task: str, version: str) -> None:
+        if lora_id_of(task, version) in self.engine.lora_status():
+            await self.service.unload(task, version)
+
+    async def _set_stable(self, task: str, version: str) -> None:
+        await to_thread.run_sync(self.service.stable.set, task, version)
+        self.table.set_stable(task, version)
+
+    async def _probe(self, task: str, version: str, prompt: str) -> str:
+        llm = self.engine.engine
+        ids = list(llm.tokenizer(prompt)["input_ids"])
+        room = llm.max_model_len - len(ids)
+        if room < 1:
+            raise ValueError(f"probe prompt has {len(ids)} tokens; the context holds {llm.max_model_len}")
+        params = SamplingParams(max_tokens=min(self.config.probe_max_tokens, room), temperature=0.0)
+        result = await self.generate(f"probe-{uuid.uuid4().hex}", ids, params, lora_id_of(task, version))
+        if result.failed:
+            raise RuntimeError(f"the engine failed the probe: {result.error}")
+        return result.text
+
+    async def generate(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, lora_id: str | None
+    ) -> InternalResult:
+        """Run one generation for the server itself: no metrics, no client."""
+        result = InternalResult()
+        start = time.perf_counter()
+        outputs = self.engine.generate(request_id, prompt_ids, params, lora_id=lora_id)
+        try:
+            async for out in outputs:
+                self._add(result, out, time.perf_counter() - start)
+        finally:
+            await outputs.aclose()
+        return result
+
+    @staticmethod
+    def _add(result: InternalResult, out: RequestOutput, elapsed: float) -> None:
+        if out.token_ids:
+            if result.ttft is None:
+                result.ttft = elapsed
+            result.e2e = elapsed
+        result.token_ids.extend(out.token_ids)
+        result.text += out.text
+        result.finish_reason = out.finish_reason
+        result.error = out.error
+
+    # ---- delete protection --------------------------------------------------------------
+
+    def protects(self, task: str, version: str) -> bool:
+        """Whether ``task@version`` is the stable or candidate version of an active rollout."""
+        rollout = self.router.rollout(task)
+        return rollout is not None and version in (rollout.spec.stable, rollout.spec.candidate)
+
+    # ---- request accounting -------------------------------------------------------------
+
+    def finish_hook(
+        self,
+        target: Target,
+        completion_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        *,
+        fallback: bool = False,
+    ) -> FinishHook:
+        """The tracker hook of one attempt at a request served by ``target``.
+
+        ``fallback``: this attempt is stable answering for a failed candidate (recorded
+        outside the experiment: the failure already counted once, against the candidate).
+        """
+
+        def on_finish(tracker: RequestTracker) -> None:
+            out = tracker.last_output
+            if out is None:  # refused before the engine ran it: says nothing about the version
+                return
+            self._account(target, tracker, out, fallback)
+            if tracker.outcome != "ok":
+                return
+            in_experiment = target.decision is not None and target.decision.in_experiment and not fallback
+            self.windows.register_completion(completion_id, target.task, target.version,
+                                             arm=target.arm, in_experiment=in_experiment)  # fmt: skip
+            decision = target.decision
+            if decision is not None and decision.shadow and decision.shadow_version and not fallback:
+                self._schedule_shadow(target, prompt_ids, params, list(tracker.token_ids), tracker.text)
+
+        return on_finish
+
+    def record_failure(self, target: Target) -> None:
+        """A routed attempt that raised before the engine answered: an error of its version."""
+        decision = target.decision
+        if decision is None:
+            return
+        if decision.arm == "candidate" and decision.in_experiment:
+            self.controller.record_canary_failure(target.task, target.version)
+        else:
+            self.windows.record_request(target.task, target.version, in_experiment=decision.in_experiment,
+                                        error=True)  # fmt: skip
+
+    def _account(self, target: Target, tracker: RequestTracker, out: RequestOutput, fallback: bool) -> None:
+        decision = target.decision
+        if decision is None:
+            return
+        error = out.finish_reason == "error"
+        non_finite = error and out.error == NON_FINITE_ERROR
+        if error and decision.arm == "candidate" and decision.in_experiment and not fallback:
+            self.controller.record_canary_failure(target.task, target.version, non_finite=non_finite)
+            return
+        outcome = dict(
+            error=error, non_finite=non_finite, ttft=tracker.ttft, tpot=tracker.tpot, e2e=tracker.e2e,
+            output_tokens=out.completion_tokens, finish_reason=out.finish_reason if out.finished else "abort",
+        )  # fmt: skip
+        if fallback:  # stable answering for a failed candidate: shown, never judged
+            self.windows.record_request(target.task, target.version, in_experiment=False, **outcome)
+        else:
+            self.windows.record_route(decision, **outcome)
+
+    # ---- shadow copies ------------------------------------------------------------------
+
+    def _count_shadow(self, task: str, outcome: str) -> None:
+        counts = self.shadow_counts.setdefault(task, dict.fromkeys(SHADOW_OUTCOMES, 0))
+        counts[outcome] += 1
+
+    def _schedule_shadow(
+        self, target: Target, prompt_ids: list[int], params: SamplingParams, stable_ids: list[int], stable_text: str
+    ) -> None:
+        if len(self._shadows) >= self.config.shadow_max_inflight:
+            self._count_shadow(target.task, "skipped")
+            logger.debug("task %s: shadow copy skipped (%d running)", target.task, len(self._shadows))
+            return
+        work = self._run_shadow(target, prompt_ids, params, stable_ids, stable_text)
+        task = asyncio.get_running_loop().create_task(work, name=f"shadow-{target.task}")
+        self._shadows.add(task)
+        task.add_done_callback(self._shadows.discard)
+
+    async def _run_shadow(
+        self, target: Target, prompt_ids: list[int], params: SamplingParams, stable_ids: list[int], stable_text: str
+    ) -> None:
+        await asyncio.sleep(0)  # after the stable answer is on its way
+        decision = target.decision
+        assert decision is not None and decision.shadow_version is not None
+        task, stable, candidate = target.task, target.version, decision.shadow_version
+        try:
+            copy = await self.generate(f"shadow-{uuid.uuid4().hex}", prompt_ids, shadow_params(params),
+                                       lora_id_of(task, candidate))  # fmt: skip
+        except Exception as e:  # an engine refusal (queue full, adapter gone): a failed copy
+            logger.warning("task %s: shadow copy on %s failed: %s: %s", task, candidate, type(e).__name__, e)
+            copy = InternalResult(finish_reason="error", error=str(e))
+        llr = None if copy.failed else await self._llr(task, stable, candidate, prompt_ids, stable_ids)
+        self.windows.record_shadow(
+            task, stable, candidate, exact_match=not copy.failed and copy.text == stable_text, llr=llr,
+            e2e=copy.e2e, error=copy.failed, out_len=len(copy.token_ids), ttft=copy.ttft,
+            non_finite=copy.non_finite,
+        )  # fmt: skip
+        self._count_shadow(task, "error" if copy.failed else "ok")
+
+    async def _llr(
+        self, task: str, stable: str, candidate: str, prompt_ids: list[int], target_ids: list[int]
+    ) -> float | None:
+        """Mean log-likelihood of ``target_ids`` under stable minus under candidate; also records
+        the noise floor (stable against a second scoring by stable). None without engine.score."""
+        score = getattr(self.engine, "score", None)
+        if score is None or not target_ids:
+            return None
+        try:
+            stable_lp = await score(prompt_ids, target_ids, lora_id_of(task, stable))
+            candidate_lp = await score(prompt_ids, target_ids, lora_id_of(task, candidate))
+            again_lp = await score(prompt_ids, target_ids, lora_id_of(task, stable))
+        except Exception as e:  # no context room, non-finite candidate, adapter gone: no LLR
+            logger.info("task %s: shadow LLR not computed: %s: %s", task, type(e).__name__, e)
+            return None
+        self.windows.record_noise_floor(task, _mean(stable_lp) - _mean(again_lp))
+        return _mean(stable_lp) - _mean(candidate_lp)
+
+
+class RolloutCollector(Collector):
+    """Rollout gauges and counters per task, read from the controller at every scrape."""
+
+    def __init__(self, runtime: CanaryRuntime) -> None:
+        self._runtime = runtime
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._runtime.controller.metrics_snapshot()
+        tasks: dict[str, dict[str, Any]] = snap["tasks"]
+        yield self._per_task("canary_weight", "Candidate share of the task's traffic, in percent.", tasks, "weight")
+        yield self._per_task("rollout_last_score", "Score (0-100) of the latest judgment with data.", tasks, "last_score")
+        yield self._states(tasks)
+        yield self._counts("rollout_judgments", "Judgments by result.", snap["judgments"], "result")
+        yield self._counts("rollout_decisions", "Controller decisions by action.", snap["decisions"], "action")
+        yield self._counts("canary_shadow_copies", "Shadow copies by outcome (ok, error, skipped).",
+                           self._runtime.shadow_counts, "outcome")  # fmt: skip
+        yield GaugeMetricFamily(f"{PREFIX}_rollouts_active", "Rollouts in shadow, ramping or paused.",
+                                value=float(snap["active_rollouts"]))  # fmt: skip
+        yield GaugeMetricFamily(f"{PREFIX}_rollout_pending_unloads", "Versions waiting to be unloaded.",
+                                value=float(snap["pending_unloads"]))  # fmt: skip
+
+    @staticmethod
+    def _per_task(name: str, doc: str, tasks: dict[str, dict[str, Any]], key: str) -> Metric:
+        family = GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=["task"])
+        for task, values in sorted(tasks.items()):
+            if values.get(key) is not None:
+                family.add_metric([task], float(values[key]))
+        return family
+
+    @staticmethod
+    def _states(tasks: dict[str, dict[str, Any]]) -> Metric:
+        family = GaugeMetricFamily(f"{PREFIX}_rollout_state", "1 for the task's rollout state, 0 for the others.",
+                                   labels=["task", "state"])  # fmt: skip
+        for task, values in sorted(tasks.items()):
+            for state in STATES:
+                family.add_metric([task, state], 1.0 if values.get("state") == state else 0.0)
+        return family
+
+    @staticmethod
+    def _counts(name: str, doc: str, table: dict[str, dict[str, int]], label: str) -> Metric:
+        family = CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=["task", label])
+        for task, counts in sorted(table.items()):
+            for key, count in sorted(counts.items()):
+                family.add_metric([task, key], float(count))
+        return family
+

@@ -1,0 +1,245 @@
+"""Rollout routes: /admin/rollouts (start, read, steer) and POST /v1/feedback.
+
+Admin routes (the admin token, as every /admin route)::
+
+    POST /admin/rollouts                       start: a RolloutSpec as JSON (+ eval_set, reason) -> 201
+    GET  /admin/rollouts                       the latest rollout of every task that had one
+    GET  /admin/rollouts/{task}                where it stands: state, weight, step, versions,
+                                               last judgment (score, result, reason), arms
+    GET  /admin/rollouts/{task}/history        its events, oldest first (?limit=, ?kind=)
+    POST /admin/rollouts/{task}/pause|resume|promote|rollback|retry   (body: {"reason": ...})
+
+The start body is ``RolloutSpec.to_dict()``'s shape: ``task`` and ``candidate`` are required;
+``stable`` defaults to the task's current stable version; ``steps``, ``step_interval_s``,
+``shadow_percent``, ``targeting``, ``analysis`` and ``policy`` to the spec's defaults.
+``eval_set`` (known-answer probes) is a list of ``{"prompt", "answer"}`` or the same as a
+JSONL string. Without an eval set and without ``analysis.metrics``, the default metrics are
+judged minus ``probe_accuracy`` (nothing would feed it: the rollout could only hold, then
+pause). Invalid specs answer 400 with the reason, a second active rollout or a transition that
+does not fit the state 409, a task without a rollout 404; the error ``code`` is
+``invalid_rollout``, ``rollout_conflict`` or ``rollout_not_found``.
+
+Feedback (the inference API key, as every /v1 route): ``POST /v1/feedback`` with
+``{"id": completion_id, "score": number in [0, 1] | true | false}`` -> 200; an unknown or
+expired completion id -> 404 (code ``completion_not_found``); a bad score -> 400 (param
+``score``). A second score for the same completion replaces the first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from anyio import to_thread
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse
+
+from peftserve.api.auth import require_admin, require_api_key
+from peftserve.api.canary import CanaryRuntime
+from peftserve.api.errors import APIError, invalid_request
+from peftserve.api.state import get_state
+from peftserve.canary.controller import RolloutNotFoundError
+from peftserve.canary.spec import RolloutSpec, RolloutSpecError, default_metrics
+
+logger = logging.getLogger(__name__)
+
+admin_router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
+feedback_router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+
+ACTIONS = ("pause", "resume", "promote", "rollback", "retry")
+START_FIELDS = ("eval_set", "reason")
+"""Fields of the start body beside the spec's."""
+_ERROR_CODES = {400: "invalid_rollout", 404: "rollout_not_found", 409: "rollout_conflict"}
+
+
+def _runtime(request: Request) -> CanaryRuntime:
+    runtime = get_state(request).canary
+    if runtime is None:
+        raise APIError(503, "This server runs no rollouts (it has no adapter registry).", "server_error",
+                       None, "no_rollouts")  # fmt: skip
+    return runtime
+
+
+@contextmanager
+def _rollout_errors() -> Iterator[None]:
+    """RolloutSpecError (400), RolloutConflictError (409), RolloutNotFoundError (404) -> APIError."""
+    try:
+        yield
+    except RolloutSpecError as exc:
+        raise APIError(exc.status, exc.reason, "invalid_request_error", None,
+                       _ERROR_CODES.get(exc.status, "rollout_error")) from None  # fmt: skip
+
+
+async def _json_object(request: Request, what: str, *, optional: bool = False) -> dict[str, Any]:
+    raw = await request.body()
+    if optional and not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise invalid_request("The request body is not valid JSON.", None, "invalid_json") from None
+    if not isinstance(body, dict):
+        raise invalid_request(f"The request body must be a JSON object ({what}).")
+    return body
+
+
+# ---- start --------------------------------------------------------------------------------
+
+
+def parse_eval_set(value: Any) -> list[Any] | None:
+    """``eval_set`` as a list: given as a list, or as JSONL text (one object per line)."""
+    if value is None or isinstance(value, list):
+        return value
+    if not isinstance(value, str):
+        raise RolloutSpecError(f"eval_set must be a list of {{\"prompt\", \"answer\"}} objects or JSONL text, "
+                               f"not {type(value).__name__}")  # fmt: skip
+    items = []
+    for number, line in enumerate(value.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            items.append(json.loads(line))
+        except ValueError as exc:
+            raise RolloutSpecError(f"eval_set line {number} is not valid JSON: {exc}") from None
+    return items
+
+
+def _default_analysis(data: dict[str, Any], has_eval_set: bool) -> None:
+    """Without an eval set and explicit metrics, judge the default metrics minus probe_accuracy."""
+    analysis = data.get("analysis", {})
+    if has_eval_set or not isinstance(analysis, dict) or "metrics" in analysis:
+        return
+    metrics = [m.to_dict() for m in default_metrics() if m.name != "probe_accuracy"]
+    data["analysis"] = {**analysis, "metrics": metrics}
+
+
+def parse_start(body: dict[str, Any], runtime: CanaryRuntime) -> tuple[RolloutSpec, list[Any] | None, str | None]:
+    """The spec, eval set and reason of a start request; RolloutSpecError (400) when invalid."""
+    data = {k: v for k, v in body.items() if k not in START_FIELDS}
+    eval_set = parse_eval_set(body.get("eval_set"))
+    reason = body.get("reason")
+    if reason is not None and not isinstance(reason, str):
+        raise RolloutSpecError(f"reason must be a string, not {type(reason).__name__}")
+    task = data.get("task")
+    if isinstance(task, str) and data.get("stable") is None:
+        stable = runtime.table.stable(task)
+        if stable is None:
+            raise RolloutSpecError(f"unknown task {task!r} (it has no served version)")
+        data["stable"] = stable
+    _default_analysis(data, eval_set is not None)
+    return RolloutSpec.from_dict(data), eval_set, reason
+
+
+@admin_router.post("/rollouts")
+async def start_rollout(request: Request) -> JSONResponse:
+    """Start a rollout: 201 with its status; 400 invalid, 409 when the task already has one."""
+    runtime = _runtime(request)
+    body = await _json_object(request, "a rollout spec")
+    with _rollout_errors():
+        spec, eval_set, reason = parse_start(body, runtime)
+        await runtime.controller.start(spec, eval_set, reason=reason)
+        status = await to_thread.run_sync(runtime.controller.status, spec.task)
+    return JSONResponse(status, status_code=201)
+
+
+# ---- read ---------------------------------------------------------------------------------
+
+
+def _all_statuses(runtime: CanaryRuntime) -> list[dict[str, Any]]:
+    tasks = sorted(set(runtime.table.versions) | set(runtime.router.tasks))
+    out = []
+    for task in tasks:
+        try:
+            out.append(runtime.controller.status(task))
+        except RolloutNotFoundError:
+            continue
+    return out
+
+
+@admin_router.get("/rollouts")
+async def list_rollouts(request: Request) -> dict[str, Any]:
+    """The latest rollout of every served task that had one (active or finished), by task."""
+    runtime = _runtime(request)
+    return {"object": "list", "data": await to_thread.run_sync(_all_statuses, runtime)}
+
+
+@admin_router.get("/rollouts/{task}")
+async def show_rollout(task: str, request: Request) -> dict[str, Any]:
+    """Where the task's latest rollout stands; 404 if it never had one."""
+    runtime = _runtime(request)
+    with _rollout_errors():
+        return await to_thread.run_sync(runtime.controller.status, task)
+
+
+@admin_router.get("/rollouts/{task}/history")
+async def rollout_history(
+    task: str, request: Request, limit: int = Query(100, ge=1, le=10_000), kind: list[str] | None = Query(None)
+) -> dict[str, Any]:
+    """The task's latest ``limit`` events (of ``kind`` if given: state, judgment, decision, ...), oldest first."""
+    runtime = _runtime(request)
+
+    def read() -> list[dict[str, Any]]:
+        return runtime.controller.history(task, limit, kinds=kind)
+
+    with _rollout_errors():
+        events = await to_thread.run_sync(read)
+    return {"object": "list", "task": task, "data": events}
+
+
+# ---- steer --------------------------------------------------------------------------------
+
+
+@admin_router.post("/rollouts/{task}/{action}")
+async def steer_rollout(task: str, action: str, request: Request) -> dict[str, Any]:
+    """pause, resume, promote, rollback (the active rollout) or retry (the rolled-back one)."""
+    if action not in ACTIONS:
+        raise APIError(404, f"unknown rollout action {action!r}; one of {', '.join(ACTIONS)}",
+                       "invalid_request_error", None, "not_found")  # fmt: skip
+    runtime = _runtime(request)
+    body = await _json_object(request, '{"reason": ...}', optional=True)
+    reason = body.get("reason")
+    if reason is not None and not isinstance(reason, str):
+        raise invalid_request("reason must be a string", "reason")
+    controller = runtime.controller
+    method = {"pause": controller.pause, "resume": controller.resume, "promote": controller.promote_now,
+              "rollback": controller.rollback_now, "retry": controller.retry}[action]  # fmt: skip
+    with _rollout_errors():
+        await method(task, reason)
+        return await to_thread.run_sync(controller.status, task)
+
+
+# ---- feedback -----------------------------------------------------------------------------
+
+
+def _score(value: Any) -> float:
+    if isinstance(value, bool):
+        return 1.0 if value else 0.0
+    if isinstance(value, (int, float)) and math.isfinite(value) and 0.0 <= value <= 1.0:
+        return float(value)
+    raise invalid_request(f"score must be true, false or a number in [0, 1], not {value!r:.50}", "score")
+
+
+@feedback_router.post("/feedback")
+async def feedback(request: Request) -> dict[str, Any]:
+    """A user's score of a completion: attributed to the version that answered it."""
+    runtime = _runtime(request)
+    body = await _json_object(request, '{"id": ..., "score": ...}')
+    unknown = sorted(set(body) - {"id", "score"})
+    if unknown:
+        raise invalid_request(f"unknown field(s): {', '.join(unknown)}; feedback takes id and score", unknown[0])
+    completion_id = body.get("id")
+    if not isinstance(completion_id, str) or not completion_id:
+        raise invalid_request("id must be the id of a completion (a non-empty string)", "id")
+    if "score" not in body:
+        raise invalid_request("score is required: true, false or a number in [0, 1]", "score")
+    score = _score(body["score"])
+    if not runtime.windows.record_feedback(completion_id, score):
+        ttl = runtime.windows.feedback_ttl_s
+        raise APIError(404, f"unknown or expired completion id {completion_id!r:.100} (feedback is accepted for "
+                            f"{ttl:g} s after the answer)", "invalid_request_error", "id",
+                       "completion_not_found")  # fmt: skip
+    return {"object": "feedback", "id": completion_id, "score": score}

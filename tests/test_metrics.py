@@ -1,0 +1,120 @@
+"""GET /metrics: Prometheus text that parses, per-adapter request series labelled only from the
+registry, and the engine's adapter-tier and queue gauges."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.server_utils import adapter_parts, running_server, upload_parts, wait_for
+from tests.tiny_models import make_peft_adapter, make_tiny_model
+
+REQUEST_FAMILIES = (
+    "peftserve_requests",
+    "peftserve_time_to_first_token_seconds",
+    "peftserve_time_per_output_token_seconds",
+    "peftserve_e2e_request_latency_seconds",
+    "peftserve_prompt_tokens",
+    "peftserve_generation_tokens",
+)
+ENGINE_FAMILIES = (
+    "peftserve_gpu_slots_used",
+    "peftserve_gpu_slots_total",
+    "peftserve_cpu_cache_hits",
+    "peftserve_cpu_cache_misses",
+    "peftserve_adapter_load_seconds",
+    "peftserve_queue_depth",
+    "peftserve_num_requests_running",
+    "peftserve_num_requests_waiting",
+    "peftserve_adapters",
+)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("model"), "mistral")
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_peft_adapter(model_dir, tmp_path_factory.mktemp("adapters") / "alpha", std=0.3)
+
+
+@pytest.fixture(scope="module")
+def url(model_dir: Path, adapter_dir: Path) -> Iterator[str]:
+    with running_server(model_dir, served_model_name="base", max_loras=1) as base_url:
+        assert upload_parts(base_url, "alpha", "v1", adapter_parts(adapter_dir)).status_code == 201
+        yield base_url
+
+
+def _scrape(url: str) -> dict:
+    response = httpx.get(f"{url}/metrics", timeout=10)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    return {f.name: f for f in text_string_to_metric_families(response.text)}
+
+
+def _value(families: dict, name: str, sample: str, **labels: str) -> float:
+    return sum(
+        s.value for s in families[name].samples
+        if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items())
+    )  # fmt: skip
+
+
+def _complete(url: str, model: str, **fields) -> httpx.Response:
+    body = {"model": model, "prompt": "abc", "max_tokens": 5, "ignore_eos": True, **fields}
+    return httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+
+
+def test_metrics_hold_request_and_engine_series(url: str) -> None:
+    assert _complete(url, "alpha").status_code == 200
+    assert _complete(url, "alpha@v1").status_code == 200
+    assert _complete(url, "base", stream=True).status_code == 200
+    assert _complete(url, "alpha", max_tokens=10**6).status_code == 400  # an error after routing
+    assert _complete(url, "nobody@x").status_code == 404  # never a label
+    assert httpx.post(f"{url}/admin/adapters/alpha/v1/unload", timeout=30).status_code == 200
+    assert _complete(url, "alpha").status_code == 200  # back from the CPU cache
+    families = _scrape(url)
+    for name in REQUEST_FAMILIES + ENGINE_FAMILIES:
+        assert name in families, name
+    alpha = {"task": "alpha", "version": "v1"}
+    assert _value(families, "peftserve_requests", "peftserve_requests_total", outcome="ok", **alpha) == 3
+    assert _value(families, "peftserve_requests", "peftserve_requests_total", outcome="error", **alpha) == 1
+    base = {"task": "base", "version": "base"}
+    assert _value(families, "peftserve_requests", "peftserve_requests_total", outcome="ok", **base) == 1
+    ttft = "peftserve_time_to_first_token_seconds"
+    assert _value(families, ttft, f"{ttft}_count", **alpha) == 3
+    tpot = "peftserve_time_per_output_token_seconds"
+    assert _value(families, tpot, f"{tpot}_count", **base) == 1
+    assert _value(families, "peftserve_generation_tokens", "peftserve_generation_tokens_total", **alpha) == 15
+    assert _value(families, "peftserve_prompt_tokens", "peftserve_prompt_tokens_total", **alpha) == 9
+    assert _value(families, "peftserve_gpu_slots_total", "peftserve_gpu_slots_total") == 1
+    assert _value(families, "peftserve_cpu_cache_hits", "peftserve_cpu_cache_hits_total") >= 1
+    load = "peftserve_adapter_load_seconds"
+    assert _value(families, load, f"{load}_count") >= 2
+    labels = {v for f in families.values() for s in f.samples for v in s.labels.values()}
+    assert not labels & {"nobody", "nobody@x", "x"}
+
+
+def test_a_client_that_leaves_counts_as_aborted(url: str) -> None:
+    body = {"model": "alpha", "prompt": "abc", "max_tokens": 200, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+        next(line for line in response.iter_lines() if line.startswith("data: "))
+
+    def aborted() -> float:
+        return _value(_scrape(url), "peftserve_requests", "peftserve_requests_total",
+                      outcome="aborted", task="alpha", version="v1")  # fmt: skip
+
+    assert wait_for(lambda: aborted() == 1, timeout=10)
+
+
+def test_a_deleted_version_loses_its_series(url: str, adapter_dir: Path) -> None:
+    assert upload_parts(url, "alpha", "v2", adapter_parts(adapter_dir)).status_code == 201
+    assert _complete(url, "alpha@v2").status_code == 200
+    assert 'version="v2"' in httpx.get(f"{url}/metrics").text
+    assert httpx.delete(f"{url}/admin/adapters/alpha/v2").status_code == 200
+    assert 'version="v2"' not in httpx.get(f"{url}/metrics").text
