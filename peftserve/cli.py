@@ -233,7 +233,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=_run_serve)
     add_adapters_parser(commands)
     add_rollout_parser(commands)
+    demo = commands.add_parser(
+        "demo", help="watch a good and a regressed adapter rolled out on the bundled demo model", add_help=False
+    )
+    demo.add_argument("demo_args", nargs=argparse.REMAINDER)
+    demo.set_defaults(handler=_run_demo)
     return parser
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from peftserve.demo import main as demo_main
+
+    return demo_main(args.demo_args)
 
 
 def _run_serve(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -51,12 +52,21 @@ def check_model_dir(path: str) -> None:
 
 def demo_adapters(adapters_dir: Path | None = None) -> dict[str, str]:
     """Every directory under ``adapters_dir`` (default: the bundled ``adapters/``) that holds
-    an adapter_config.json, by directory name."""
+    an adapter_config.json, by directory name, except candidate versions: ``TASK-vN...``
+    beside a ``TASK`` directory is a later version of TASK (``peftserve demo`` rolls it out)."""
     adapters_dir = DEFAULT_ADAPTERS_DIR if adapters_dir is None else adapters_dir
     if not adapters_dir.is_dir():
         return {}
-    found = sorted(p.parent for p in adapters_dir.glob(f"*/{ADAPTER_CONFIG}"))
-    return {p.name: str(p) for p in found}
+    found = {p.parent.name: str(p.parent) for p in sorted(adapters_dir.glob(f"*/{ADAPTER_CONFIG}"))}
+    return {name: path for name, path in found.items() if candidate_of(name, found) is None}
+
+
+def candidate_of(name: str, names: Iterable[str]) -> tuple[str, str] | None:
+    """``("reverse", "v2-regressed")`` for ``reverse-v2-regressed`` when ``reverse`` is in names."""
+    task, sep, version = name.partition("-v")
+    if sep and task in names and version[:1].isdigit():
+        return task, "v" + version
+    return None
 
 
 def served_adapters(settings: ServeSettings) -> dict[str, str]:

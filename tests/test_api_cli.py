@@ -159,7 +159,7 @@ def test_bool_list_and_optional_fields() -> None:
 
 
 def test_demo_adapters_with_default_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("reverse", "sort"):
+    for name in ("reverse", "sort", "reverse-v2", "reverse-v2-regressed", "sort-vx"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "adapter_config.json").write_text("{}")
     (tmp_path / "base").mkdir()  # no adapter_config.json: not an adapter
@@ -167,7 +167,9 @@ def test_demo_adapters_with_default_model(tmp_path: Path, monkeypatch: pytest.Mo
     assert serving.served_adapters(_settings([])) == {
         "reverse": str(tmp_path / "reverse"),
         "sort": str(tmp_path / "sort"),
+        "sort-vx": str(tmp_path / "sort-vx"),  # not TASK-v<digit>: a task of its own
     }
+    assert serving.candidate_of("reverse-v2-regressed", ["reverse"]) == ("reverse", "v2-regressed")
     assert serving.served_adapters(_settings(["--adapter", "x=/p"])) == {"x": "/p"}
     assert serving.served_adapters(_settings(["--model", str(tmp_path)])) == {}
 
