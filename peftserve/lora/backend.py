@@ -77,12 +77,26 @@ class TorchBackend:
         if key == self._plan_key:
             return
         segs = [s for s in meta.host_segments if s[2] != 0 and s[1] > 0]
-        short = [s for s in segs if s[1] <= self.short_segment]
-        if len(short) < 2:
-            short = []
+        short = _batchable(sorted((s for s in segs if s[1] <= self.short_segment), key=lambda s: s[1]))
         self._long = [s for s in segs if s not in short]
         self._plan = _BatchedPlan(short, device) if short else None
         self._plan_key = key
+
+
+def _batchable(by_length: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """The shortest segments whose padding to a common length at most doubles their rows.
+
+    Zipf-popular adapters make one long decode segment beside many of a token or two;
+    padding all of them to the long one's length would multiply the work, so the long
+    ones run on their own.
+    """
+    rows = 0
+    keep = 0
+    for i, (_, length, _) in enumerate(by_length):
+        rows += length
+        if (i + 1) * length <= 2 * rows:
+            keep = i + 1
+    return by_length[:keep] if keep >= 2 else []
 
 
 class _BatchedPlan:
