@@ -14,6 +14,7 @@ class BlockManager:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
+        self._fresh: list[int] = []
 
     @property
     def num_free_blocks(self) -> int:
@@ -38,6 +39,13 @@ class BlockManager:
             raise RuntimeError(f"{seq.request_id}: needs {need} KV blocks, {len(self._free)} free")
         for _ in range(need):
             seq.block_table.append(self._free.pop())
+            self._fresh.append(seq.block_table[-1])
+
+    def take_fresh(self) -> list[int]:
+        """Blocks handed out since the last call: the runner zeroes them before use, so no
+        stale (possibly non-finite) values of a previous owner sit under an attention mask."""
+        fresh, self._fresh = self._fresh, []
+        return fresh
 
     def free(self, seq: Sequence) -> None:
         """Return all of ``seq``'s blocks."""

@@ -379,7 +379,12 @@ class LLMEngine:
         failed = self._fail_unloadable()
         if not sched.seqs:
             return failed, torch.empty(0), []
-        logits, seqs = self.runner.execute(sched)  # [S, V]
+        self.runner.zero_blocks(self.block_manager.take_fresh())
+        try:
+            logits, seqs = self.runner.execute(sched)  # [S, V]
+        except Exception as exc:  # a broken forward ends the step's requests, not the engine
+            logger.exception("model forward failed")
+            return failed + self.finish_all("error", f"engine step failed: {exc}"), torch.empty(0), []
         for seq, n in zip(sched.seqs, sched.num_tokens, strict=True):
             seq.num_computed_tokens += n
         self._record(sched)

@@ -130,9 +130,12 @@ class ModelRunner:
         self.num_blocks = self._num_blocks()
         layers, kv_heads, head_dim = kv_geometry(self.hf_config)
         self.kv_caches = [
-            torch.zeros(2, kv_heads, self.num_blocks * self.block_size, head_dim, dtype=self.dtype, device=self.device)
+            torch.zeros(2, kv_heads, (self.num_blocks + 1) * self.block_size, head_dim, dtype=self.dtype, device=self.device)
             for _ in range(layers)
-        ]  # per layer [2, Hkv, num_blocks * block_size, D]
+        ]  # per layer [2, Hkv, (num_blocks + 1) * block_size, D]
+        self.pad_block = self.num_blocks
+        """One more block than the block manager hands out: never written, always zero, it pads
+        decode block tables (padding with a live block could read its NaN under the mask)."""
         self._workspace = torch.empty(0, dtype=self.dtype, device=self.device)
         logger.info(
             "model %s (%s) on %s/%s; KV cache %d blocks x %d tokens; max_model_len %d",
@@ -171,7 +174,7 @@ class ModelRunner:
         idx = self._tensor(blocks)
         for cache in self.kv_caches:
             two, kv_heads, _, head_dim = cache.shape
-            cache.view(two, kv_heads, self.num_blocks, self.block_size, head_dim).index_fill_(2, idx, 0)
+            cache.view(two, kv_heads, self.num_blocks + 1, self.block_size, head_dim).index_fill_(2, idx, 0)
 
     def execute(self, sched: SchedulerOutput) -> tuple[torch.Tensor, list[Sequence]]:
         """Run one step; return the fp32 logits [S, V] of the sampled rows and their sequences.
@@ -275,7 +278,7 @@ class ModelRunner:
         for (_, seq), ctx in zip(decodes, context, strict=True):
             used = seq.block_table[: -(-ctx // bs)]
             flat.extend(used)
-            flat.extend([0] * (max_blocks - len(used)))  # padding, masked out
+            flat.extend([self.pad_block] * (max_blocks - len(used)))  # padding, masked out
         rows = [row for row, _ in decodes]
         in_order = len(rows) == num_tokens  # a pure decode step: rows are 0 .. T-1
         return DecodeBatch(
