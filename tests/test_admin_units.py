@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
+from types import SimpleNamespace
 
 import httpx
 import pytest
 
-from peftserve.api.adapters import read_upload
+from peftserve.api.adapters import AdapterService, read_upload
 from peftserve.api.errors import APIError
 from peftserve.api.model_table import ModelTable
 from peftserve.api.multipart import MultipartError, MultipartReader, boundary_of
-from peftserve.registry import InvalidAdapter
+from peftserve.registry import Conflict, InvalidAdapter
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
@@ -122,3 +124,53 @@ def test_model_table_routes_tasks_pins_and_base() -> None:
     assert table.tasks == ["sum"] and not table.is_served("sum", "v2")
     with pytest.raises(ValueError, match="base model"):
         table.add_version("base", "v1", "/x")
+
+
+class _DeleteWorld:
+    """An AdapterService over fakes that log the order of what delete changes."""
+
+    def __init__(self) -> None:
+        self.log: list[str] = []
+        self.rows = {("sum", "v1"), ("sum", "v2")}
+        self.loras = {"sum@v1": "gpu", "sum@v2": "cpu"}
+        self.protected: set[tuple[str, str]] = set()
+        table = ModelTable("base", "/m", 128)
+        table.add_version("sum", "v1", "/a1")
+        table.add_version("sum", "v2", "/a2")
+        table.set_stable("sum", "v1")
+        remove = table.remove_version
+        table.remove_version = lambda t, v: (self.log.append("table"), remove(t, v))  # type: ignore[method-assign]
+        self.table = table
+
+        def record(task: str, version: str) -> SimpleNamespace:
+            return SimpleNamespace(task=task, version=version, ref=f"{task}@{version}", to_dict=lambda: {})
+
+        def delete(task: str, version: str, is_protected) -> SimpleNamespace:
+            assert not is_protected(task, version)
+            self.log.append("registry")
+            self.rows.discard((task, version))
+            return record(task, version)
+
+        async def unregister(lora_id: str) -> None:
+            self.log.append("engine")
+            self.loras.pop(lora_id)
+
+        registry = SimpleNamespace(get=record, delete=delete)
+        stable = SimpleNamespace(get=lambda task: table.stable(task))
+        engine = SimpleNamespace(lora_status=lambda: dict(self.loras), unregister_lora=unregister)
+        self.service = AdapterService(registry, stable, table, engine, max_rank=8, max_bytes=1)  # type: ignore[arg-type]
+        self.service.protectors.append(lambda t, v: (t, v) in self.protected)
+
+
+def test_delete_stops_serving_before_the_registry_row_goes_and_a_refusal_changes_nothing() -> None:
+    world = _DeleteWorld()
+    world.protected.add(("sum", "v2"))  # an active rollout's candidate
+    with pytest.raises(Conflict, match="active rollout"):
+        asyncio.run(world.service.delete("sum", "v2"))
+    assert world.log == [] and world.table.is_served("sum", "v2") and "sum@v2" in world.loras
+    assert ("sum", "v2") in world.rows
+    world.protected.clear()
+    deleted = asyncio.run(world.service.delete("sum", "v2"))
+    assert deleted["deleted"] is True and deleted["status"] == "deleted"
+    assert world.log == ["table", "engine", "registry"]
+    assert not world.table.is_served("sum", "v2") and "sum@v2" not in world.loras and ("sum", "v2") not in world.rows

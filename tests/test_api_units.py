@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from types import SimpleNamespace
 
 import pytest
+from starlette.requests import ClientDisconnect
 
 from peftserve.api.errors import APIError, validation_error
+from peftserve.api.generation import ClientDisconnected, OutputStream, cancel_on_disconnect
 from peftserve.api.model_table import ModelTable
 from peftserve.api.prompts import context_max_tokens, reject_unsupported, sampling_params
 from peftserve.api.schemas import ChatCompletionRequest, CompletionRequest, Usage
 from peftserve.api.streaming import (
     ChatChunker,
     CompletionChunker,
+    SSEResponse,
     StreamInfo,
     completion_logprobs,
+    sse_body,
     sse_event,
 )
 from peftserve.engine.outputs import RequestOutput, TokenLogprob
@@ -145,3 +151,67 @@ def test_completion_chunk_shapes_with_usage() -> None:
         "completion_tokens": 1,
         "total_tokens": 4,
     }
+
+
+class _Closed:
+    """An engine output iterator and a tracker: records whether the request was closed and finished."""
+
+    def __init__(self) -> None:
+        self.aborted = self.finished = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        return _out("b")
+
+    async def aclose(self) -> None:
+        self.aborted = True
+
+    def on_output(self, out: RequestOutput) -> None:
+        pass
+
+    def close(self) -> None:
+        self.finished = True
+
+
+def test_a_stream_whose_client_left_before_the_first_chunk_is_closed() -> None:
+    engine = _Closed()
+    stream = OutputStream(_out("a"), engine, engine)
+    info = StreamInfo("cmpl-1", "m", 1, include_usage=False, logprobs=False)
+    response = SSEResponse(sse_body(stream, CompletionChunker(info), info), stream=stream)
+
+    async def send(message: dict) -> None:
+        raise OSError("client gone")  # before the body iterator ever started
+
+    async def receive() -> dict:
+        return {"type": "http.disconnect"}
+
+    scope = {"type": "http", "asgi": {"spec_version": "2.4"}}
+    with pytest.raises(ClientDisconnect):
+        asyncio.run(response(scope, receive, send))
+    assert engine.aborted and engine.finished
+
+
+def test_a_stream_opened_as_the_client_left_is_closed() -> None:
+    engine = _Closed()
+
+    async def go() -> None:
+        release = asyncio.Event()
+
+        async def open_stream() -> tuple[OutputStream, str]:
+            await release.wait()
+            return OutputStream(_out("a"), engine, engine), "target"
+
+        async def is_disconnected() -> bool:  # the open finishes while the disconnect is seen
+            release.set()
+            for _ in range(3):
+                await asyncio.sleep(0)
+            return True
+
+        request = SimpleNamespace(is_disconnected=is_disconnected, state=SimpleNamespace(request_id="r"))
+        with pytest.raises(ClientDisconnected):
+            await cancel_on_disconnect(request, open_stream())  # type: ignore[arg-type]
+
+    asyncio.run(go())
+    assert engine.aborted and engine.finished

@@ -23,10 +23,13 @@ from fastapi import Depends, FastAPI, Request
 from safetensors.torch import load_file, save_file
 
 from peftserve.api.auth import is_admin, require_api_key
+from peftserve.api.canary import CanaryRuntime, InternalResult
 from peftserve.api.errors import install_error_handlers
-from peftserve.canary.router import bucket, routing_key, threshold
+from peftserve.api.model_table import Target
+from peftserve.canary.router import RouteDecision, bucket, routing_key, threshold
 from peftserve.client import Client, PeftserveError
-from peftserve.engine.engine import AsyncLLMEngine
+from peftserve.engine.engine import AsyncLLMEngine, QueueFull
+from peftserve.engine.sampling_params import SamplingParams
 from tests.server_utils import running_server, wait_for
 from tests.tiny_models import make_peft_adapter, make_tiny_model
 
@@ -77,6 +80,7 @@ UPLOADS = {
     "tgt": [("v1", "one"), ("v2", "two")],
     "steer": [("v1", "one"), ("v2", "two")],
     "nan": [("v1", "one"), ("bad", "nan")],
+    "nanstream": [("v1", "one"), ("bad", "nan")],
     "shadow": [("v1", "one"), ("same", "one"), ("diff", "two")],
 }
 
@@ -420,6 +424,28 @@ def test_non_finite_candidate_is_rolled_back_and_stable_answers_for_it(url: str,
     assert client.show("nan", "bad").status != "gpu"
 
 
+def test_non_finite_candidate_with_streaming_traffic_only_is_rolled_back(url: str, client: Client) -> None:
+    """A candidate failing before its first token, in streams: counted once, then rolled back."""
+    assert start(url, "nanstream", "bad", steps=[50]).status_code == 201
+    touched = 0
+    for i in range(60):
+        user = f"ns{i}"
+        body = {"model": "nanstream", "prompt": "abc", "max_tokens": 4, "temperature": 0, "user": user, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+            assert response.status_code == 200
+            assert response.headers["x-peftserve-version"] == "nanstream@v1"
+            assert any(line == "data: [DONE]" for line in response.iter_lines())
+        touched += in_cohort("nanstream", user, 50)
+        if client.rollout("nanstream").state == "rolled_back":
+            break
+    assert touched >= 10
+    assert wait_for(lambda: client.rollout("nanstream").state == "rolled_back", timeout=10)
+    status = client.rollout("nanstream")
+    assert status.last_judgment.result == "fail"
+    candidate = status.arms["candidate"]
+    assert candidate["non_finite"] >= 10 and candidate["non_finite"] == candidate["requests"]
+
+
 # ---- shadow copies -------------------------------------------------------------------------------
 
 
@@ -435,7 +461,10 @@ def _shadow_run(url: str, client: Client, candidate: str, n: int = 16) -> dict[s
         assert wait_for(lambda: client.rollout("shadow").shadow["n"] >= n // 2, timeout=30)
         return client.rollout("shadow").shadow
     finally:
-        client.rollback_rollout("shadow")
+        try:
+            client.rollback_rollout("shadow")
+        except PeftserveError as e:  # the controller may have ended it already (slow machines)
+            assert e.status == 404, e
 
 
 def test_shadow_copies_never_reach_the_client_and_measure_divergence(url: str, client: Client) -> None:
@@ -448,6 +477,31 @@ def test_shadow_copies_never_reach_the_client_and_measure_divergence(url: str, c
     assert same["noise_floor_n"] >= 1 and abs(same["noise_floor_mean_llr"]) < 1e-3
     assert abs(same["mean_llr"]) < 1e-3 and abs(same["divergence"]) < 1e-3
     assert diff["divergence"] > 0.05, diff
+
+
+def test_a_refused_shadow_copy_is_skipped_not_a_candidate_error() -> None:
+    """generate raising (queue full, adapter gone) never ran the candidate: counted as skipped."""
+    recorded: list[dict[str, Any]] = []
+    runtime = CanaryRuntime.__new__(CanaryRuntime)
+    runtime.shadow_counts = {}
+    runtime.engine = SimpleNamespace()  # no score: no LLR
+    runtime.windows = SimpleNamespace(record_shadow=lambda *a, **kw: recorded.append(kw))
+    decision = RouteDecision("t", "v1", "stable", "hash", True, 0, shadow_version="v2")
+    target = Target("t", "v1", "t@v1", decision)
+
+    async def refused(*args: Any) -> InternalResult:
+        raise QueueFull("full")
+
+    async def failed(*args: Any) -> InternalResult:
+        return InternalResult(token_ids=[], finish_reason="error", error="boom")
+
+    runtime.generate = refused  # type: ignore[method-assign]
+    asyncio.run(runtime._run_shadow(target, [1, 2], SamplingParams(max_tokens=2), [3], "x"))
+    assert recorded == [] and runtime.shadow_counts["t"] == {"ok": 0, "error": 0, "skipped": 1}
+    runtime.generate = failed  # type: ignore[method-assign]
+    asyncio.run(runtime._run_shadow(target, [1, 2], SamplingParams(max_tokens=2), [3], "x"))
+    assert len(recorded) == 1 and recorded[0]["error"] is True
+    assert runtime.shadow_counts["t"] == {"ok": 0, "error": 1, "skipped": 1}
 
 
 # ---- restart -----------------------------------------------------------------------------------

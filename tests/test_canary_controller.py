@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from peftserve.api.model_table import ModelTable
 from peftserve.canary.controller import (
     ControllerConfig,
     ControllerHooks,
@@ -496,6 +497,31 @@ def test_restart_restores_state_weight_and_history(tmp_path):
         assert second.router.rollout("upper").state == "paused"
 
     run(after())
+
+
+def test_restore_skips_a_rollout_whose_task_is_not_served(tmp_path):
+    first = World(tmp_path)
+    run(first.controller.start(_spec(), EVAL))
+    run(first.controller.start(RolloutSpec("upper", "u1", "u2", analysis=ERROR_ONLY)))
+    first.store.close()
+
+    second = World(tmp_path)
+    del second.fake.registry["upper"]  # its versions were deleted (or another registry)
+    second.router = Router()  # a router that never heard of "upper"
+    second.router.set_task("reverse", "v1", ["v1", "v2", "v3"])
+    second.controller.router = second.router
+    restored = run(second.controller.restore())
+    assert [r.spec.task for r in restored] == ["reverse"]
+    assert "upper" not in second.router.tasks and second.router.rollout("upper") is None
+    assert ("upper", "u2") not in second.fake.loaded
+    last = second.controller.history("upper")[-1]
+    assert last["kind"] == "restore_skipped" and "u1, u2" in last["reason"]
+
+    # /v1/models survives a routed task without served versions (a phantom from before the fix).
+    table = ModelTable("base", "/models/base", 64, router=second.router)
+    table.add_version("reverse", "v1", "/a/v1")
+    table.router.set_rollout(first.router.rollout("upper"))
+    assert [c.id for c in table.cards().data] == ["base", "reverse", "reverse@v1"]
 
 
 # --------------------------------------------------------------------------- odds and ends

@@ -190,15 +190,20 @@ class AdapterService:
                 f"adapter {task}@{version} is the stable version of task {task!r}: it serves the "
                 "task's traffic and cannot be deleted"
             )
+        record = await to_thread.run_sync(self.registry.get, task, version)  # 404 if unknown
+        if await to_thread.run_sync(self.is_protected, task, version):  # refused: nothing changed
+            raise Conflict(f"adapter {record.ref} is in use by an active rollout; end it first")
+        # Stop serving it (the engine drains its requests) before its row and files go. Out of the
+        # table, no rollout can start on it, so the registry's own protection check passes.
+        self.table.remove_version(task, version)
+        if record.ref in self.engine.lora_status():
+            await self.engine.unregister_lora(record.ref)
         try:
             record = await to_thread.run_sync(self.registry.delete, task, version, self.is_protected)
         except sqlite3.IntegrityError as exc:
             if is_foreign_key_error(exc):
                 raise Conflict(f"adapter {task}@{version} is the stable version of its task") from None
             raise
-        self.table.remove_version(task, version)
-        if record.ref in self.engine.lora_status():
-            await self.engine.unregister_lora(record.ref)
         self._sources.pop(record.ref, None)
         for hook in self.on_delete:
             hook(task, version)

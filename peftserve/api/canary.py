@@ -306,9 +306,10 @@ class CanaryRuntime:
         try:
             copy = await self.generate(f"shadow-{uuid.uuid4().hex}", prompt_ids, shadow_params(params),
                                        lora_id_of(task, candidate))  # fmt: skip
-        except Exception as e:  # an engine refusal (queue full, adapter gone): a failed copy
-            logger.warning("task %s: shadow copy on %s failed: %s: %s", task, candidate, type(e).__name__, e)
-            copy = InternalResult(finish_reason="error", error=str(e))
+        except Exception as e:  # refused before the engine ran it (queue full, adapter gone): not judged
+            logger.warning("task %s: shadow copy on %s skipped: %s: %s", task, candidate, type(e).__name__, e)
+            self._count_shadow(task, "skipped")
+            return
         llr = None if copy.failed else await self._llr(task, stable, candidate, prompt_ids, stable_ids)
         self.windows.record_shadow(
             task, stable, candidate, exact_match=not copy.failed and copy.text == stable_text, llr=llr,

@@ -70,6 +70,7 @@ class OutputStream:
         self._first = first
         self._outputs = outputs
         self._observer = observer
+        self._observe(first)  # now, so a stream closed unread still records how it began
 
     @property
     def first(self) -> RequestOutput:
@@ -77,7 +78,6 @@ class OutputStream:
         return self._first
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
-        self._observe(self._first)
         yield self._first
         if self._first.finished:
             return
@@ -170,11 +170,14 @@ async def collect(stream: OutputStream, request_id: str) -> Generation:
 async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
     """Run ``work``; if the client disconnects first, cancel it and raise ClientDisconnected."""
     task = asyncio.ensure_future(work)
+    returned = False
     try:
         while True:
             done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
             if done:
-                return task.result()
+                result = task.result()
+                returned = True
+                return result
             if await request.is_disconnected():
                 logger.info("request %s: client disconnected, aborting", request.state.request_id)
                 raise ClientDisconnected()
@@ -182,3 +185,12 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
         if not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+        if not returned and not task.cancelled() and task.exception() is None:
+            await _close_streams(task.result())  # it finished as we gave up: nobody reads it
+
+
+async def _close_streams(result: object) -> None:
+    """Close the OutputStreams in an unused result (a stream, or a tuple holding one)."""
+    for item in result if isinstance(result, tuple) else (result,):
+        if isinstance(item, OutputStream):
+            await item.aclose()

@@ -161,9 +161,10 @@ class ModelTable:
         )
         cards = [base]
         for task in self.tasks:
-            versions = self.versions[task]
-            stable = versions[self.router.tasks[task]]
-            cards.append(self._card(task, stable))
+            versions = self.versions.get(task, {})
+            stable = versions.get(self.router.tasks[task])
+            if stable is not None:
+                cards.append(self._card(task, stable))
             cards.extend(self._card(lora_id_of(task, v), s) for v, s in versions.items())
         return ModelList(data=cards)
 

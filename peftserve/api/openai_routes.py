@@ -275,7 +275,7 @@ async def _stream(
 ) -> Response:
     stream, served = await cancel_on_disconnect(request, _open(state, job, target))
     info = job.stream_info()
-    return SSEResponse(sse_body(stream, chunker(info), info), headers=served.headers())
+    return SSEResponse(sse_body(stream, chunker(info), info), headers=served.headers(), stream=stream)
 
 
 async def _open(state: ServingState, job: Job, target: Target) -> tuple[OutputStream, Target]:

@@ -17,7 +17,7 @@ from typing import Protocol
 import anyio
 from pydantic import BaseModel
 from starlette.responses import StreamingResponse
-from starlette.types import Send
+from starlette.types import Receive, Scope, Send
 
 from peftserve.api.errors import internal_error
 from peftserve.api.generation import OutputStream, output_error
@@ -190,9 +190,21 @@ class SSEResponse(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(self, body: AsyncIterator[str], headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, body: AsyncIterator[str], headers: dict[str, str] | None = None, stream: OutputStream | None = None
+    ) -> None:
         fixed = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         super().__init__(body, headers={**fixed, **(headers or {})})
+        self.stream = stream
+        """The engine stream behind ``body``: closed here too, as a body iterator closed before
+        it started never runs its own ``finally``."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if self.stream is not None:
+                await self.stream.aclose()  # shielded; closing twice is harmless
 
     async def stream_response(self, send: Send) -> None:
         try:

@@ -278,6 +278,15 @@ class RolloutController:
             restored = []
             for rollout_id, rollout in await asyncio.to_thread(self.store.active):
                 spec = rollout.spec
+                versions = await self.hooks.versions(spec.task)
+                missing = [v for v in (spec.stable, spec.candidate) if not versions or v not in versions]
+                if missing:  # not served (deleted, or another registry): routing it would invent a task
+                    reason = (f"not restored: task {spec.task!r} does not serve "
+                              f"{', '.join(missing)}; the rollout stays {rollout.state} in the store")
+                    logger.warning("task %s: %s", spec.task, reason)
+                    await asyncio.to_thread(self.store.append_event, rollout_id, "restore_skipped",
+                                            {"actor": CONTROLLER, "reason": reason}, now)
+                    continue
                 judgments = await asyncio.to_thread(self.store.judgments, rollout_id)
                 eval_set = await asyncio.to_thread(self.store.eval_set, rollout_id)
                 self._live[spec.task] = _Live(rollout_id, rollout, judgments, eval_set,
@@ -649,7 +658,7 @@ class RolloutController:
         ``kinds=["state"]`` gives its transitions alone.
 
         Each event: ``at`` and ``time`` (ISO 8601, UTC), ``kind`` (state, judgment, decision,
-        evaluator_error, unload, restored), ``actor``, ``reason`` in words, ``rollout_id`` and
+        evaluator_error, unload, restored, restore_skipped), ``actor``, ``reason`` in words, ``rollout_id`` and
         the stored ``payload`` (a judgment's full evidence). Judgments and decisions also carry
         ``result``/``score``/``metric`` (the deciding metric) at the top level.
         """
