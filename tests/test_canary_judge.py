@@ -528,3 +528,16 @@ def test_one_latency_metric_alone_pauses_for_a_person():
     out = _simulate(seed=500, e2e=1.5, n=50)
     assert all(o[0] == "paused" for o in out)
     assert all("marginal" in o[3] for o in out)
+
+
+def test_resume_starts_streaks_afresh():
+    """A person resumes a rollout paused by 3 marginal judgments (or 4 evaluator errors): one more
+    of the same must not pause it again at once."""
+    paused = _ramping(0, 0.0).apply("pause", 35)
+    resumed = paused.apply("resume", 50)
+    marg = [_j("marginal", 10), _j("marginal", 20), _j("marginal", 30)]
+    assert decide(_ramping(0, 0.0), marg, now=30).action == "pause"
+    assert decide(resumed, [*marg, _j("marginal", 60)], now=60).action == "hold"
+    errors = [_j("error", t) for t in (10, 20, 30, 40)]
+    assert decide(resumed, [*errors, _j("error", 60)], now=60).action == "hold"
+    assert decide(resumed, [*marg, *(_j("marginal", t) for t in (60, 70, 80))], now=80).action == "pause"

@@ -22,7 +22,6 @@ _EXPORTS: dict[str, str] = {
     "Judgment": "judge",
     "MetricSamples": "judge",
     "decide": "judge",
-    "judge": "judge",
     "METRICS": "metrics",
     "MetricWindows": "metrics",
     "check_metrics": "metrics",
@@ -76,9 +75,11 @@ __all__ = [
     "deciding_metric",
     "default_metrics",
     "ensure_schema",
-    "judge",
     "metric_kind",
 ]
+# ``judge`` (the function) is not re-exported: the name belongs to the submodule
+# ``peftserve.canary.judge``; exporting both made ``from peftserve.canary import judge``
+# depend on import order.
 
 if TYPE_CHECKING:
     from peftserve.canary.controller import (
@@ -89,7 +90,7 @@ if TYPE_CHECKING:
         RolloutNotFoundError,
         deciding_metric,
     )
-    from peftserve.canary.judge import Counts, Decision, Judgment, MetricSamples, decide, judge
+    from peftserve.canary.judge import Counts, Decision, Judgment, MetricSamples, decide
     from peftserve.canary.metrics import METRICS, MetricWindows, check_metrics, metric_kind
     from peftserve.canary.router import RouteDecision, Router, RoutingError
     from peftserve.canary.spec import (

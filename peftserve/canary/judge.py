@@ -637,13 +637,16 @@ def decide(rollout: Rollout, history: Sequence[Judgment], now: float,
     if n_failed >= policy.max_failed:
         return Decision("rollback", f"{n_failed} failed judgments (limit {policy.max_failed}); last: "
                         + next(j.reason for j in reversed(history) if j.result == "fail"))
+    # Streaks count from the step's start: a resume (or an advance) starts a new step, so a
+    # person who resumes a paused rollout is not paused again by the streak they looked at.
+    in_step = [j for j in history if j.at >= rollout.step_started_at] or [latest]
     if latest.result == "error":
-        errors = _trailing(history, "error")
+        errors = _trailing(in_step, "error")
         if errors >= policy.max_errors_in_row:
             return Decision("pause", f"{errors} evaluator errors in a row: {latest.reason}")
         return Decision("hold", f"evaluator error {errors} of {policy.max_errors_in_row} before pausing: "
                         f"{latest.reason}")
-    marginal = _trailing(history, "marginal", skip=("error",))
+    marginal = _trailing(in_step, "marginal", skip=("error",))
     if marginal >= policy.max_marginal_in_row:
         return Decision("pause", f"{marginal} marginal judgments in a row; last: {latest.reason}")
     if latest.result == "nodata":
