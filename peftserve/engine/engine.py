@@ -353,8 +353,7 @@ class LLMEngine:
         ``score`` has no such limit)."""
         if self.has_unfinished_requests():
             raise RuntimeError("LLMEngine.score needs an idle engine; use AsyncLLMEngine.score")
-        params = SamplingParams(max_tokens=1, temperature=0.0, score_from=len(prompt_ids), ignore_eos=True)
-        self.add_request(f"score-{uuid.uuid4().hex}", list(prompt_ids) + list(target_ids), params, lora_id)
+        self.add_request(*_score_request(prompt_ids, target_ids), lora_id)
         outs: list[RequestOutput] = []
         while self.has_unfinished_requests():
             outs += self.step()
@@ -469,6 +468,12 @@ class LLMEngine:
             error=seq.error,
             prompt_logprobs=_prompt_logprobs(seq) if finished else None,
         )
+
+
+def _score_request(prompt_ids: list[int], target_ids: list[int]) -> tuple[str, list[int], SamplingParams]:
+    """A one-token request whose prefill scores ``target_ids`` after ``prompt_ids``."""
+    params = SamplingParams(max_tokens=1, temperature=0.0, score_from=len(prompt_ids), ignore_eos=True)
+    return f"score-{uuid.uuid4().hex}", list(prompt_ids) + list(target_ids), params
 
 
 def _prompt_logprobs(seq: Sequence) -> list[float] | None:
@@ -592,10 +597,8 @@ class AsyncLLMEngine:
 
     async def score(self, prompt_ids: list[int], target_ids: list[int], lora_id: str | None = None) -> list[float]:
         """Teacher-forced log p(target_i | prompt, target_<i) under ``lora_id``, from one prefill."""
-        params = SamplingParams(max_tokens=1, temperature=0.0, score_from=len(prompt_ids), ignore_eos=True)
-        request_id = f"score-{uuid.uuid4().hex}"
         out = None
-        async for item in self.generate(request_id, list(prompt_ids) + list(target_ids), params, lora_id):
+        async for item in self.generate(*_score_request(prompt_ids, target_ids), lora_id):
             out = item
         if out is None or out.prompt_logprobs is None or out.finish_reason == "error":
             raise RuntimeError(f"scoring failed: {out.error if out else 'no output'}")
