@@ -85,6 +85,22 @@ def quick_bench(kernel_call: Callable[[], object], quantiles: list[float] | None
     return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
 
 
+def check_operands(
+    act: tuple[str, torch.Tensor], weights: tuple[str, torch.Tensor], y: torch.Tensor, num_tokens: int, rank: int
+) -> None:
+    """Dtype and device checks shared by the launchers: the activations (x or out) and the
+    adapter weights share a float dtype, and ``y`` is an fp32 ``[(SPLIT,) >= T, >= R]``."""
+    (act_name, a), (w_name, w) = act, weights
+    if y.dtype != torch.float32 or y.shape[-2] < num_tokens or y.shape[-1] < rank:
+        raise ValueError(f"y must be fp32 of at least [{num_tokens}, {rank}], got {y.dtype} {list(y.shape)}")
+    if w.dtype != a.dtype:
+        raise ValueError(f"{w_name} is {w.dtype}, {act_name} is {a.dtype}: cast the adapter at load")
+    if a.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"unsupported dtype {a.dtype}")
+    if w.device != a.device or y.device != a.device:
+        raise ValueError(f"{act_name}, {w_name} and y must be on one device")
+
+
 def check_segments(
     slot_ranks: torch.Tensor, seg_start: torch.Tensor, seg_len: torch.Tensor, seg_slot: torch.Tensor,
     num_slots: int, device: torch.device,

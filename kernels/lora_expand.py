@@ -15,6 +15,7 @@ import triton.language as tl
 
 from ._segments import (
     INTERPRETING,
+    check_operands,
     check_segments,
     find_tile,
     launch_kwargs,
@@ -170,14 +171,7 @@ def lora_expand(
     num_slots, nb, r = lora_b.shape
     if nb != n:
         raise ValueError(f"lora_b has {nb} output features, out has {n}")
-    if y.dtype != torch.float32 or y.shape[-2] < num_tokens or y.shape[-1] < r:
-        raise ValueError(f"y must be fp32 of at least [{num_tokens}, {r}], got {y.dtype} {list(y.shape)}")
-    if lora_b.dtype != out.dtype:
-        raise ValueError(f"lora_b is {lora_b.dtype}, out is {out.dtype}: cast the adapter at load")
-    if out.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"unsupported dtype {out.dtype}")
-    if lora_b.device != out.device or y.device != out.device:
-        raise ValueError("y, lora_b and out must be on one device")
+    check_operands(("out", out), ("lora_b", lora_b), y, num_tokens, r)
     check_segments(slot_ranks, seg_start, seg_len, seg_slot, num_slots, out.device)
     num_segs = seg_start.numel()
     if num_tokens == 0 or num_segs == 0:

@@ -18,6 +18,7 @@ import triton.language as tl
 
 from ._segments import (
     INTERPRETING,
+    check_operands,
     check_segments,
     find_tile,
     launch_kwargs,
@@ -195,14 +196,7 @@ def lora_shrink(
     num_slots, r, ka = lora_a.shape
     if ka != k:
         raise ValueError(f"lora_a has {ka} input features, x has {k}")
-    if y.dtype != torch.float32 or y.shape[-2] < num_tokens or y.shape[-1] < r:
-        raise ValueError(f"y must be fp32 of at least [{num_tokens}, {r}], got {y.dtype} {list(y.shape)}")
-    if lora_a.dtype != x.dtype:
-        raise ValueError(f"lora_a is {lora_a.dtype}, x is {x.dtype}: cast the adapter at load")
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"unsupported dtype {x.dtype}")
-    if lora_a.device != x.device or y.device != x.device:
-        raise ValueError("x, lora_a and y must be on one device")
+    check_operands(("x", x), ("lora_a", lora_a), y, num_tokens, r)
     check_segments(slot_ranks, seg_start, seg_len, seg_slot, num_slots, x.device)
     num_segs = seg_start.numel()
     if num_tokens == 0 or num_segs == 0:
