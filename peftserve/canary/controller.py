@@ -54,7 +54,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
-from peftserve.canary.judge import Judgment, MetricResult, decide, judge
+from peftserve.canary.judge import Judgment, decide, harm_margin, judge
 from peftserve.canary.metrics import MetricWindows, check_metrics
 from peftserve.canary.router import Router
 from peftserve.canary.spec import (
@@ -155,15 +155,6 @@ def _iso(at: float) -> str:
     return datetime.fromtimestamp(at, tz=timezone.utc).isoformat(timespec="seconds")
 
 
-def _margin(m: MetricResult) -> float:
-    """How far the interval's harmful bound is past the tolerance, in interval widths (as the judge)."""
-    if m.interval is None or m.tolerance is None:
-        return float("-inf")
-    lo, hi = m.interval
-    width = (hi - lo) or 1.0
-    return (lo - m.tolerance) / width if m.direction == "increase" else (-m.tolerance - hi) / width
-
-
 def deciding_metric(judgment: Judgment) -> str | None:
     """The metric a judgment turned on, by the judge's own order of rules.
 
@@ -180,14 +171,14 @@ def deciding_metric(judgment: Judgment) -> str | None:
         [m for m in ms if m.classification == "inconclusive"],
     ):
         if hits:
-            return max(hits, key=_margin).name
+            return max(hits, key=harm_margin).name
     missing = [m for m in ms if m.critical and m.classification == "nodata"]
     if missing:
         return missing[0].name
     with_data = [m for m in ms if m.classification != "nodata"]
     if not with_data:
         return min(ms, key=lambda m: min(m.n_stable, m.n_candidate)).name
-    return max(with_data, key=_margin).name
+    return max(with_data, key=harm_margin).name
 
 
 def _check_eval_set(eval_set: Sequence[Mapping[str, Any]] | None, spec: RolloutSpec,

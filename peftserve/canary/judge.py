@@ -522,9 +522,11 @@ def _evaluate(metric: MetricSpec, samples: MetricSamples | None, analysis: Analy
                         interval=(lo, hi), tolerance=tol, p_value=p, detail=detail, **base)
 
 
-def _margin(m: MetricResult) -> float:
-    """How far the interval's harmful bound is past the tolerance, in interval widths (> 0: fail)."""
-    assert m.interval is not None and m.tolerance is not None
+def harm_margin(m: MetricResult) -> float:
+    """How far the interval's harmful bound is past the tolerance, in interval widths (> 0: fail);
+    -inf for a metric without an interval."""
+    if m.interval is None or m.tolerance is None:
+        return float("-inf")
     lo, hi = m.interval
     width = (hi - lo) or 1.0
     return (lo - m.tolerance) / width if m.direction == "increase" else (-m.tolerance - hi) / width
@@ -545,7 +547,7 @@ def judge(analysis: AnalysisSpec, data: Mapping[str, MetricSamples], at: float =
     with_data = [r for r in results if r.classification != "nodata"]
     conclusive = [r for r in with_data if r.classification != "inconclusive"]
     pending = [r for r in with_data if r.classification == "inconclusive"]
-    failed = sorted((r for r in conclusive if r.classification == "fail"), key=_margin, reverse=True)
+    failed = sorted((r for r in conclusive if r.classification == "fail"), key=harm_margin, reverse=True)
     w_pass = sum(r.weight for r in conclusive if r.classification == "pass")
     w_data = sum(r.weight for r in with_data)
     # Score over the conclusive metrics; ``best`` counts the inconclusive ones as passing, the
@@ -564,7 +566,7 @@ def judge(analysis: AnalysisSpec, data: Mapping[str, MetricSamples], at: float =
         return Judgment("fail", score, reason + "; " + "; ".join(r.detail for r in failed), results, at)
     missing_critical = [r for r in results if r.critical and r.classification == "nodata"]
     if pending:
-        r = max(pending, key=_margin)
+        r = max(pending, key=harm_margin)
         return Judgment("nodata", score, f"nodata: inconclusive, holding for more data; {r.detail}", results, at)
     if not with_data or missing_critical:
         r = missing_critical[0] if missing_critical else min(results, key=lambda r: min(r.n_stable, r.n_candidate))
@@ -578,7 +580,7 @@ def judge(analysis: AnalysisSpec, data: Mapping[str, MetricSamples], at: float =
     if failed:
         reason = f"pass: score {score:.1f} >= {analysis.pass_threshold:g} despite {failed[0].detail}"
     else:
-        closest = max(with_data, key=_margin)
+        closest = max(with_data, key=harm_margin)
         reason = (f"pass: score {score:.1f}; all {len(with_data)} metrics with data within tolerance; "
                   f"closest: {closest.detail}")
     return Judgment("pass", score, reason, results, at)
