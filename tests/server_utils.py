@@ -23,7 +23,7 @@ import httpx
 import uvicorn
 
 from peftserve.cli import build_parser, serve_settings
-from peftserve.serving import build_serving_app
+from peftserve.server.local import build_serving_app
 
 STARTUP_TIMEOUT_S = 120.0
 

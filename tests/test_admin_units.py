@@ -9,11 +9,11 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from peftserve.api.adapters import AdapterService, read_upload
-from peftserve.api.errors import APIError
-from peftserve.api.model_table import ModelTable
-from peftserve.api.multipart import MultipartError, MultipartReader, boundary_of
 from peftserve.registry import Conflict, InvalidAdapter
+from peftserve.server.adapters import AdapterService, read_upload
+from peftserve.server.errors import APIError
+from peftserve.server.model_table import ModelTable
+from peftserve.server.multipart import MultipartError, MultipartReader, boundary_of
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
@@ -117,7 +117,7 @@ def test_model_table_routes_tasks_pins_and_base() -> None:
         with pytest.raises(APIError) as info:
             table.resolve(model)
         assert info.value.status == status
-    assert [(c.id, c.root, c.parent) for c in table.cards().data] == [
+    assert [(c.id, c.root, c.parent) for c in table.cards()] == [
         ("base", "/m", None), ("sum", "/a1", "base"), ("sum@v1", "/a1", "base"), ("sum@v2", "/a2", "base"),
     ]  # fmt: skip
     table.remove_version("sum", "v2")

@@ -15,22 +15,21 @@ from pathlib import Path
 import httpx
 import pytest
 
-from peftserve import cli, serving
-from peftserve.cli import (
+from peftserve.cli import add_config_flags, build_parser, serve_settings
+from peftserve.config import DEFAULT_MODEL_DIR, ServerConfig
+from peftserve.server import startup
+from peftserve.server.settings import (
     CONFIG_CLASSES,
-    add_config_flags,
-    build_parser,
+    ServeSettings,
     config_values,
     field_docs,
     flag_specs,
-    serve_settings,
 )
-from peftserve.config import DEFAULT_MODEL_DIR, ServerConfig
 from tests.server_utils import wait_for
 from tests.tiny_models import make_peft_adapter, make_tiny_model
 
 
-def _settings(argv: list[str], env: dict[str, str] | None = None) -> cli.ServeSettings:
+def _settings(argv: list[str], env: dict[str, str] | None = None) -> ServeSettings:
     args = build_parser().parse_args(["serve", *argv])
     return serve_settings(args, env or {})
 
@@ -163,20 +162,20 @@ def test_demo_adapters_with_default_model(tmp_path: Path, monkeypatch: pytest.Mo
         (tmp_path / name).mkdir()
         (tmp_path / name / "adapter_config.json").write_text("{}")
     (tmp_path / "base").mkdir()  # no adapter_config.json: not an adapter
-    monkeypatch.setattr(serving, "DEFAULT_ADAPTERS_DIR", tmp_path)
-    assert serving.served_adapters(_settings([])) == {
+    monkeypatch.setattr(startup, "DEFAULT_ADAPTERS_DIR", tmp_path)
+    assert startup.served_adapters(_settings([])) == {
         "reverse": str(tmp_path / "reverse"),
         "sort": str(tmp_path / "sort"),
         "sort-vx": str(tmp_path / "sort-vx"),  # not TASK-v<digit>: a task of its own
     }
-    assert serving.candidate_of("reverse-v2-regressed", ["reverse"]) == ("reverse", "v2-regressed")
-    assert serving.served_adapters(_settings(["--adapter", "x=/p"])) == {"x": "/p"}
-    assert serving.served_adapters(_settings(["--model", str(tmp_path)])) == {}
+    assert startup.candidate_of("reverse-v2-regressed", ["reverse"]) == ("reverse", "v2-regressed")
+    assert startup.served_adapters(_settings(["--adapter", "x=/p"])) == {"x": "/p"}
+    assert startup.served_adapters(_settings(["--model", str(tmp_path)])) == {}
 
 
 def test_duplicate_adapter_names_are_refused() -> None:
-    with pytest.raises(serving.StartupError, match="twice"):
-        serving.served_adapters(_settings(["--adapter", "a=/x", "--adapter", "a=/y"]))
+    with pytest.raises(startup.StartupError, match="twice"):
+        startup.served_adapters(_settings(["--adapter", "a=/x", "--adapter", "a=/y"]))
 
 
 def _assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:

@@ -9,9 +9,8 @@ from types import SimpleNamespace
 import pytest
 from starlette.requests import ClientDisconnect
 
-from peftserve.api.errors import APIError, validation_error
-from peftserve.api.generation import ClientDisconnected, OutputStream, cancel_on_disconnect
-from peftserve.api.model_table import ModelTable
+from peftserve.api.errors import validation_error
+from peftserve.api.generation import OutputStream, cancel_on_disconnect
 from peftserve.api.prompts import context_max_tokens, reject_unsupported, sampling_params
 from peftserve.api.schemas import ChatCompletionRequest, CompletionRequest, Usage
 from peftserve.api.streaming import (
@@ -24,6 +23,8 @@ from peftserve.api.streaming import (
     sse_event,
 )
 from peftserve.engine.outputs import RequestOutput, TokenLogprob
+from peftserve.server.errors import APIError, ClientDisconnected
+from peftserve.server.model_table import ModelTable
 
 
 def _out(text: str, finished: bool = False, reason: str | None = None) -> RequestOutput:
@@ -64,9 +65,7 @@ def test_model_table() -> None:
     )
     with pytest.raises(ValueError, match="unique"):
         table.add_version("base", "v1", "/x")
-    cards = table.cards().model_dump()
-    assert cards["object"] == "list"
-    assert [(c["id"], c["parent"], c["root"]) for c in cards["data"]] == [
+    assert [(c.id, c.parent, c.root) for c in table.cards()] == [
         ("base", None, "/m"),
         ("a", "base", "/a"),
         ("a@v1", "base", "/a"),

@@ -23,13 +23,13 @@ from fastapi import Depends, FastAPI, Request
 from safetensors.torch import load_file, save_file
 
 from peftserve.api.auth import is_admin, require_api_key
-from peftserve.api.canary import CanaryRuntime, InternalResult
 from peftserve.api.errors import install_error_handlers
-from peftserve.api.model_table import Target
 from peftserve.canary.router import RouteDecision, bucket, routing_key, threshold
 from peftserve.client import Client, PeftserveError
 from peftserve.engine.engine import AsyncLLMEngine, QueueFull
 from peftserve.engine.sampling_params import SamplingParams
+from peftserve.server.canary import CanaryRuntime, InternalResult
+from peftserve.server.model_table import Target
 from tests.server_utils import running_server, wait_for
 from tests.tiny_models import make_peft_adapter, make_tiny_model
 

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from peftserve.api.model_table import ModelTable
 from peftserve.canary.controller import (
     ControllerConfig,
     ControllerHooks,
@@ -30,6 +29,7 @@ from peftserve.canary.spec import (
     RolloutSpecError,
 )
 from peftserve.canary.store import RolloutStore
+from peftserve.server.model_table import ModelTable
 
 T0 = 1_700_000_000.0
 EVAL = [{"prompt": f"reverse {i:03d}", "answer": f"{i:03d}"[::-1]} for i in range(50)]
@@ -521,7 +521,7 @@ def test_restore_skips_a_rollout_whose_task_is_not_served(tmp_path):
     table = ModelTable("base", "/models/base", 64, router=second.router)
     table.add_version("reverse", "v1", "/a/v1")
     table.router.set_rollout(first.router.rollout("upper"))
-    assert [c.id for c in table.cards().data] == ["base", "reverse", "reverse@v1"]
+    assert [c.id for c in table.cards()] == ["base", "reverse", "reverse@v1"]
 
 
 # --------------------------------------------------------------------------- odds and ends

@@ -14,11 +14,11 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
-from peftserve.api.adapters import AdapterService
 from peftserve.api.auth import require_admin
-from peftserve.api.errors import APIError, invalid_request
-from peftserve.api.multipart import MultipartError
 from peftserve.api.state import get_state
+from peftserve.server.adapters import AdapterService
+from peftserve.server.errors import APIError, invalid_request
+from peftserve.server.multipart import MultipartError
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
 

@@ -12,18 +12,18 @@ from fastapi import FastAPI
 
 from peftserve import __version__
 from peftserve.api import admin, health, metrics, openai_routes, rollouts
-from peftserve.api.canary import RolloutCollector
 from peftserve.api.errors import install_error_handlers
-from peftserve.api.metrics import Metrics
 from peftserve.api.middleware import RequestIdMiddleware
 from peftserve.api.state import ServingState
+from peftserve.server.canary import RolloutCollector
+from peftserve.server.metrics import Metrics
 
 if TYPE_CHECKING:
-    from peftserve.api.adapters import AdapterService
-    from peftserve.api.canary import CanaryRuntime
-    from peftserve.api.model_table import ModelTable
     from peftserve.config import ServerConfig
     from peftserve.engine.engine import AsyncLLMEngine
+    from peftserve.server.adapters import AdapterService
+    from peftserve.server.canary import CanaryRuntime
+    from peftserve.server.model_table import ModelTable
 
 logger = logging.getLogger(__name__)
 

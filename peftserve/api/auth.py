@@ -16,8 +16,8 @@ import ipaddress
 
 from fastapi import Request
 
-from peftserve.api.errors import admin_forbidden, admin_unauthorized, unauthorized
 from peftserve.api.state import get_state
+from peftserve.server.errors import admin_forbidden, admin_unauthorized, unauthorized
 
 
 async def require_api_key(request: Request) -> None:

@@ -16,22 +16,22 @@ from typing import Protocol, TypeVar
 import anyio
 from fastapi import Request
 
-from peftserve.api.errors import APIError, internal_error, invalid_request, queue_full
 from peftserve.engine.engine import NON_FINITE_ERROR, AsyncLLMEngine, QueueFull
 from peftserve.engine.outputs import RequestOutput, TokenLogprob
 from peftserve.engine.sampling_params import InvalidParameter, SamplingParams
+from peftserve.server.errors import (
+    APIError,
+    ClientDisconnected,
+    internal_error,
+    invalid_request,
+    queue_full,
+)
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 DISCONNECT_POLL_S = 0.1
 """How often a non-streaming request checks whether its client is still there."""
-CLIENT_CLOSED_STATUS = 499
-
-
-class ClientDisconnected(APIError):
-    def __init__(self) -> None:
-        super().__init__(CLIENT_CLOSED_STATUS, "Client closed the request.", "client_closed")
 
 
 class EngineFailed(APIError):

@@ -14,7 +14,8 @@ import uuid
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from peftserve.api.errors import internal_error
+from peftserve.api.errors import error_response
+from peftserve.server.errors import internal_error
 
 logger = logging.getLogger(__name__)
 
@@ -45,5 +46,5 @@ class RequestIdMiddleware:
         except Exception:
             logger.exception("request %s failed", state["request_id"])
             if not started:
-                response = internal_error(state["request_id"]).response()
+                response = error_response(internal_error(state["request_id"]))
                 await response(scope, receive, send_with_id)

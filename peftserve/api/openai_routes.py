@@ -8,6 +8,7 @@ from admin callers only) or a pinned ``task@version``. Every answer names what s
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
@@ -19,7 +20,6 @@ from starlette.responses import JSONResponse, Response
 
 from peftserve.api import prompts
 from peftserve.api.auth import is_admin, require_api_key
-from peftserve.api.errors import APIError
 from peftserve.api.generation import (
     EngineFailed,
     Generation,
@@ -28,8 +28,6 @@ from peftserve.api.generation import (
     collect,
     open_stream,
 )
-from peftserve.api.metrics import RequestTracker, failure_outcome
-from peftserve.api.model_table import Target
 from peftserve.api.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -38,6 +36,8 @@ from peftserve.api.schemas import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
+    ModelCard,
+    ModelList,
     Usage,
 )
 from peftserve.api.state import ServingState, get_state, set_request_id
@@ -52,6 +52,9 @@ from peftserve.api.streaming import (
     sse_body,
 )
 from peftserve.engine.sampling_params import SamplingParams
+from peftserve.server.errors import APIError
+from peftserve.server.metrics import RequestTracker, failure_outcome
+from peftserve.server.model_table import Target
 
 logger = logging.getLogger(__name__)
 
@@ -86,12 +89,13 @@ class Job:
 
 @router.get("/models")
 async def list_models(state: ServingState = Depends(get_state)) -> dict:
-    return state.models.cards().model_dump()
+    cards = [ModelCard(**dataclasses.asdict(entry)) for entry in state.models.cards()]
+    return ModelList(data=cards).model_dump()
 
 
 @router.get("/models/{model:path}")
 async def retrieve_model(model: str, state: ServingState = Depends(get_state)) -> dict:
-    return state.models.card(model).model_dump()
+    return ModelCard(**dataclasses.asdict(state.models.card(model))).model_dump()
 
 
 @router.post("/completions")

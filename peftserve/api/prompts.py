@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from peftserve.api.errors import invalid_request, unsupported
 from peftserve.api.schemas import (
     ChatCompletionRequest,
     ChatMessage,
@@ -12,6 +11,7 @@ from peftserve.api.schemas import (
     SamplingFields,
 )
 from peftserve.engine.sampling_params import InvalidParameter, SamplingParams
+from peftserve.server.errors import invalid_request, unsupported
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 

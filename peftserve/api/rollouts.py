@@ -39,11 +39,11 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
 from peftserve.api.auth import require_admin, require_api_key
-from peftserve.api.canary import CanaryRuntime
-from peftserve.api.errors import APIError, invalid_request
 from peftserve.api.state import get_state
 from peftserve.canary.controller import RolloutNotFoundError
 from peftserve.canary.spec import RolloutSpec, RolloutSpecError, default_metrics
+from peftserve.server.canary import CanaryRuntime
+from peftserve.server.errors import APIError, invalid_request
 
 logger = logging.getLogger(__name__)
 

@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING
 from fastapi import Request
 
 if TYPE_CHECKING:
-    from peftserve.api.adapters import AdapterService
-    from peftserve.api.canary import CanaryRuntime
-    from peftserve.api.metrics import Metrics
-    from peftserve.api.model_table import ModelTable
     from peftserve.engine.engine import AsyncLLMEngine, LLMEngine
+    from peftserve.server.adapters import AdapterService
+    from peftserve.server.canary import CanaryRuntime
+    from peftserve.server.metrics import Metrics
+    from peftserve.server.model_table import ModelTable
 
 
 @dataclass

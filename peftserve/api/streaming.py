@@ -19,7 +19,6 @@ from pydantic import BaseModel
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from peftserve.api.errors import internal_error
 from peftserve.api.generation import OutputStream, output_error
 from peftserve.api.schemas import (
     ChatChunkChoice,
@@ -34,6 +33,7 @@ from peftserve.api.schemas import (
     Usage,
 )
 from peftserve.engine.outputs import RequestOutput, TokenLogprob
+from peftserve.server.errors import internal_error
 
 logger = logging.getLogger(__name__)
 

@@ -27,10 +27,6 @@ from typing import TYPE_CHECKING, Any
 
 from anyio import from_thread, to_thread
 
-from peftserve.api.errors import RETRY_AFTER_S, APIError
-from peftserve.api.model_table import ModelTable
-from peftserve.api.multipart import MultipartReader, Part, boundary_of
-from peftserve.api.stable import StablePointers, is_foreign_key_error
 from peftserve.engine.engine import UnknownAdapter
 from peftserve.lora.manager import SlotsBusy
 from peftserve.lora.peft_adapter import CONFIG_NAME, WEIGHTS_NAME, AdapterError, load_adapter
@@ -43,6 +39,10 @@ from peftserve.registry import (
     TooLarge,
     validate_name,
 )
+from peftserve.server.errors import RETRY_AFTER_S, APIError
+from peftserve.server.model_table import ModelTable
+from peftserve.server.multipart import MultipartReader, Part, boundary_of
+from peftserve.server.stable import StablePointers, is_foreign_key_error
 
 if TYPE_CHECKING:
     from torch import nn
@@ -163,7 +163,9 @@ class AdapterService:
             await self._serve(record)
         return self.view(record), not existed
 
-    def _receive(self, task: str, version: str, boundary: bytes, chunks: Iterator[bytes]) -> AdapterRecord:
+    def _receive(
+        self, task: str, version: str, boundary: bytes, chunks: Iterator[bytes]
+    ) -> AdapterRecord:
         def add(files: dict[str, StreamSource], base: str | None) -> AdapterRecord:
             return self.registry.add_from_stream(
                 task, version, files, self.max_bytes, self._validator(f"{task}@{version}"), base
@@ -199,10 +201,14 @@ class AdapterService:
         if record.ref in self.engine.lora_status():
             await self.engine.unregister_lora(record.ref)
         try:
-            record = await to_thread.run_sync(self.registry.delete, task, version, self.is_protected)
+            record = await to_thread.run_sync(
+                self.registry.delete, task, version, self.is_protected
+            )
         except sqlite3.IntegrityError as exc:
             if is_foreign_key_error(exc):
-                raise Conflict(f"adapter {task}@{version} is the stable version of its task") from None
+                raise Conflict(
+                    f"adapter {task}@{version} is the stable version of its task"
+                ) from None
             raise
         self._sources.pop(record.ref, None)
         for hook in self.on_delete:
@@ -260,7 +266,9 @@ class AdapterService:
 
     def _loader(self, record: AdapterRecord) -> Callable[[], LoRAAdapter]:
         def load() -> LoRAAdapter:
-            return load_adapter(self.registry.path_of(record), self.model, self.max_rank, name=record.ref)
+            return load_adapter(
+                self.registry.path_of(record), self.model, self.max_rank, name=record.ref
+            )
 
         return load
 
@@ -285,7 +293,9 @@ class AdapterService:
     async def _servable(self, task: str, version: str) -> AdapterRecord:
         record = await to_thread.run_sync(self.registry.get, task, version)
         if record.ref not in self.engine.lora_status():
-            raise Conflict(f"adapter {record.ref} is not served here (it was made for another base model)")
+            raise Conflict(
+                f"adapter {record.ref} is not served here (it was made for another base model)"
+            )
         return record
 
     def _too_large(self) -> TooLarge:
@@ -305,7 +315,9 @@ def read_upload(
     while (part := reader.next_part()) is not None:
         name = _part_name(part)
         if part.filename is None and part.name in UPLOAD_FIELDS:
-            fields[name] = _read_limited(part, MAX_FIELD_BYTES).decode("utf-8", errors="replace").strip()
+            fields[name] = (
+                _read_limited(part, MAX_FIELD_BYTES).decode("utf-8", errors="replace").strip()
+            )
         elif name == CONFIG_NAME:
             if config is not None:
                 raise InvalidAdapter(f"{CONFIG_NAME} is sent twice")

@@ -1,5 +1,5 @@
-"""Startup of ``peftserve serve``: settings -> engine -> registry and adapters -> rollouts -> FastAPI
-app -> uvicorn (whose lifespan starts the engine, then restores and runs the rollout controller).
+"""The parts every composition of ``peftserve serve`` opens: the engine, the model table, the
+adapter service on the registry, the canary runtime; and the checks they make first.
 
 Every failure a user can cause (missing or unsupported model directory, bad adapter) is
 raised as ``StartupError`` with a one-line message; the CLI prints it without a traceback.
@@ -16,14 +16,12 @@ from typing import TYPE_CHECKING
 from peftserve.config import DEFAULT_ADAPTERS_DIR, DEFAULT_MODEL_DIR
 
 if TYPE_CHECKING:
-    from fastapi import FastAPI
-
-    from peftserve.api.adapters import AdapterService
-    from peftserve.api.canary import CanaryRuntime
-    from peftserve.api.model_table import ModelTable
-    from peftserve.cli import ServeSettings
     from peftserve.config import EngineConfig
     from peftserve.engine.engine import AsyncLLMEngine, LLMEngine
+    from peftserve.server.adapters import AdapterService
+    from peftserve.server.canary import CanaryRuntime
+    from peftserve.server.model_table import ModelTable
+    from peftserve.server.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
 
@@ -108,37 +106,16 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-def build_serving_app(settings: ServeSettings) -> FastAPI:
-    """Load the engine, open the registry, serve its adapters; return the app (the engine
-    starts with the app)."""
-    check_model_dir(settings.engine.model.model)
-    table = _model_table(settings)
-    startup = _startup_adapters(settings)
-    from peftserve.api.app import build_app
-    from peftserve.engine.engine import AsyncLLMEngine
-
-    engine = load_engine(settings.engine)
-    table.max_model_len = engine.max_model_len
-    async_engine = AsyncLLMEngine(engine)
-    service = open_adapter_service(settings, async_engine, table)
-    try:
-        register_startup_adapters(service, startup)
-        service.restore()
-        canary = open_canary(settings, async_engine, service)
-    except BaseException:
-        service.close()
-        raise
-    return build_app(async_engine, table, settings.server, service, canary)
-
-
-def _model_table(settings: ServeSettings) -> ModelTable:
-    from peftserve.api.model_table import ModelTable
+def model_table(settings: ServeSettings) -> ModelTable:
+    from peftserve.server.model_table import ModelTable
 
     model_dir = Path(settings.engine.model.model).resolve()
-    return ModelTable(base_name=served_model_name(settings), base_path=str(model_dir), max_model_len=0)
+    return ModelTable(
+        base_name=served_model_name(settings), base_path=str(model_dir), max_model_len=0
+    )
 
 
-def _startup_adapters(settings: ServeSettings) -> dict[str, str]:
+def startup_adapters(settings: ServeSettings) -> dict[str, str]:
     adapters = served_adapters(settings)
     for name, path in adapters.items():
         if not (Path(path) / ADAPTER_CONFIG).is_file():
@@ -150,9 +127,9 @@ def open_adapter_service(
     settings: ServeSettings, engine: AsyncLLMEngine, table: ModelTable
 ) -> AdapterService:
     """Open the registry and stable pointers under --data-dir for the engine's base model."""
-    from peftserve.api.adapters import AdapterService
-    from peftserve.api.stable import StablePointers
     from peftserve.registry import Registry, base_fingerprint
+    from peftserve.server.adapters import AdapterService
+    from peftserve.server.stable import StablePointers
 
     data_dir = settings.server.data_dir
     llm = engine.engine
@@ -176,9 +153,11 @@ def open_adapter_service(
     )
 
 
-def open_canary(settings: ServeSettings, engine: AsyncLLMEngine, service: AdapterService) -> CanaryRuntime:
+def open_canary(
+    settings: ServeSettings, engine: AsyncLLMEngine, service: AdapterService
+) -> CanaryRuntime:
     """The rollout runtime on the registry's database; its rollouts are restored when the app starts."""
-    from peftserve.api.canary import CanaryRuntime
+    from peftserve.server.canary import CanaryRuntime
 
     data_dir = settings.server.data_dir
     try:
@@ -196,22 +175,6 @@ def register_startup_adapters(service: AdapterService, adapters: dict[str, str])
             record = service.register_startup(name, path)
         except RegistryError as e:
             raise StartupError(f"adapter {name!r} ({path}): {_one_line(e)}") from e
-        logger.info("adapter %s from %s is registered as %s (rank %d)", name, path, record.ref, record.rank)
-
-
-def run_server(settings: ServeSettings) -> None:
-    """Start serving and block until interrupted."""
-    import uvicorn
-
-    server = settings.server
-    configure_logging(server.log_level)
-    app = build_serving_app(settings)
-    logger.info("starting server on http://%s:%d (OpenAI API under /v1)", server.host, server.port)
-    uvicorn.run(
-        app,
-        host=server.host,
-        port=server.port,
-        log_config=None,  # uvicorn's loggers go through ours (one format)
-        log_level=server.log_level,
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-    )
+        logger.info(
+            "adapter %s from %s is registered as %s (rank %d)", name, path, record.ref, record.rank
+        )

@@ -43,20 +43,20 @@ from anyio import to_thread
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from peftserve.api.model_table import Target, lora_id_of
 from peftserve.canary.controller import ControllerConfig, ControllerHooks, RolloutController
 from peftserve.canary.metrics import MetricWindows
 from peftserve.canary.spec import STATES
 from peftserve.canary.store import RolloutStore
 from peftserve.engine.engine import NON_FINITE_ERROR
 from peftserve.engine.sampling_params import SamplingParams
+from peftserve.server.model_table import Target, lora_id_of
 
 if TYPE_CHECKING:
-    from peftserve.api.adapters import AdapterService
-    from peftserve.api.metrics import FinishHook, RequestTracker
     from peftserve.config import CanaryConfig
     from peftserve.engine.engine import AsyncLLMEngine
     from peftserve.engine.outputs import RequestOutput
+    from peftserve.server.adapters import AdapterService
+    from peftserve.server.metrics import FinishHook, RequestTracker
 
 logger = logging.getLogger(__name__)
 
@@ -177,9 +177,13 @@ class CanaryRuntime:
         ids = list(llm.tokenizer(prompt)["input_ids"])
         room = llm.max_model_len - len(ids)
         if room < 1:
-            raise ValueError(f"probe prompt has {len(ids)} tokens; the context holds {llm.max_model_len}")
+            raise ValueError(
+                f"probe prompt has {len(ids)} tokens; the context holds {llm.max_model_len}"
+            )
         params = SamplingParams(max_tokens=min(self.config.probe_max_tokens, room), temperature=0.0)
-        result = await self.generate(f"probe-{uuid.uuid4().hex}", ids, params, lora_id_of(task, version))
+        result = await self.generate(
+            f"probe-{uuid.uuid4().hex}", ids, params, lora_id_of(task, version)
+        )
         if result.failed:
             raise RuntimeError(f"the engine failed the probe: {result.error}")
         return result.text
@@ -240,12 +244,21 @@ class CanaryRuntime:
             self._account(target, tracker, out, fallback)
             if tracker.outcome != "ok":
                 return
-            in_experiment = target.decision is not None and target.decision.in_experiment and not fallback
+            in_experiment = (
+                target.decision is not None and target.decision.in_experiment and not fallback
+            )
             self.windows.register_completion(completion_id, target.task, target.version,
                                              arm=target.arm, in_experiment=in_experiment)  # fmt: skip
             decision = target.decision
-            if decision is not None and decision.shadow and decision.shadow_version and not fallback:
-                self._schedule_shadow(target, prompt_ids, params, list(tracker.token_ids), tracker.text)
+            if (
+                decision is not None
+                and decision.shadow
+                and decision.shadow_version
+                and not fallback
+            ):
+                self._schedule_shadow(
+                    target, prompt_ids, params, list(tracker.token_ids), tracker.text
+                )
 
         return on_finish
 
@@ -260,14 +273,18 @@ class CanaryRuntime:
             self.windows.record_request(target.task, target.version, in_experiment=decision.in_experiment,
                                         error=True)  # fmt: skip
 
-    def _account(self, target: Target, tracker: RequestTracker, out: RequestOutput, fallback: bool) -> None:
+    def _account(
+        self, target: Target, tracker: RequestTracker, out: RequestOutput, fallback: bool
+    ) -> None:
         decision = target.decision
         if decision is None:
             return
         error = out.finish_reason == "error"
         non_finite = error and out.error == NON_FINITE_ERROR
         if error and decision.arm == "candidate" and decision.in_experiment and not fallback:
-            self.controller.record_canary_failure(target.task, target.version, non_finite=non_finite)
+            self.controller.record_canary_failure(
+                target.task, target.version, non_finite=non_finite
+            )
             return
         outcome = dict(
             error=error, non_finite=non_finite, ttft=tracker.ttft, tpot=tracker.tpot, e2e=tracker.e2e,
@@ -285,11 +302,18 @@ class CanaryRuntime:
         counts[outcome] += 1
 
     def _schedule_shadow(
-        self, target: Target, prompt_ids: list[int], params: SamplingParams, stable_ids: list[int], stable_text: str
+        self,
+        target: Target,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        stable_ids: list[int],
+        stable_text: str,
     ) -> None:
         if len(self._shadows) >= self.config.shadow_max_inflight:
             self._count_shadow(target.task, "skipped")
-            logger.debug("task %s: shadow copy skipped (%d running)", target.task, len(self._shadows))
+            logger.debug(
+                "task %s: shadow copy skipped (%d running)", target.task, len(self._shadows)
+            )
             return
         work = self._run_shadow(target, prompt_ids, params, stable_ids, stable_text)
         task = asyncio.get_running_loop().create_task(work, name=f"shadow-{target.task}")
@@ -297,7 +321,12 @@ class CanaryRuntime:
         task.add_done_callback(self._shadows.discard)
 
     async def _run_shadow(
-        self, target: Target, prompt_ids: list[int], params: SamplingParams, stable_ids: list[int], stable_text: str
+        self,
+        target: Target,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        stable_ids: list[int],
+        stable_text: str,
     ) -> None:
         await asyncio.sleep(0)  # after the stable answer is on its way
         decision = target.decision
@@ -306,11 +335,19 @@ class CanaryRuntime:
         try:
             copy = await self.generate(f"shadow-{uuid.uuid4().hex}", prompt_ids, shadow_params(params),
                                        lora_id_of(task, candidate))  # fmt: skip
-        except Exception as e:  # refused before the engine ran it (queue full, adapter gone): not judged
-            logger.warning("task %s: shadow copy on %s skipped: %s: %s", task, candidate, type(e).__name__, e)
+        except (
+            Exception
+        ) as e:  # refused before the engine ran it (queue full, adapter gone): not judged
+            logger.warning(
+                "task %s: shadow copy on %s skipped: %s: %s", task, candidate, type(e).__name__, e
+            )
             self._count_shadow(task, "skipped")
             return
-        llr = None if copy.failed else await self._llr(task, stable, candidate, prompt_ids, stable_ids)
+        llr = (
+            None
+            if copy.failed
+            else await self._llr(task, stable, candidate, prompt_ids, stable_ids)
+        )
         self.windows.record_shadow(
             task, stable, candidate, exact_match=not copy.failed and copy.text == stable_text, llr=llr,
             e2e=copy.e2e, error=copy.failed, out_len=len(copy.token_ids), ttft=copy.ttft,
@@ -346,11 +383,20 @@ class RolloutCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         snap = self._runtime.controller.metrics_snapshot()
         tasks: dict[str, dict[str, Any]] = snap["tasks"]
-        yield self._per_task("canary_weight", "Candidate share of the task's traffic, in percent.", tasks, "weight")
-        yield self._per_task("rollout_last_score", "Score (0-100) of the latest judgment with data.", tasks, "last_score")
+        yield self._per_task(
+            "canary_weight", "Candidate share of the task's traffic, in percent.", tasks, "weight"
+        )
+        yield self._per_task(
+            "rollout_last_score",
+            "Score (0-100) of the latest judgment with data.",
+            tasks,
+            "last_score",
+        )
         yield self._states(tasks)
         yield self._counts("rollout_judgments", "Judgments by result.", snap["judgments"], "result")
-        yield self._counts("rollout_decisions", "Controller decisions by action.", snap["decisions"], "action")
+        yield self._counts(
+            "rollout_decisions", "Controller decisions by action.", snap["decisions"], "action"
+        )
         yield self._counts("canary_shadow_copies", "Shadow copies by outcome (ok, error, skipped).",
                            self._runtime.shadow_counts, "outcome")  # fmt: skip
         yield GaugeMetricFamily(f"{PREFIX}_rollouts_active", "Rollouts in shadow, ramping or paused.",
@@ -382,4 +428,3 @@ class RolloutCollector(Collector):
             for key, count in sorted(counts.items()):
                 family.add_metric([task, key], float(count))
         return family
-

@@ -14,9 +14,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from peftserve.api.errors import invalid_request, model_not_found
-from peftserve.api.schemas import ModelCard, ModelList
 from peftserve.canary.router import RouteDecision, Router, RoutingError
+from peftserve.server.errors import invalid_request, model_not_found
 
 BASE_VERSION = "base"
 """The version label of the base model (no adapter)."""
@@ -52,6 +51,17 @@ class Target:
         return {VERSION_HEADER: f"{self.task}@{self.version}", ARM_HEADER: self.arm}
 
 
+@dataclass(frozen=True)
+class ModelEntry:
+    """One servable model name (``GET /v1/models`` shows each as a model card)."""
+
+    id: str
+    created: int
+    root: str
+    parent: str | None = None
+    max_model_len: int | None = None
+
+
 @dataclass
 class ServedVersion:
     root: str
@@ -76,7 +86,9 @@ class ModelTable:
     def add_version(self, task: str, version: str, root: str, created: float | None = None) -> None:
         """Make ``task@version`` servable (pinned); a task takes traffic once it has a stable version."""
         if task == self.base_name:
-            raise ValueError(f"task {task!r} has the base model's name; adapter names must be unique")
+            raise ValueError(
+                f"task {task!r} has the base model's name; adapter names must be unique"
+            )
         served = ServedVersion(root, int(created) if created is not None else int(time.time()))
         self.versions.setdefault(task, {})[version] = served
         stable = self.stable(task)
@@ -136,7 +148,9 @@ class ModelTable:
             if exc.status == 404:
                 raise model_not_found(model) from None
             raise invalid_request(str(exc), "model", "invalid_model") from None
-        return Target(decision.task, decision.version, lora_id_of(decision.task, decision.version), decision)
+        return Target(
+            decision.task, decision.version, lora_id_of(decision.task, decision.version), decision
+        )
 
     def fallback(self, target: Target) -> Target:
         """Where a failed candidate request goes instead: the stable arm of its task's rollout.
@@ -151,28 +165,27 @@ class ModelTable:
         stable = rollout.spec.stable if rollout is not None else self.stable(decision.task)
         if stable is None:
             raise model_not_found(decision.task)
-        fallback = RouteDecision(decision.task, stable, "stable", decision.reason, False, decision.bucket)
+        fallback = RouteDecision(
+            decision.task, stable, "stable", decision.reason, False, decision.bucket
+        )
         return Target(decision.task, stable, lora_id_of(decision.task, stable), fallback)
 
-    def cards(self) -> ModelList:
+    def cards(self) -> list[ModelEntry]:
         """The base model, then each task (its stable version's files) and each ``task@version``."""
-        base = ModelCard(
-            id=self.base_name, created=self.created, root=self.base_path, max_model_len=self.max_model_len
-        )
-        cards = [base]
+        cards = [ModelEntry(self.base_name, self.created, self.base_path, None, self.max_model_len)]
         for task in self.tasks:
             versions = self.versions.get(task, {})
             stable = versions.get(self.router.tasks[task])
             if stable is not None:
                 cards.append(self._card(task, stable))
             cards.extend(self._card(lora_id_of(task, v), s) for v, s in versions.items())
-        return ModelList(data=cards)
+        return cards
 
-    def _card(self, model_id: str, served: ServedVersion) -> ModelCard:
-        return ModelCard(id=model_id, created=served.created, root=served.root, parent=self.base_name)
+    def _card(self, model_id: str, served: ServedVersion) -> ModelEntry:
+        return ModelEntry(model_id, served.created, served.root, self.base_name)
 
-    def card(self, model: str) -> ModelCard:
-        for card in self.cards().data:
+    def card(self, model: str) -> ModelEntry:
+        for card in self.cards():
             if card.id == model:
                 return card
         raise model_not_found(model)

@@ -1,0 +1,286 @@
+"""Prometheus metrics (served at GET /metrics), in a CollectorRegistry owned by the app.
+
+Per served adapter (labels ``task``, ``version``; the base model is task "<base name>",
+version "base"): requests by outcome (ok, error, aborted), time to first token, time per
+output token (one observation per request: its mean inter-token time), end-to-end latency,
+and prompt and generated tokens. Label values come only from the model table (what the
+registry holds), after a request's model has been resolved: an unknown model never makes
+a series. A deleted version's series are removed.
+
+Engine state (adapter slots, CPU cache, adapter loads, running and waiting sequences, KV
+blocks) is read from ``engine.stats`` at scrape time by ``EngineCollector``. Adapter load
+latency is a histogram fed by the engine's ``on_adapter_load`` hook. Rollouts (canary weight,
+state, judgments and decisions by outcome, last score, shadow copies, per task) come from
+``peftserve.server.canary.RolloutCollector``, read from the controller at scrape time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
+
+from peftserve.server.errors import APIError, ClientDisconnected
+
+if TYPE_CHECKING:
+    from peftserve.engine.engine import AsyncLLMEngine
+    from peftserve.engine.outputs import RequestOutput
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "peftserve"
+OUTCOMES = ("ok", "error", "aborted")
+LOAD_SOURCES = ("cpu", "disk")
+TIERS = ("gpu", "cpu", "disk")
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5)
+E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
+LOAD_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_FINISH_OUTCOMES = {"stop": "ok", "length": "ok", "error": "error", "abort": "aborted"}
+
+
+class Metrics:
+    """The app's metrics and their registry."""
+
+    def __init__(self, engine: AsyncLLMEngine) -> None:
+        self.registry = CollectorRegistry()
+        labels = ["task", "version"]
+        self.requests = Counter(
+            f"{PREFIX}_requests", "Requests by served adapter and outcome (ok, error, aborted).",
+            [*labels, "outcome"], registry=self.registry,
+        )  # fmt: skip
+        self.ttft = self._histogram(
+            "time_to_first_token_seconds",
+            "Time from request arrival to its first token.",
+            TTFT_BUCKETS,
+        )
+        self.tpot = self._histogram(
+            "time_per_output_token_seconds",
+            "Mean time between output tokens, one observation per request.", TPOT_BUCKETS,
+        )  # fmt: skip
+        self.e2e = self._histogram(
+            "e2e_request_latency_seconds",
+            "Time from request arrival to its last token.",
+            E2E_BUCKETS,
+        )
+        self.prompt_tokens = Counter(
+            f"{PREFIX}_prompt_tokens", "Prompt tokens of finished requests.", labels,
+            registry=self.registry,
+        )  # fmt: skip
+        self.generation_tokens = Counter(
+            f"{PREFIX}_generation_tokens", "Tokens generated.", labels, registry=self.registry
+        )
+        self.adapter_load = Histogram(
+            f"{PREFIX}_adapter_load_seconds", "Time to load an adapter into a slot, by source (cpu, disk).",
+            ["source"], buckets=LOAD_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.registry.register(EngineCollector(engine))
+        self._lock = threading.Lock()
+        self._series: set[tuple[str, str]] = set()
+
+    def _histogram(self, name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+        return Histogram(
+            f"{PREFIX}_{name}", doc, ["task", "version"], buckets=buckets, registry=self.registry
+        )
+
+    def track(self, task: str, version: str, on_finish: FinishHook | None = None) -> RequestTracker:
+        """A tracker for one request served by ``task``/``version`` (both from the model table)."""
+        with self._lock:
+            self._series.add((task, version))
+        return RequestTracker(self, task, version, on_finish)
+
+    def observe_adapter_load(self, lora_id: str, seconds: float, source: str) -> None:
+        """The engine's ``on_adapter_load`` hook (called from the engine thread)."""
+        self.adapter_load.labels(source if source in LOAD_SOURCES else "other").observe(seconds)
+        logger.info("adapter %s loaded from %s in %.3f s", lora_id, source, seconds)
+
+    def forget(self, task: str, version: str) -> None:
+        """Remove the series of a deleted version."""
+        with self._lock:
+            if (task, version) not in self._series:
+                return
+            self._series.discard((task, version))
+        for outcome in OUTCOMES:
+            _remove(self.requests, task, version, outcome)
+        for metric in (self.ttft, self.tpot, self.e2e, self.prompt_tokens, self.generation_tokens):
+            _remove(metric, task, version)
+
+    def add_collector(self, collector: Collector) -> None:
+        """Export ``collector``'s metrics too (the rollout collector)."""
+        self.registry.register(collector)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def _remove(metric: Counter | Histogram, *labels: str) -> None:
+    with contextlib.suppress(KeyError):
+        metric.remove(*labels)
+
+
+def failure_outcome(exc: BaseException) -> str:
+    """The outcome of a request that raised ``exc``: aborted (the client left, the server
+    stopped it) or error."""
+    if isinstance(exc, (asyncio.CancelledError, ClientDisconnected)):
+        return "aborted"
+    if isinstance(exc, APIError) and exc.code == "aborted":
+        return "aborted"
+    return "error"
+
+
+FinishHook = Callable[["RequestTracker"], None]
+"""Called once with the tracker when its request is recorded (the canary layer's hook)."""
+
+
+class RequestTracker:
+    """Times one request and records it once, with the outcome of its last output.
+
+    It also keeps what the canary layer reads when the request ends (``on_finish``): the
+    output's token ids and text, the last output, and the timings.
+    """
+
+    def __init__(
+        self, metrics: Metrics, task: str, version: str, on_finish: FinishHook | None = None
+    ) -> None:
+        self._metrics = metrics
+        self._labels = (task, version)
+        self._start = time.perf_counter()
+        self._first: float | None = None
+        self._last: float | None = None
+        self._out: RequestOutput | None = None
+        self._done = False
+        self.on_finish = on_finish
+        self.outcome: str | None = None
+        """ok, error or aborted, once recorded."""
+        self.token_ids: list[int] = []
+        self.text = ""
+
+    def on_output(self, out: RequestOutput) -> None:
+        now = time.perf_counter()
+        if out.token_ids:
+            if self._first is None:
+                self._first = now
+                self._metrics.ttft.labels(*self._labels).observe(now - self._start)
+            self._last = now
+        self.token_ids.extend(out.token_ids)
+        self.text += out.text
+        self._out = out
+
+    @property
+    def last_output(self) -> RequestOutput | None:
+        """The last output the engine sent (None: the request never reached the engine)."""
+        return self._out
+
+    @property
+    def ttft(self) -> float | None:
+        """Seconds from arrival to the first token."""
+        return None if self._first is None else self._first - self._start
+
+    @property
+    def e2e(self) -> float | None:
+        """Seconds from arrival to the last token."""
+        return None if self._last is None else self._last - self._start
+
+    @property
+    def tpot(self) -> float | None:
+        """Mean seconds per output token after the first."""
+        out = self._out
+        if out is None or self._first is None or self._last is None or out.completion_tokens < 2:
+            return None
+        return (self._last - self._first) / (out.completion_tokens - 1)
+
+    def close(self) -> None:
+        """The stream ended: record it with the outcome its last output gives."""
+        self.finish()
+
+    def finish(self, outcome: str | None = None) -> None:
+        """Record the request (first call only); ``outcome`` defaults to the one of the last output."""
+        if self._done:
+            return
+        self._done = True
+        out = self._out
+        if outcome is None:
+            reason = out.finish_reason if out is not None and out.finished else "abort"
+            outcome = _FINISH_OUTCOMES.get(reason or "", "error")
+        self.outcome = outcome
+        self._record(outcome)
+        if self.on_finish is not None:
+            try:
+                self.on_finish(self)
+            except Exception:  # accounting must never fail a request
+                logger.exception("request finish hook failed")
+
+    def _record(self, outcome: str) -> None:
+        out, m, labels = self._out, self._metrics, self._labels
+        m.requests.labels(*labels, outcome).inc()
+        if out is None:
+            return
+        m.prompt_tokens.labels(*labels).inc(out.prompt_tokens)
+        m.generation_tokens.labels(*labels).inc(out.completion_tokens)
+        if outcome != "ok" or self.e2e is None:
+            return
+        m.e2e.labels(*labels).observe(self.e2e)
+        if self.tpot is not None:
+            m.tpot.labels(*labels).observe(self.tpot)
+
+
+class EngineCollector(Collector):
+    """Engine gauges and counters, read from ``engine.stats`` at every scrape."""
+
+    def __init__(self, engine: AsyncLLMEngine) -> None:
+        self._engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._engine.stats
+        yield _gauge(
+            "gpu_slots_used", "Adapter slots holding an adapter (the GPU tier).", s.gpu_slots_used
+        )
+        yield _gauge("gpu_slots_total", "Adapter slots (--max-loras).", s.gpu_slots_total)
+        yield _gauge("cpu_cache_adapters", "Adapters in the CPU cache.", s.cpu_cache_used)
+        yield _gauge(
+            "queue_depth",
+            "Requests queued for admission (bounded by --max-waiting).",
+            s.num_waiting,
+        )
+        yield _gauge("num_requests_running", "Sequences in the running batch.", s.num_running)
+        yield _gauge("num_requests_waiting", "Sequences waiting to be scheduled.", s.num_waiting)
+        yield _gauge("kv_cache_blocks_used", "KV-cache blocks in use.", s.kv_blocks_used)
+        yield _gauge("kv_cache_blocks_total", "KV-cache blocks.", s.kv_blocks_total)
+        yield _counter(
+            "cpu_cache_hits", "Adapters made resident from the CPU cache.", s.cpu_cache_hits
+        )
+        yield _counter(
+            "cpu_cache_misses", "Adapters read from disk when needed.", s.cpu_cache_misses
+        )
+        yield _counter("adapter_loads", "Adapters written into a slot.", s.adapter_loads)
+        yield _counter("adapter_evictions", "Adapters moved off the GPU.", s.adapter_evictions)
+        yield self._adapters_by_tier()
+
+    def _adapters_by_tier(self) -> Metric:
+        family = GaugeMetricFamily(
+            f"{PREFIX}_adapters", "Registered adapters by tier (gpu, cpu, disk).", labels=["tier"]
+        )
+        counts = dict.fromkeys(TIERS, 0)
+        for tier in self._engine.lora_status().values():
+            if tier in counts:
+                counts[tier] += 1
+        for tier, count in counts.items():
+            family.add_metric([tier], count)
+        return family
+
+
+def _gauge(name: str, doc: str, value: float) -> Metric:
+    return GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=float(value))
+
+
+def _counter(name: str, doc: str, value: float) -> Metric:
+    return CounterMetricFamily(f"{PREFIX}_{name}", doc, value=float(value))

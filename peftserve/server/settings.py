@@ -1,0 +1,181 @@
+"""The settings of ``peftserve serve``: one flag per field of the config dataclasses (STYLE item 2).
+
+A field's flag is its name with dashes, its help is the field's docstring, list fields are
+repeatable flags, and every field has a ``PEFTSERVE_<FIELD>`` environment variable (lists
+comma-separated). A flag beats its environment variable, which beats the field's default.
+The argparse side lives in ``peftserve.cli``; this module turns values into ``ServeSettings``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import textwrap
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+from peftserve.config import (
+    CacheConfig,
+    CanaryConfig,
+    EngineConfig,
+    LoRAConfig,
+    ModelConfig,
+    SchedulerConfig,
+    ServerConfig,
+)
+
+CONFIG_CLASSES: tuple[type, ...] = (
+    ModelConfig,
+    LoRAConfig,
+    CacheConfig,
+    SchedulerConfig,
+    ServerConfig,
+    CanaryConfig,
+)
+ENV_PREFIX = "PEFTSERVE_"
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+
+
+@dataclass(frozen=True)
+class FlagSpec:
+    """One config field as a command-line flag and an environment variable."""
+
+    owner: type
+    field: str
+    kind: type
+    """Scalar type (int, float, str, bool); for list fields, the element type."""
+    is_list: bool
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.field.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.field.upper()
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name -> the docstring written under it in the class body."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for stmt, nxt in zip(body, body[1:], strict=False):
+        if _is_field(stmt) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[stmt.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore[attr-defined]
+    return docs
+
+
+def _is_field(stmt: ast.stmt) -> bool:
+    return isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+
+
+def flag_specs(classes: Sequence[type] = CONFIG_CLASSES) -> list[FlagSpec]:
+    """Every field of ``classes`` as a FlagSpec; field names must be unique across them."""
+    specs: dict[str, FlagSpec] = {}
+    for cls in classes:
+        hints = typing.get_type_hints(cls)
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in specs:
+                raise ValueError(f"config field {f.name!r} is defined twice; flags must be unique")
+            kind, is_list = _flag_type(hints[f.name])
+            specs[f.name] = FlagSpec(cls, f.name, kind, is_list, docs.get(f.name, ""))
+    return list(specs.values())
+
+
+def _flag_type(tp: Any) -> tuple[type, bool]:
+    """int -> (int, False); list[str] -> (str, True); int | None -> (int, False)."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return typing.get_args(tp)[0], True
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if args:
+        return _flag_type(args[0])
+    return tp, False
+
+
+def default_of(spec: FlagSpec) -> Any:
+    f = next(f for f in dataclasses.fields(spec.owner) if f.name == spec.field)
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory()  # type: ignore[misc]
+
+
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"expected true or false, not {text!r}")
+
+
+def converter(spec: FlagSpec) -> Callable[[str], Any]:
+    return _parse_bool if spec.kind is bool else spec.kind
+
+
+def config_values(
+    args: argparse.Namespace, specs: Sequence[FlagSpec], environ: Mapping[str, str]
+) -> dict[str, Any]:
+    """Field -> value for every field set by flag or environment; defaults are left out."""
+    values: dict[str, Any] = {}
+    for spec in specs:
+        if hasattr(args, spec.field):
+            values[spec.field] = getattr(args, spec.field)
+        elif spec.env in environ:
+            values[spec.field] = _from_env(spec, environ[spec.env])
+    return values
+
+
+def _from_env(spec: FlagSpec, raw: str) -> Any:
+    convert = converter(spec)
+    try:
+        if spec.is_list:
+            return [convert(item.strip()) for item in raw.split(",") if item.strip()]
+        return convert(raw.strip())
+    except ValueError as e:
+        raise ValueError(f"{spec.env}={raw!r}: {e}") from None
+
+
+def build_configs(values: Mapping[str, Any], specs: Sequence[FlagSpec]) -> dict[type, Any]:
+    """Instantiate each config class from ``values`` (its ``__post_init__`` may raise ValueError)."""
+    configs = {}
+    for cls in dict.fromkeys(spec.owner for spec in specs):
+        names = {s.field for s in specs if s.owner is cls}
+        configs[cls] = cls(**{k: v for k, v in values.items() if k in names})
+    return configs
+
+
+@dataclass
+class ServeSettings:
+    """Everything ``peftserve serve`` runs with: the engine's configs, the server's, the canary's."""
+
+    engine: EngineConfig
+    server: ServerConfig
+    explicit: frozenset[str]
+    """Fields set by a flag or an environment variable (the rest took their default)."""
+    canary: CanaryConfig = dataclasses.field(default_factory=CanaryConfig)
+
+
+def settings_from_values(
+    values: Mapping[str, Any], specs: Sequence[FlagSpec] | None = None
+) -> ServeSettings:
+    """``ServeSettings`` from field values (those left out take their defaults); raises ValueError."""
+    specs = flag_specs() if specs is None else specs
+    configs = build_configs(values, specs)
+    engine = EngineConfig(
+        model=configs[ModelConfig],
+        lora=configs[LoRAConfig],
+        cache=configs[CacheConfig],
+        scheduler=configs[SchedulerConfig],
+    )
+    return ServeSettings(engine, configs[ServerConfig], frozenset(values), configs[CanaryConfig])
