@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import Depends, FastAPI, Request
+from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file, save_file
 
 from peftserve.api.auth import is_admin, require_api_key
@@ -377,12 +378,27 @@ def test_async_client_rollout_methods(url: str, alpha: dict[str, Any]) -> None:
 
 
 def test_metrics_export_rollout_state(url: str, alpha: dict[str, Any]) -> None:
+    inside, outside = users("alpha", 25, True)[0], users("alpha", 25, False)[0]
+    assert served(complete(url, "alpha", user=inside)) == ("alpha@v2", "candidate")
+    assert served(complete(url, "alpha", user=outside)) == ("alpha@v1", "stable")
+    assert served(complete(url, "alpha@v2"))[0] == "alpha@v2"  # pinned: its own arm in the metrics
     assert wait_for(lambda: "peftserve_rollout_judgments_total{" in httpx.get(f"{url}/metrics").text)
-    text_ = httpx.get(f"{url}/metrics", timeout=10).text
-    assert 'peftserve_canary_weight{task="alpha"} 25.0' in text_
-    assert 'peftserve_rollout_state{state="ramping",task="alpha"} 1.0' in text_
-    assert 'peftserve_rollout_state{state="paused",task="alpha"} 0.0' in text_
-    assert 'peftserve_requests_total{outcome="ok",task="alpha",version="v2"}' in text_
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text)}
+
+    def value(name: str, sample: str | None = None, **labels: str) -> float | None:
+        hits = [s.value for s in families[name].samples
+                if s.name == (sample or name) and all(s.labels.get(k) == v for k, v in labels.items())]  # fmt: skip
+        return sum(hits) if hits else None
+
+    assert value("peftserve_canary_weight_ratio", task="alpha") == 0.25
+    assert value("peftserve_rollout_state", task="alpha", state="ramping") == 1.0
+    assert value("peftserve_rollout_state", task="alpha", state="paused") == 0.0
+    total = "peftserve_requests_total"
+    for arm, version in (("candidate", "v2"), ("stable", "v1"), ("pinned", "v2")):
+        assert value("peftserve_requests", total, task="alpha", version=version, arm=arm, outcome="ok") >= 1, arm
+    samples = "peftserve_canary_window_samples"
+    assert value(samples, task="alpha", version="v2", arm="candidate", kind="requests") >= 1
+    assert value(samples, task="alpha", version="v1", arm="stable", kind="requests") >= 1
 
 
 # ---- a failing candidate --------------------------------------------------------------------------
@@ -472,6 +488,12 @@ def test_shadow_copies_never_reach_the_client_and_measure_divergence(url: str, c
     assert same["errors"] == 0 and same["agreement_rate"] == 1.0
     diff = _shadow_run(url, client, "diff")
     assert diff["errors"] == 0 and diff["agreement_rate"] < 1.0
+    # Prometheus counts the copies apart from user traffic, on the candidate's series.
+    metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    shadowed = [f for f in text_string_to_metric_families(metrics) if f.name == "peftserve_requests"][0]
+    copies = sum(s.value for s in shadowed.samples if s.labels["arm"] == "shadow" and s.labels["version"] == "diff"
+                 and s.labels["outcome"] == "ok")  # fmt: skip
+    assert copies >= diff["n"], (copies, diff)
     if not HAS_SCORE:
         pytest.skip("engine.score is missing: shadow LLR not measured (agreement checked)")
     assert same["noise_floor_n"] >= 1 and abs(same["noise_floor_mean_llr"]) < 1e-3

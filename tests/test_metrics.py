@@ -1,5 +1,7 @@
 """GET /metrics: Prometheus text that parses, per-adapter request series labelled only from the
-registry, and the engine's adapter-tier and queue gauges."""
+registry (with the arm and an outcome that separates 4xx from 5xx), the engine's adapter-tier
+and queue gauges labelled with their device, the process and Python collectors, and no
+``*_created`` series."""
 
 from __future__ import annotations
 
@@ -22,8 +24,9 @@ REQUEST_FAMILIES = (
     "peftserve_generation_tokens",
 )
 ENGINE_FAMILIES = (
-    "peftserve_gpu_slots_used",
-    "peftserve_gpu_slots_total",
+    "peftserve_engine_info",
+    "peftserve_adapter_slots_used",
+    "peftserve_adapter_slots",
     "peftserve_cpu_cache_hits",
     "peftserve_cpu_cache_misses",
     "peftserve_adapter_load_seconds",
@@ -31,6 +34,10 @@ ENGINE_FAMILIES = (
     "peftserve_num_requests_running",
     "peftserve_num_requests_waiting",
     "peftserve_adapters",
+    "process_cpu_seconds",
+    "process_resident_memory_bytes",
+    "python_gc_collections",
+    "python_info",
 )
 
 
@@ -82,8 +89,12 @@ def test_metrics_hold_request_and_engine_series(url: str) -> None:
     for name in REQUEST_FAMILIES + ENGINE_FAMILIES:
         assert name in families, name
     alpha = {"task": "alpha", "version": "v1"}
-    assert _value(families, "peftserve_requests", "peftserve_requests_total", outcome="ok", **alpha) == 3
-    assert _value(families, "peftserve_requests", "peftserve_requests_total", outcome="error", **alpha) == 1
+    requests = "peftserve_requests"
+    assert _value(families, requests, f"{requests}_total", outcome="ok", **alpha) == 3
+    assert _value(families, requests, f"{requests}_total", outcome="ok", arm="stable", **alpha) == 2
+    assert _value(families, requests, f"{requests}_total", outcome="ok", arm="pinned", **alpha) == 1
+    assert _value(families, requests, f"{requests}_total", outcome="client_error", **alpha) == 1  # the 400
+    assert _value(families, requests, f"{requests}_total", outcome="server_error", **alpha) == 0
     base = {"task": "base", "version": "base"}
     assert _value(families, "peftserve_requests", "peftserve_requests_total", outcome="ok", **base) == 1
     ttft = "peftserve_time_to_first_token_seconds"
@@ -92,12 +103,18 @@ def test_metrics_hold_request_and_engine_series(url: str) -> None:
     assert _value(families, tpot, f"{tpot}_count", **base) == 1
     assert _value(families, "peftserve_generation_tokens", "peftserve_generation_tokens_total", **alpha) == 15
     assert _value(families, "peftserve_prompt_tokens", "peftserve_prompt_tokens_total", **alpha) == 9
-    assert _value(families, "peftserve_gpu_slots_total", "peftserve_gpu_slots_total") == 1
+    # A CPU server says where its adapter slots are: never a series that reads as GPU slots.
+    assert _value(families, "peftserve_adapter_slots", "peftserve_adapter_slots", device="cpu") == 1
+    assert _value(families, "peftserve_engine_info", "peftserve_engine_info", device="cpu") == 1
+    assert not [name for name in families if "gpu" in name]
+    assert {s.labels["tier"] for s in families["peftserve_adapters"].samples} == {"slot", "cpu_cache", "disk"}
     assert _value(families, "peftserve_cpu_cache_hits", "peftserve_cpu_cache_hits_total") >= 1
     load = "peftserve_adapter_load_seconds"
     assert _value(families, load, f"{load}_count") >= 2
     labels = {v for f in families.values() for s in f.samples for v in s.labels.values()}
     assert not labels & {"nobody", "nobody@x", "x"}
+    created = [s.name for f in families.values() for s in f.samples if s.name.endswith("_created")]
+    assert not created, created
 
 
 def test_a_client_that_leaves_counts_as_aborted(url: str) -> None:

@@ -66,6 +66,7 @@ def build_app(
     if adapters is not None:
         adapters.on_delete.append(app_metrics.forget)
     if canary is not None:
+        canary.request_metrics = app_metrics
         app_metrics.add_collector(RolloutCollector(canary))
     app.state.serving = ServingState(
         engine=engine,

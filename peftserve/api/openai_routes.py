@@ -53,7 +53,7 @@ from peftserve.api.streaming import (
 )
 from peftserve.engine.sampling_params import SamplingParams
 from peftserve.server.errors import APIError
-from peftserve.server.metrics import RequestTracker, failure_outcome
+from peftserve.server.metrics import RequestTracker, failure_outcome, request_arm
 from peftserve.server.model_table import Target
 
 logger = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ def _prepare(state: ServingState, target: Target, build: Callable[[], Job]) -> J
     try:
         return build()
     except BaseException as exc:
-        state.metrics.track(target.task, target.version).finish(failure_outcome(exc))
+        state.metrics.track(target.task, target.version, request_arm(target)).finish(failure_outcome(exc))
         _name(exc, target)
         raise
 
@@ -324,7 +324,7 @@ def _track(state: ServingState, job: Job, target: Target, fallback: bool) -> Req
     hook = None
     if state.canary is not None:
         hook = state.canary.finish_hook(target, job.request_id, job.prompt_ids, job.params, fallback=fallback)
-    return state.metrics.track(target.task, target.version, hook)
+    return state.metrics.track(target.task, target.version, request_arm(target), hook)
 
 
 def _fallback(state: ServingState, target: Target, exc: BaseException) -> Target | None:
