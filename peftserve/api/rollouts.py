@@ -7,6 +7,7 @@ Admin routes (the admin token, as every /admin route)::
     GET  /admin/rollouts/{task}                where it stands: state, weight, step, versions,
                                                last judgment (score, result, reason), arms
     GET  /admin/rollouts/{task}/history        its events, oldest first (?limit=, ?kind=)
+    GET  /admin/rollouts/{task}/timeline       the same as time series, for the web page's charts
     POST /admin/rollouts/{task}/pause|resume|promote|rollback|retry   (body: {"reason": ...})
 
 The start body is ``RolloutSpec.to_dict()``'s shape: ``task`` and ``candidate`` are required;
@@ -40,8 +41,8 @@ from fastapi.responses import JSONResponse
 
 from peftserve.api.auth import require_admin, require_api_key
 from peftserve.api.state import get_state
-from peftserve.canary.controller import RolloutNotFoundError
 from peftserve.canary.spec import RolloutSpec, RolloutSpecError, default_metrics
+from peftserve.server import dashboard
 from peftserve.server.canary import CanaryRuntime
 from peftserve.server.errors import APIError, invalid_request
 
@@ -149,22 +150,11 @@ async def start_rollout(request: Request) -> JSONResponse:
 # ---- read ---------------------------------------------------------------------------------
 
 
-def _all_statuses(runtime: CanaryRuntime) -> list[dict[str, Any]]:
-    tasks = sorted(set(runtime.table.versions) | set(runtime.router.tasks))
-    out = []
-    for task in tasks:
-        try:
-            out.append(runtime.controller.status(task))
-        except RolloutNotFoundError:
-            continue
-    return out
-
-
 @admin_router.get("/rollouts")
 async def list_rollouts(request: Request) -> dict[str, Any]:
     """The latest rollout of every served task that had one (active or finished), by task."""
     runtime = _runtime(request)
-    return {"object": "list", "data": await to_thread.run_sync(_all_statuses, runtime)}
+    return {"object": "list", "data": await to_thread.run_sync(dashboard.all_rollout_statuses, runtime)}
 
 
 @admin_router.get("/rollouts/{task}")
@@ -188,6 +178,17 @@ async def rollout_history(
     with _rollout_errors():
         events = await to_thread.run_sync(read)
     return {"object": "list", "task": task, "data": events}
+
+
+@admin_router.get("/rollouts/{task}/timeline")
+async def rollout_timeline(
+    task: str, request: Request, limit: int = Query(dashboard.TIMELINE_EVENTS, ge=10, le=10_000)
+) -> dict[str, Any]:
+    """The task's latest rollout as time series for charts: weight and state, score, each metric's
+    numbers per judgment; its latest events; when the next judgment and the step's end are due."""
+    runtime = _runtime(request)
+    with _rollout_errors():
+        return await to_thread.run_sync(dashboard.rollout_timeline, runtime, task, limit)
 
 
 # ---- steer --------------------------------------------------------------------------------
