@@ -95,6 +95,9 @@ def test_metrics_hold_request_and_engine_series(url: str) -> None:
     assert _value(families, requests, f"{requests}_total", outcome="ok", arm="pinned", **alpha) == 1
     assert _value(families, requests, f"{requests}_total", outcome="client_error", **alpha) == 1  # the 400
     assert _value(families, requests, f"{requests}_total", outcome="server_error", **alpha) == 0
+    # ... and that 0 is a sample, so a dashboard's error ratio reads 0, not "no data"
+    assert any(s.labels["outcome"] == "server_error" and s.labels["task"] == "alpha"
+               for s in families[requests].samples)  # fmt: skip
     base = {"task": "base", "version": "base"}
     assert _value(families, "peftserve_requests", "peftserve_requests_total", outcome="ok", **base) == 1
     ttft = "peftserve_time_to_first_token_seconds"

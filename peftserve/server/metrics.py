@@ -129,7 +129,11 @@ class Metrics:
         if arm not in ARMS:
             raise ValueError(f"arm must be one of {', '.join(ARMS)}, not {arm!r}")
         with self._lock:
+            new = (task, version, arm) not in self._series
             self._series.add((task, version, arm))
+        if new:  # every outcome at 0, so an error ratio reads 0 rather than no data
+            for outcome in OUTCOMES:
+                self.requests.labels(task, version, arm, outcome)
         return RequestTracker(self, task, version, on_finish, arm=arm)
 
     def observe_adapter_load(self, lora_id: str, seconds: float, source: str) -> None:
