@@ -17,8 +17,9 @@ rollout of every task that had one (``RolloutController.status``).
   judge compares the interval with (+tolerance for a harmful increase, -tolerance for a
   harmful decrease). The records are read generically: a judge that stores other fields
   gets them charted under their own names;
-- ``events``: the latest events (state changes, judgments, decisions, errors, unloads), each
-  with its reason and stored payload, newest first;
+- ``events``: the latest events (state changes, judgments, decisions, errors, unloads) and
+  every older one but judgments and holds, each with its reason and stored payload, newest
+  first;
 - ``next_judgment_at`` and ``step_due_at``: when the controller judges next (the last
   judgment plus its interval) and when the current step's interval ends (the earliest time a
   pass can advance or promote), for the page's "next decision" line.
@@ -238,8 +239,17 @@ def build_timeline(status: Mapping[str, Any], events: list[dict[str, Any]], inte
         "weight": weight,
         "score": score,
         "metrics": {name: m.to_dict() for name, m in metrics.items()},
-        "events": [_event(e) for e in reversed(events[-RECENT_EVENTS:])],
+        "events": [_event(e) for e in reversed(_notable(events))],
     }
+
+
+def _notable(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The latest ``RECENT_EVENTS`` events, and every older one that is not a judgment or a hold
+    (state changes, pauses, errors, unloads...), oldest first."""
+    recent = events[-RECENT_EVENTS:]
+    older = [e for e in events[: -RECENT_EVENTS or None] if e["kind"] != "judgment"
+             and not (e["kind"] == "decision" and (e.get("payload") or {}).get("action") == "hold")]  # fmt: skip
+    return older + recent
 
 
 def _event(e: Mapping[str, Any]) -> dict[str, Any]:

@@ -296,7 +296,7 @@ function card(task) {
     c.head, c.summary, c.next, c.controls,
     h("h4", { text: "Over time" }), c.charts,
     h("h4", { text: "Latest judgment" }), c.judgment,
-    h("h4", { text: "Audit history (newest first)" }), c.events);
+    h("h4", { text: "Audit history (latest events, newest first)" }), c.events);
   c.reason = h("input", { type: "text", placeholder: "reason (recorded in the audit history)", "aria-label": "reason" });
   c.message = h("span", { class: "message muted", role: "status" });
   c.buttons = {};
@@ -452,7 +452,8 @@ function drawChart(c, key, title, series, data, extra = {}) {
     plot.replaceChildren();
     const opts = {
       width: chartWidth(box), height: extra.wide ? 220 : 200,
-      scales: { x: { time: true }, ...(extra.scales || {}) },
+      // Every chart of a rollout spans the same time: from its start to now (or its end).
+      scales: { x: { time: true, range: (u, lo, hi) => span(c, lo, hi) }, ...(extra.scales || {}) },
       series: [{}, ...series],
       axes: [{}, { size: 60, ...(extra.yAxis || {}) }],
       bands: extra.bands || [],
@@ -470,7 +471,16 @@ function drawChart(c, key, title, series, data, extra = {}) {
 
 const points = () => null;  // a series drawn as points only
 
+function span(c, lo, hi) {
+  const [start, end] = c.xRange || [lo, hi];
+  const from = Math.min(lo ?? start, start);
+  const to = Math.max(hi ?? end, end);
+  return to > from ? [from, to] : [from - 1, from + 1];
+}
+
 function renderCharts(tl, c) {
+  const s = tl.status;
+  c.xRange = [s.started_at, s.active ? tl.time : s.updated_at];
   const w = tl.weight;
   const sc = tl.score;
   const judged = sc.t;
@@ -593,18 +603,42 @@ function what(e) {
   return [e.kind];
 }
 
+function grouped(events) {
+  // Newest first. Judgments are left out (each decision carries its judgment's result and
+  // reason) and a run of decisions with the same action and result shows as one row, x N.
+  const out = [];
+  for (const e of events) {
+    if (e.kind === "judgment") continue;
+    const last = out[out.length - 1];
+    if (last && e.kind === "decision" && last.event.kind === "decision" && last.event.action === e.action
+        && last.event.result === e.result) {
+      last.count += 1;
+      last.since = e.at;
+    } else {
+      out.push({ event: e, count: 1, since: e.at });
+    }
+  }
+  return out;
+}
+
 function renderEvents(tl, c) {
-  // Records a person opened stay open across refreshes.
+  // Records a person opened, and the choice of view, stay across refreshes.
   const open = new Set([...c.events.querySelectorAll("details[open]")].map((d) => d.closest("tr").dataset.id));
-  const rows = tl.events.map((e) => h("tr", { "data-kind": e.kind, "data-id": e.id },
-    h("td", { text: clock(e.at), title: e.time || "" }),
+  if (!c.everyEvent) {
+    c.everyEvent = h("input", { type: "checkbox", onchange: () => renderEvents(page.timelines[c.root.dataset.task], c) });
+    c.eventsView = h("label", { class: "muted" }, c.everyEvent, " every event (judgments and each hold)");
+  }
+  const items = c.everyEvent.checked ? tl.events.map((e) => ({ event: e, count: 1, since: e.at })) : grouped(tl.events);
+  const rows = items.map(({ event: e, count, since }) => h("tr", { "data-kind": e.kind, "data-id": e.id },
+    h("td", { text: count > 1 ? `${clock(since)} – ${clock(e.at)}` : clock(e.at), title: e.time || "" }),
     h("td", { text: e.kind }),
     h("td", { text: e.actor || "" }),
-    h("td", {}, ...what(e)),
+    h("td", {}, ...what(e), count > 1 ? ` ×${count}` : ""),
     h("td", {}, e.reason || "", h("details", { open: open.has(String(e.id)) },
-      h("summary", { text: "record" }), h("pre", { text: JSON.stringify(e.payload, null, 2) }))),
+      h("summary", { text: count > 1 ? "latest record" : "record" }),
+      h("pre", { text: JSON.stringify(e.payload, null, 2) }))),
   ));
-  c.events.replaceChildren(h("table", { class: "events" },
+  c.events.replaceChildren(c.eventsView, h("table", { class: "events" },
     h("thead", {}, h("tr", {}, ...["time", "kind", "actor", "what", "reason"].map((t) => h("th", { text: t })))),
     h("tbody", {}, ...rows)));
 }
