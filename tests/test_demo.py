@@ -26,3 +26,4 @@ def test_demo_promotes_good_and_rolls_back_regressed(monkeypatch):
     assert "=> reverse@v2-regressed: rolled_back (as expected)" in text
     assert "critical metric(s) probe_accuracy failed" in text  # the history names the metric
     assert "0 of them outside the 10 % cohort" in text
+    assert "watch it in a browser: http://127.0.0.1:" in text and "/ui " in text  # the page's address
