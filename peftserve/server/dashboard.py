@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from anyio import to_thread
 
 from peftserve.canary.controller import JUDGED_STATES, RolloutNotFoundError
+from peftserve.server.metrics import TIERS
 
 if TYPE_CHECKING:
     from peftserve.engine.engine import AsyncLLMEngine
@@ -47,7 +48,6 @@ TIMELINE_EVENTS = 2000
 """Events read for a timeline by default (each controller round stores a judgment and a decision)."""
 RECENT_EVENTS = 60
 """Events listed in a timeline's ``events``."""
-TIERS = {"gpu": "slot", "cpu": "cpu_cache", "disk": "disk"}
 
 
 def all_rollout_statuses(runtime: CanaryRuntime) -> list[dict[str, Any]]:

@@ -9,6 +9,7 @@
 "use strict";
 
 const POLL_MS = 2000;
+const TIMELINE_MS = 10000;
 const TOKEN_KEY = "peftserve.adminToken";
 const CONFIRM_MS = 4000;
 const COLORS = {
@@ -259,13 +260,16 @@ async function renderRollouts(o) {
   for (const status of o.rollouts) {
     seen.add(status.task);
     const known = page.timelines[status.task];
-    // Finished rollouts are read again only when they change (a new rollout, a retry).
-    const stale = !known || status.active || known.rollout_id !== status.rollout_id
-      || known.status.updated_at !== status.updated_at || known.status.state !== status.state;
+    // A timeline is read again when the rollout changed (a judgment, a transition, a new
+    // rollout) and, while it is active, at least every TIMELINE_MS (its weight runs to now).
+    const judged = (s) => (s.last_judgment ? s.last_judgment.at : null);
+    const stale = !known || known.rollout_id !== status.rollout_id || known.status.updated_at !== status.updated_at
+      || known.status.state !== status.state || judged(known.status) !== judged(status)
+      || (status.active && o.time - known.time > TIMELINE_MS / 1000);
     if (stale) {
       page.timelines[status.task] = await api(`../admin/rollouts/${encodeURIComponent(status.task)}/timeline`);
     }
-    renderRollout(page.timelines[status.task]);
+    renderRollout(page.timelines[status.task], o.time);
   }
   for (const task of Object.keys(page.cards)) if (!seen.has(task)) dropCard(task);
 }
@@ -349,7 +353,7 @@ async function steer(task, action, c) {
   await refresh();
 }
 
-function renderRollout(tl) {
+function renderRollout(tl, now) {
   const s = tl.status;
   const c = card(s.task);
   c.root.dataset.state = s.state;
@@ -361,7 +365,7 @@ function renderRollout(tl) {
     h("span", { class: "muted", text: `${s.step} · steps ${s.steps.map((x) => `${num(x)} %`).join(", ")} · rollout #${s.rollout_id}` }),
   );
   c.summary.textContent = s.summary;
-  c.next.textContent = nextDecision(tl);
+  c.next.textContent = nextDecision(tl, now);
   const allowed = ALLOWED[s.state] || [];
   for (const [action, button] of Object.entries(c.buttons)) {
     button.hidden = !allowed.includes(action);
@@ -373,9 +377,8 @@ function renderRollout(tl) {
   renderEvents(tl, c);
 }
 
-function nextDecision(tl) {
+function nextDecision(tl, now) {
   const s = tl.status;
-  const now = tl.time;
   if (s.state === "paused") return "Paused: the controller waits for a person (resume, promote or roll back).";
   if (!s.active) {
     const last = s.last_decision;
