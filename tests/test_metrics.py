@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -138,3 +139,27 @@ def test_a_deleted_version_loses_its_series(url: str, adapter_dir: Path) -> None
     assert 'version="v2"' in httpx.get(f"{url}/metrics").text
     assert httpx.delete(f"{url}/admin/adapters/alpha/v2").status_code == 200
     assert 'version="v2"' not in httpx.get(f"{url}/metrics").text
+
+
+def test_slots_on_a_cuda_engine_are_labelled_cuda() -> None:
+    """The device label comes from the engine (no GPU needed: a stand-in engine on "cuda")."""
+    import torch
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from peftserve.engine.engine import EngineStats
+    from peftserve.server.metrics import EngineCollector
+
+    class CudaEngine:
+        engine = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16)
+        stats = EngineStats(gpu_slots_used=3, gpu_slots_total=8, kv_blocks_used=5, kv_blocks_total=64)
+
+        def lora_status(self) -> dict[str, str]:
+            return {"a@v1": "gpu", "a@v2": "cpu", "b@v1": "disk", "c@v1": "gpu"}
+
+    registry = CollectorRegistry()
+    registry.register(EngineCollector(CudaEngine()))
+    text = generate_latest(registry).decode()
+    assert 'peftserve_adapter_slots_used{device="cuda"} 3.0' in text
+    assert 'peftserve_adapter_slots{device="cuda"} 8.0' in text
+    assert 'peftserve_engine_info{device="cuda",dtype="bfloat16"} 1.0' in text
+    assert 'peftserve_adapters{tier="slot"} 2.0' in text and 'peftserve_adapters{tier="cpu_cache"} 1.0' in text
