@@ -266,7 +266,7 @@ class Registry:
             version=version,
             sha256=sha,
             rank=adapter.rank,
-            alpha=float(adapter.config.get("lora_alpha", 8)),
+            alpha=adapter.alpha,
             target_modules=tuple(adapter.target_modules),
             size_bytes=size,
             base_fingerprint=self.base_fingerprint,
