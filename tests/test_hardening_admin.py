@@ -18,10 +18,8 @@ CAP_FOWNER, so that the kernel applies the directory's permission bits to it as 
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
-import resource
 import socket
 import stat
 import subprocess
@@ -314,18 +312,20 @@ def test_concurrent_puts_of_two_contents_one_wins(
 
 FSIZE_LIMIT = 1 << 20
 """The subprocess server's file size limit: above its database, below the big adapter."""
-_CAPS_BYPASSING_PERMISSIONS = (1, 2, 3)  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER
-_PR_CAPBSET_DROP = 24
-
-
-def _limit_storage() -> None:
-    """In the server child, before exec: a file size limit, and root's permission bypass dropped."""
-    resource.setrlimit(resource.RLIMIT_FSIZE, (FSIZE_LIMIT, FSIZE_LIMIT))
-    if os.geteuid() == 0:  # dropped from the bounding set, they are not regained by exec
-        libc = ctypes.CDLL(None, use_errno=True)
-        for cap in _CAPS_BYPASSING_PERMISSIONS:
-            if libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
-                raise OSError(ctypes.get_errno(), f"prctl(PR_CAPBSET_DROP, {cap}) failed")
+LIMITED_LAUNCHER = r"""
+import ctypes, os, resource, sys
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+if os.geteuid() == 0:  # drop CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER: gone after exec
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2, 3):
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), f"prctl(PR_CAPBSET_DROP, {cap}) failed")
+os.execv(sys.executable, [sys.executable, "-m", "peftserve.cli", *sys.argv[2:]])
+"""
+"""Runs ``peftserve <args>`` under the storage limits. A launcher process rather than a
+``preexec_fn``: this test process has threads (the module's server), and ``preexec_fn`` is
+not safe with threads."""
 
 
 def _free_port() -> int:
@@ -339,13 +339,13 @@ def limited_server(model_dir: Path, adapters: dict[str, Path], tmp_path: Path):
     """A ``peftserve serve`` subprocess with the storage limits above; yields (url, data_dir)."""
     data = tmp_path / "data"
     port = _free_port()
-    argv = [sys.executable, "-m", "peftserve.cli", "serve", "--model", str(model_dir),
-            "--device", "cpu", "--port", str(port), "--data-dir", str(data),
+    argv = [sys.executable, "-c", LIMITED_LAUNCHER, str(FSIZE_LIMIT),
+            "serve", "--model", str(model_dir), "--device", "cpu", "--port", str(port), "--data-dir", str(data),
             "--adapter", f"keep={adapters['alpha']}", "--served-model-name", "base",
             "--log-level", "warning"]  # fmt: skip
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(argv, stdout=log, stderr=log, env=env, preexec_fn=_limit_storage)
+    proc = subprocess.Popen(argv, stdout=log, stderr=log, env=env)
     url = f"http://127.0.0.1:{port}"
 
     def healthy() -> bool:
