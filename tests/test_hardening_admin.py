@@ -164,8 +164,9 @@ def test_mistyped_config_field_is_a_400_naming_it(
     config = _config_with(adapters["one"], **{field: value})
     response = upload_parts(url, "typed", "v1", _parts(adapters["one"], config))
     error = _error(response, 400, "invalid_adapter", field)
-    if field not in ("peft_type",):
+    if field != "peft_type":
         assert CONFIG in error["message"] or "adapter option" in error["message"], error
+        assert error["param"] == f"{CONFIG}.{field}", error
 
 
 MALFORMED = [

@@ -22,6 +22,9 @@ class RegistryError(Exception):
     """HTTP status the admin API should answer with."""
     kind: str = "registry_error"
     """Short machine-readable code (the OpenAI-shaped error's ``code``)."""
+    param: str | None = None
+    """What the error is about, when one thing is (the OpenAI-shaped error's ``param``), e.g.
+    ``adapter_config.json.lora_alpha``."""
 
 
 class InvalidName(RegistryError):

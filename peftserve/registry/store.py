@@ -501,8 +501,10 @@ def _run_validator(validate: Validator, staging: Path, label: str) -> LoRAAdapte
         return validate(staging)
     except AdapterError as exc:
         message = str(exc).replace(str(staging), label)
-        error = WrongBaseModel if "another base model" in message else InvalidAdapter
-        raise error(message) from None
+        error = (WrongBaseModel if "another base model" in message else InvalidAdapter)(message)
+        if exc.field is not None:
+            error.param = f"{CONFIG_NAME}.{exc.field}"
+        raise error from None
 
 
 def _pickle_refusal(names: Iterable[str]) -> InvalidAdapter:
