@@ -246,8 +246,10 @@ class Registry:
         version ``sha256[:12]``.
         """
         src = Path(path)
-        stage = lambda staging: _stage_dir(src, staging)  # noqa: E731
-        return self._add(name, None, stage, validate, str(src), None).record
+        added = self._add(
+            name, None, lambda staging: _stage_dir(src, staging), validate, str(src), None
+        )
+        return added.record
 
     def _add(
         self,

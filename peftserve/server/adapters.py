@@ -214,7 +214,7 @@ class AdapterService:
                 self.registry.delete, task, version, self.is_protected
             )
         except Exception as exc:
-            if served:
+            if served and self._files_present(record):
                 self.table.add_version(task, version, self._root(record), record.created_at)
             if is_foreign_key_error(exc):
                 raise Conflict(
