@@ -45,7 +45,7 @@ SHADOW_PERSON = b"peftserve-shadow"
 CANARY_HEADER = "x-canary"
 SESSION_HEADER = "x-session-id"
 
-Arm = Literal["stable", "candidate"]
+Arm = Literal["stable", "candidate", "pinned"]
 Reason = Literal["pin", "override", "targeting", "hash", "no_rollout"]
 
 
@@ -65,7 +65,8 @@ class RouteDecision:
     version: str
     """Version that serves the request."""
     arm: Arm
-    """``candidate`` when ``version`` is the rollout's candidate, else ``stable``."""
+    """``candidate`` when ``version`` is the rollout's candidate, ``stable`` when it is the stable
+    version (the rollout's, else the task's), ``pinned`` for any other version (pinned by name)."""
     reason: Reason
     """The rule that decided: pin, override, targeting, hash or no_rollout."""
     shadow: bool
@@ -218,7 +219,8 @@ class Router:
             if pin not in entry.versions:
                 known = ", ".join(sorted(entry.versions))
                 raise RoutingError(f"unknown version {pin!r} of {task!r} (known: {known})", status=404)
-            arm: Arm = "candidate" if pin == candidate else "stable"
+            stable_now = rollout.spec.stable if rollout is not None else entry.stable
+            arm: Arm = "candidate" if pin == candidate else "stable" if pin == stable_now else "pinned"
             return RouteDecision(task, pin, arm, "pin", False, b)
 
         if rollout is None:
