@@ -3,6 +3,7 @@
 import os
 import random
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,3 +30,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
     seeds = [value for key, value in item.user_properties if key == "seed"]
     if report.failed and seeds:
         report.sections.append(("seed", f"random seed {seeds[0]}: rerun with PEFTSERVE_TEST_SEED={seeds[0]}"))
+
+
+@pytest.fixture(scope="session")
+def runtime_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The python of an environment holding only what requirements.txt installs (tests/runtime_env.py)."""
+    from tests.runtime_env import runtime_environment
+
+    return runtime_environment(tmp_path_factory.mktemp("runtime") / "env")
