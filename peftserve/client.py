@@ -692,11 +692,9 @@ class Request(Generic[T]):
     json: Any = None
     upload: UploadBody | None = None
     progress: Progress | None = None
-    stream: bool = False
-    """The answer is an event stream, read event by event."""
 
 
-class endpoint(Generic[P, T]):  # noqa: N801 (used as a decorator)
+class endpoint(Generic[P, T]):
     """Makes an ``_Api`` method that builds a :class:`Request` into a method that sends it.
 
     On a ``Client`` the method returns the result; on an ``AsyncClient`` it is a coroutine.
@@ -725,7 +723,7 @@ class endpoint(Generic[P, T]):  # noqa: N801 (used as a decorator)
         return self if client is None else client._bind(self)
 
 
-class stream_endpoint(endpoint[P, T]):  # noqa: N801 (used as a decorator)
+class stream_endpoint(endpoint[P, T]):
     """``endpoint`` for an event stream: an iterator of results (an async iterator on ``AsyncClient``)."""
 
     stream = True
@@ -955,7 +953,7 @@ class _Api:
                       presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                       stream_options={"include_usage": True} if include_usage else None)  # fmt: skip
         body = _generation_body(model, True, fields, extra)
-        return Request("POST", "/v1/completions", _completion_chunk, json=body, stream=True)
+        return Request("POST", "/v1/completions", _completion_chunk, json=body)
 
     @endpoint
     def chat_completion(
@@ -1007,7 +1005,7 @@ class _Api:
                       presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                       stream_options={"include_usage": True} if include_usage else None)  # fmt: skip
         body = _generation_body(model, True, fields, extra)
-        return Request("POST", "/v1/chat/completions", _chat_chunk, json=body, stream=True)
+        return Request("POST", "/v1/chat/completions", _chat_chunk, json=body)
 
     @endpoint
     def health(self) -> Request[dict[str, Any]]:
