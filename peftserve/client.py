@@ -180,7 +180,7 @@ class Completion:
     served_by: str | None = None
     """``task@version`` that answered (the base model's name for the base model)."""
     arm: str | None = None
-    """stable, candidate (a rollout's candidate) or pinned (a version that is neither, pinned)."""
+    """stable, candidate (a rollout's candidate) or pinned (the request named its version)."""
 
 
 @dataclass(frozen=True)

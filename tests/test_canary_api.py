@@ -187,8 +187,8 @@ def test_session_header_routes_like_a_user(url: str, alpha: dict[str, Any]) -> N
 
 def test_pins_serve_the_named_version(url: str, alpha: dict[str, Any]) -> None:
     outside = users("alpha", 25, False)[0]
-    assert served(complete(url, "alpha@v2", outside)) == ("alpha@v2", "candidate")
-    assert served(complete(url, "alpha@v1", users("alpha", 25, True)[0])) == ("alpha@v1", "stable")
+    assert served(complete(url, "alpha@v2", outside)) == ("alpha@v2", "pinned")  # as its metrics say
+    assert served(complete(url, "alpha@v1", users("alpha", 25, True)[0])) == ("alpha@v1", "pinned")
     error(complete(url, "alpha@v9"), 404, "model_not_found")
 
 

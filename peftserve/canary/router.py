@@ -45,7 +45,7 @@ SHADOW_PERSON = b"peftserve-shadow"
 CANARY_HEADER = "x-canary"
 SESSION_HEADER = "x-session-id"
 
-Arm = Literal["stable", "candidate", "pinned"]
+Arm = Literal["stable", "candidate"]
 Reason = Literal["pin", "override", "targeting", "hash", "no_rollout"]
 
 
@@ -65,8 +65,7 @@ class RouteDecision:
     version: str
     """Version that serves the request."""
     arm: Arm
-    """``candidate`` when ``version`` is the rollout's candidate, ``stable`` when it is the stable
-    version (the rollout's, else the task's), ``pinned`` for any other version (pinned by name)."""
+    """``candidate`` when ``version`` is the rollout's candidate, else ``stable``."""
     reason: Reason
     """The rule that decided: pin, override, targeting, hash or no_rollout."""
     shadow: bool
@@ -219,8 +218,7 @@ class Router:
             if pin not in entry.versions:
                 known = ", ".join(sorted(entry.versions))
                 raise RoutingError(f"unknown version {pin!r} of {task!r} (known: {known})", status=404)
-            stable_now = rollout.spec.stable if rollout is not None else entry.stable
-            arm: Arm = "candidate" if pin == candidate else "stable" if pin == stable_now else "pinned"
+            arm: Arm = "candidate" if pin == candidate else "stable"
             return RouteDecision(task, pin, arm, "pin", False, b)
 
         if rollout is None:
