@@ -257,12 +257,14 @@ ROLLOUT_ACTIONS = {"pause": "paused", "resume": "resumed", "promote": "promoted"
 HISTORY_COLUMNS = ("TIME", "EVENT", "WEIGHT", "RESULT", "SCORE", "REASON")
 
 
-def _argument(parse: Callable[[str], Any]) -> Callable[[str], Any]:
-    """An argparse type from one of the client's parsers (ValueError -> a usage error)."""
+def _argument(parser: str) -> Callable[[str], Any]:
+    """An argparse type from the client's parser of that name (ValueError -> a usage error)."""
 
     def convert(text: str) -> Any:
+        from peftserve import client
+
         try:
-            return parse(text)
+            return getattr(client, parser)(text)
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -271,8 +273,6 @@ def _argument(parse: Callable[[str], Any]) -> Callable[[str], Any]:
 
 def add_rollout_parser(commands: Any) -> None:
     """``peftserve rollout start|status|pause|resume|promote|rollback|retry|history``."""
-    from peftserve.client import parse_steps, parse_target_header
-
     common = _client_options()
     rollout = commands.add_parser("rollout", help="start and steer canary rollouts on a running server")
     sub = rollout.add_subparsers(dest="rollout_command", metavar="COMMAND", required=True)
@@ -280,12 +280,12 @@ def add_rollout_parser(commands: Any) -> None:
     start.add_argument("task", metavar="TASK")
     start.add_argument("--candidate", required=True, metavar="VERSION", help="the version to roll out")
     start.add_argument("--stable", default=None, metavar="VERSION", help="the version serving today (default: the task's stable version)")
-    start.add_argument("--steps", type=_argument(parse_steps), default=None, metavar="W1,W2,...", help="candidate weights in percent, increasing (default: 1,5,10,25,50)")
+    start.add_argument("--steps", type=_argument("parse_steps"), default=None, metavar="W1,W2,...", help="candidate weights in percent, increasing (default: 1,5,10,25,50)")
     start.add_argument("--interval", type=float, default=None, metavar="SECONDS", help="least time at each step (default: 60)")
     start.add_argument("--min-samples", type=int, default=None, metavar="N", help="fewest samples per arm for a metric to be judged (default: 200)")
     start.add_argument("--shadow-percent", type=float, default=None, metavar="P", help="share of stable requests also copied to the candidate; above 0 the rollout starts in a shadow phase")
     start.add_argument("--eval-set", type=Path, default=None, metavar="FILE.jsonl", help="known-answer probes, one {\"prompt\", \"answer\"} per line (judged as probe_accuracy)")
-    start.add_argument("--target-header", type=_argument(parse_target_header), action="append", default=None, metavar="HEADER=V1[,V2]", help="only requests whose header holds one of the values may reach the candidate (repeatable; all must match)")
+    start.add_argument("--target-header", type=_argument("parse_target_header"), action="append", default=None, metavar="HEADER=V1[,V2]", help="only requests whose header holds one of the values may reach the candidate (repeatable; all must match)")
     start.add_argument("--reason", default=None, help="why, for the history")
     status = sub.add_parser("status", parents=[common], help="where a task's rollout stands (all rollouts without TASK)")
     status.add_argument("task", metavar="TASK", nargs="?")
