@@ -55,7 +55,9 @@ def runtime_environment(target: Path) -> Path:
     for dist in runtime_closure().values():
         if dist.files is None:
             raise LookupError(f"{dist.metadata['Name']} lists no files (no RECORD); cannot link it")
-        for top in {f.parts[0] for f in dist.files if f.parts and f.parts[0] not in ("..", "__pycache__")}:
+        for top in {
+            f.parts[0] for f in dist.files if f.parts and f.parts[0] not in ("..", "__pycache__")
+        }:
             link, source = site / top, Path(dist.locate_file(top))
             if source.exists() and not link.exists():
                 link.symlink_to(source, target_is_directory=source.is_dir())

@@ -19,7 +19,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_demo_promotes_good_and_rolls_back_regressed(runtime_python: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PEFTSERVE_", "TRITON_")) and k != "PYTHONPATH"}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PEFTSERVE_", "TRITON_")) and k != "PYTHONPATH"
+    }
     done = subprocess.run([str(runtime_python), "-m", "peftserve.cli", "demo", "--timeout", "150"], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     text = done.stdout
@@ -28,4 +32,6 @@ def test_demo_promotes_good_and_rolls_back_regressed(runtime_python: Path) -> No
     assert "=> reverse@v2-regressed: rolled_back (as expected)" in text
     assert "critical metric(s) probe_accuracy failed" in text  # the history names the metric
     assert "0 of them outside the 10 % cohort" in text
-    assert "watch it in a browser: http://127.0.0.1:" in text and "/ui " in text  # the page's address
+    assert (
+        "watch it in a browser: http://127.0.0.1:" in text and "/ui " in text
+    )  # the page's address

@@ -60,7 +60,9 @@ def read_examples(text: str) -> list[Example]:
         where = f"README.md line {i + 1}"
         match = MARKER.fullmatch(line.strip())
         if match is None:
-            raise ValueError(f'{where}: expected <!-- readme-test: run [prints="TEXT" ...] -->, not {line!r}')
+            raise ValueError(
+                f'{where}: expected <!-- readme-test: run [prints="TEXT" ...] -->, not {line!r}'
+            )
         prints = []
         for key, value in OPTION.findall(match.group(1)):
             if key != "prints":
@@ -69,11 +71,15 @@ def read_examples(text: str) -> list[Example]:
         fence = lines[i + 1].strip() if i + 1 < len(lines) else ""
         language = LANGUAGES.get(fence.removeprefix("```"))
         if not fence.startswith("```") or language is None:
-            raise ValueError(f"{where}: the marker must stand right above a ```bash or ```python block")
+            raise ValueError(
+                f"{where}: the marker must stand right above a ```bash or ```python block"
+            )
         end = next((j for j in range(i + 2, len(lines)) if lines[j].strip() == "```"), None)
         if end is None:
             raise ValueError(f"{where}: the block is never closed")
-        examples.append(Example(i + 2, language, "\n".join(lines[i + 2 : end]) + "\n", tuple(prints)))
+        examples.append(
+            Example(i + 2, language, "\n".join(lines[i + 2 : end]) + "\n", tuple(prints))
+        )
     return examples
 
 
@@ -110,7 +116,16 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("PEFTSERVE_")}
     log = (tmp_path_factory.mktemp("log") / "server.log").open("w+")
-    argv = [sys.executable, "-m", "peftserve.cli", "serve", "--port", str(port), "--data-dir", str(data_dir)]
+    argv = [
+        sys.executable,
+        "-m",
+        "peftserve.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(data_dir),
+    ]
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -118,7 +133,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         while not _healthy(url):
             log.seek(0)
             assert proc.poll() is None, f"the server exited:\n{log.read()[-3000:]}"
-            assert time.monotonic() < deadline, f"the server did not answer /health:\n{log.read()[-3000:]}"
+            assert time.monotonic() < deadline, (
+                f"the server did not answer /health:\n{log.read()[-3000:]}"
+            )
             time.sleep(0.2)
         yield url
     finally:
@@ -147,8 +164,14 @@ def test_readme_example(example: Example, server: str) -> None:
     env["PEFTSERVE_SERVER"] = server
     if sys.prefix != sys.base_prefix:
         env["VIRTUAL_ENV"] = sys.prefix
-    argv = ["bash", "-e", "-o", "pipefail", "-c", code] if example.language == "bash" else [sys.executable, "-c", code]
-    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=BLOCK_TIMEOUT_S)
+    argv = (
+        ["bash", "-e", "-o", "pipefail", "-c", code]
+        if example.language == "bash"
+        else [sys.executable, "-c", code]
+    )
+    done = subprocess.run(
+        argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=BLOCK_TIMEOUT_S
+    )
     shown = f"{example.id} exited {done.returncode}\n--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}"
     assert done.returncode == 0, shown
     for text in example.prints:

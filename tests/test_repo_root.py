@@ -21,7 +21,9 @@ OURS = {"peftserve", "tests", "kernels"}
 """Regular packages in the root: ours, and kernels/ hands its top-level name over."""
 
 
-def from_root(python: Path | str, *argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def from_root(
+    python: Path | str, *argv: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
     return subprocess.run([str(python), *argv], cwd=ROOT, env={**clean, **(env or {})},
                           capture_output=True, text=True, timeout=300)  # fmt: skip
@@ -43,12 +45,16 @@ def test_peft_and_transformers_import_from_the_root(runtime_python: Path) -> Non
     done = from_root(runtime_python, "-c", code)
     assert done.returncode == 0 and done.stdout == "ok\n", done.stderr[-3000:]
     done = from_root(runtime_python, "-m", "peftserve.cli", "demo", "--help")
-    assert done.returncode == 0 and done.stdout.startswith("usage: peftserve demo"), done.stderr[-3000:]
+    assert done.returncode == 0 and done.stdout.startswith("usage: peftserve demo"), done.stderr[
+        -3000:
+    ]
 
 
 def test_an_installed_kernels_package_keeps_its_name(tmp_path: Path) -> None:
     (tmp_path / "kernels").mkdir()
-    (tmp_path / "kernels" / "__init__.py").write_text('__version__ = "0.9.0"\nTHE_REAL_ONE = True\n')
+    (tmp_path / "kernels" / "__init__.py").write_text(
+        '__version__ = "0.9.0"\nTHE_REAL_ONE = True\n'
+    )
     code = ("import kernels; assert kernels.THE_REAL_ONE, kernels; "
             "from peftserve import kernels as ours; assert ours.lora_shrink and ours is not kernels; print('ok')")  # fmt: skip
     done = from_root(sys.executable, "-c", code, env={"PYTHONPATH": str(tmp_path)})
@@ -58,8 +64,16 @@ def test_an_installed_kernels_package_keeps_its_name(tmp_path: Path) -> None:
 def test_no_other_package_lives_in_the_root() -> None:
     packages = {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file()}
     modules = {p.stem for p in ROOT.glob("*.py")}
-    assert packages | modules <= OURS, "a package in the repository root shadows any installed one of its name"
-    names = {p.name.removesuffix(".py") for p in ROOT.iterdir() if p.name.removesuffix(".py").isidentifier()}
+    assert packages | modules <= OURS, (
+        "a package in the repository root shadows any installed one of its name"
+    )
+    names = {
+        p.name.removesuffix(".py")
+        for p in ROOT.iterdir()
+        if p.name.removesuffix(".py").isidentifier()
+    }
     for name, dist in installed().items():
         tops = {f.parts[0].removesuffix(".py") for f in dist.files or [] if f.parts}
-        assert name == "peftserve" or not tops & names, f"{name} installs {tops & names}, also in the root"
+        assert name == "peftserve" or not tops & names, (
+            f"{name} installs {tops & names}, also in the root"
+        )
