@@ -44,7 +44,7 @@ SERVER_FLAGS = (
     "--canary-interval-s", "1", "--probes-per-tick", "20", "--probe-max-tokens", "16",
     "--promote-keep-warm-s", "5", "--rollback-keep-warm-s", "5", "--log-level", "warning",
 )  # fmt: skip
-ROLLOUT = dict(steps=[10, 25, 50], step_interval_s=4.0, min_samples=60)
+ROLLOUT = dict(steps=[10, 25, 50], interval=4.0, min_samples=60)
 
 
 @dataclass
@@ -162,8 +162,8 @@ def outside_cohort(users: set[str], top_weight: float) -> list[str]:
     return sorted(u for u in users if bucket(TASK, routing_key(u, {}, "")) >= limit)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="peftserve demo", description=__doc__,
+def main(argv: list[str] | None = None, prog: str = "peftserve demo") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds allowed per rollout")

@@ -163,7 +163,7 @@ def test_every_response_names_its_version_streaming_too(url: str, alpha: dict[st
     inside, outside = users("alpha", 25, True)[0], users("alpha", 25, False)[0]
     assert served(complete(url, "alpha", inside)) == ("alpha@v2", "candidate")
     assert served(complete(url, "alpha", outside)) == ("alpha@v1", "stable")
-    assert served(complete(url, "base")) == ("base@base", "stable")
+    assert served(complete(url, "base")) == ("base", "stable")
     chat = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
         "model": "alpha", "user": inside, "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]})
     assert served(chat) == ("alpha@v2", "candidate")
@@ -187,8 +187,8 @@ def test_session_header_routes_like_a_user(url: str, alpha: dict[str, Any]) -> N
 
 def test_pins_serve_the_named_version(url: str, alpha: dict[str, Any]) -> None:
     outside = users("alpha", 25, False)[0]
-    assert served(complete(url, "alpha@v2", outside)) == ("alpha@v2", "candidate")
-    assert served(complete(url, "alpha@v1", users("alpha", 25, True)[0])) == ("alpha@v1", "stable")
+    assert served(complete(url, "alpha@v2", outside)) == ("alpha@v2", "pinned")  # as its metrics say
+    assert served(complete(url, "alpha@v1", users("alpha", 25, True)[0])) == ("alpha@v1", "pinned")
     error(complete(url, "alpha@v9"), 404, "model_not_found")
 
 
@@ -344,7 +344,7 @@ def test_start_status_history_pause_resume_promote_rollback_retry(url: str, clie
         client.rollback_rollout("steer")
     assert caught.value.status == 404 and caught.value.code == "rollout_not_found"
 
-    restarted = client.start_rollout("steer", "v1", steps=[10], step_interval_s=3600, analysis=QUICK_ANALYSIS)
+    restarted = client.start_rollout("steer", "v1", steps=[10], interval=3600, analysis=QUICK_ANALYSIS)
     assert (restarted.stable, restarted.candidate, restarted.state) == ("v2", "v1", "ramping")
     assert client.rollback_rollout("steer").state == "rolled_back"
     assert client.retry_rollout("steer", "again").state == "ramping"
@@ -562,7 +562,7 @@ def test_sigkill_during_a_rollout_resumes_at_its_weight_with_history(
         with Client(url) as client:
             client.upload(adapters["one"], "crash", "v1")
             client.upload(adapters["two"], "crash", "v2")
-            client.start_rollout("crash", "v2", steps=[25, 50], step_interval_s=3600, analysis=QUICK_ANALYSIS)
+            client.start_rollout("crash", "v2", steps=[25, 50], interval=3600, analysis=QUICK_ANALYSIS)
             for i in range(12):
                 complete(url, "crash", f"c{i}", max_tokens=1)
             assert wait_for(lambda: client.rollout("crash").last_judgment is not None, timeout=10)

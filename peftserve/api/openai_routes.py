@@ -3,7 +3,8 @@
 A request's ``model`` is the base model, a task (the canary router picks its version from the
 ``user`` field, else the ``X-Session-Id`` header, else the request id; ``X-Canary`` counts
 from admin callers only) or a pinned ``task@version``. Every answer names what served it:
-``X-Peftserve-Version: task@version`` and ``X-Peftserve-Arm: stable|candidate``.
+``X-Peftserve-Version: task@version`` (the base model: its name) and ``X-Peftserve-Arm:
+stable|candidate|pinned`` (pinned: the request named the version; the arm label of its metrics).
 """
 
 from __future__ import annotations

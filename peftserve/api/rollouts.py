@@ -92,21 +92,33 @@ async def _json_object(request: Request, what: str, *, optional: bool = False) -
 
 
 def parse_eval_set(value: Any) -> list[Any] | None:
-    """``eval_set`` as a list: given as a list, or as JSONL text (one object per line)."""
-    if value is None or isinstance(value, list):
-        return value
-    if not isinstance(value, str):
+    """``eval_set`` as a list: given as a list, or as JSONL text (one object per line).
+
+    Each item must be ``{"prompt": non-empty str, "answer": str}``; an error names it as
+    ``line N`` (JSONL, counting every line of the text) or ``item N`` (a list), from 1.
+    """
+    if value is None:
+        return None
+    if isinstance(value, list):
+        numbered = [(f"item {n}", item) for n, item in enumerate(value, start=1)]
+    elif isinstance(value, str):
+        numbered = []
+        for n, line in enumerate(value.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                numbered.append((f"line {n}", json.loads(line)))
+            except ValueError as exc:
+                raise RolloutSpecError(f"eval_set line {n} is not valid JSON: {exc}") from None
+    else:
         raise RolloutSpecError(f"eval_set must be a list of {{\"prompt\", \"answer\"}} objects or JSONL text, "
                                f"not {type(value).__name__}")  # fmt: skip
-    items = []
-    for number, line in enumerate(value.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            items.append(json.loads(line))
-        except ValueError as exc:
-            raise RolloutSpecError(f"eval_set line {number} is not valid JSON: {exc}") from None
-    return items
+    for where, item in numbered:
+        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) \
+                or not isinstance(item.get("answer"), str) or not item["prompt"]:  # fmt: skip
+            raise RolloutSpecError(f"eval_set {where} must be an object with a non-empty string \"prompt\" "
+                                   f"and a string \"answer\", not {item!r:.200}")  # fmt: skip
+    return [item for _, item in numbered]
 
 
 def _default_analysis(data: dict[str, Any], has_eval_set: bool) -> None:

@@ -197,11 +197,10 @@ def failure_outcome(exc: BaseException) -> str:
 
 
 def request_arm(target: Target) -> str:
-    """The ``arm`` label of a request served by ``target``: ``pinned`` when it named the version."""
-    decision = target.decision
-    if decision is not None and decision.reason == "pin":
-        return "pinned"
-    return target.arm if target.arm in ARMS else "stable"
+    """The ``arm`` label of a request served by ``target``: ``pinned`` when it named the version
+    (``Target.served_arm``, which the response's ``X-Peftserve-Arm`` header names too)."""
+    arm = target.served_arm
+    return arm if arm in ARMS else "stable"
 
 
 FinishHook = Callable[["RequestTracker"], None]
