@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -53,6 +52,7 @@ from peftserve.api.streaming import (
     sse_body,
 )
 from peftserve.engine.sampling_params import SamplingParams
+from peftserve.server.completion_ids import new_completion_id
 from peftserve.server.errors import APIError
 from peftserve.server.metrics import RequestTracker, failure_outcome, request_arm
 from peftserve.server.model_table import Target
@@ -172,7 +172,7 @@ def _prepare(state: ServingState, target: Target, build: Callable[[], Job]) -> J
 
 
 def _new_id(request: Request, prefix: str) -> str:
-    request_id = f"{prefix}-{uuid.uuid4().hex}"
+    request_id = new_completion_id(prefix)
     set_request_id(request, request_id)
     return request_id
 

@@ -10,7 +10,7 @@ from fastapi import Request
 if TYPE_CHECKING:
     from peftserve.engine.engine import AsyncLLMEngine, LLMEngine
     from peftserve.server.adapters import AdapterService
-    from peftserve.server.canary import CanaryRuntime
+    from peftserve.server.canary import RequestAccounting
     from peftserve.server.metrics import Metrics
     from peftserve.server.model_table import ModelTable
 
@@ -24,8 +24,9 @@ class ServingState:
     admin_token: str = ""
     adapters: AdapterService | None = None
     """The registry-backed adapter service; None on a server built without a data directory."""
-    canary: CanaryRuntime | None = None
-    """Canary rollouts (controller, metric windows, shadow copies); None without a registry."""
+    canary: RequestAccounting | None = None
+    """Canary rollouts: a ``CanaryRuntime`` (controller, metric windows, shadow copies), on a Ray
+    ingress replica its request accounting alone; None without a registry."""
 
     @property
     def llm(self) -> LLMEngine:

@@ -126,6 +126,8 @@ class RequestSample:
     e2e: float | None
     output_tokens: int | None
     finish_reason: str | None
+    replica: str = ""
+    """The engine replica that served it (Ray Serve composition); empty in one process."""
 
     @property
     def completed(self) -> bool:
@@ -281,6 +283,7 @@ class MetricWindows:
         e2e: float | None = None,
         output_tokens: int | None = None,
         finish_reason: str | None = None,
+        replica: str = "",
         at: float | None = None,
     ) -> None:
         """Record one answered (or failed) request served by ``task@version``.
@@ -289,11 +292,12 @@ class MetricWindows:
         False for pins, overrides, untargeted requests and fallbacks answered by stable after
         a candidate failure, so they are kept for display but left out of the judgment.
         ``non_finite`` implies ``error``. Non-finite timings are dropped (never judged).
+        ``replica``: the engine replica that answered (summaries count samples per replica).
         """
         sample = RequestSample(
             self._now(at), bool(in_experiment), bool(error or non_finite), bool(non_finite),
             _finite(ttft), _finite(tpot), _finite(e2e),
-            int(output_tokens) if output_tokens is not None else None, finish_reason,
+            int(output_tokens) if output_tokens is not None else None, finish_reason, str(replica),
         )
         with self._lock:
             self._series(self._requests, (task, version)).append(sample)
@@ -500,7 +504,9 @@ class MetricWindows:
     def summary(self, task: str, version: str, since: float) -> dict[str, Any]:
         """Counts and typical values of ``task@version`` since ``since``, for people (status pages).
 
-        ``requests`` counts every recorded request, ``in_experiment`` those that are judged.
+        ``requests`` counts every recorded request, ``in_experiment`` those that are judged,
+        ``replicas`` the judged ones per engine replica that answered them (Ray Serve; empty in
+        one process).
         """
         with self._lock:
             everything = self._requests_since(task, version, since, experiment_only=False)
@@ -509,9 +515,12 @@ class MetricWindows:
         judged = [s for s in everything if s.in_experiment]
         completed = [s for s in judged if s.completed]
         finish: dict[str, int] = {}
+        replicas: dict[str, int] = {}
         for s in judged:
             if s.finish_reason is not None:
                 finish[s.finish_reason] = finish.get(s.finish_reason, 0) + 1
+            if s.replica:
+                replicas[s.replica] = replicas.get(s.replica, 0) + 1
         return {
             "requests": len(everything),
             "in_experiment": len(judged),
@@ -523,6 +532,7 @@ class MetricWindows:
             "median_tpot": _median([s.tpot for s in completed if s.tpot is not None]),
             "mean_output_tokens": _mean([s.output_tokens for s in completed if s.output_tokens is not None]),
             "finish_reasons": finish,
+            "replicas": replicas,
             "feedback": len(feedback),
             "mean_feedback_score": _mean(feedback),
             "probes": len(probes),

@@ -31,3 +31,5 @@ class RequestOutput:
     prompt_logprobs: list[float] | None = None
     """With ``SamplingParams.score_from``: the log-probability of each prompt token from that
     index on, on the last output."""
+    served_by: str = ""
+    """The engine replica that produced it (Ray Serve composition); empty in one process."""

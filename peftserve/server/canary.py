@@ -1,6 +1,9 @@
 """Canary rollouts in the server: the controller and its hooks, request accounting, shadow copies.
 
-``CanaryRuntime`` ties ``peftserve.canary`` to the running server:
+Two roles (``docs/ray.md``): ``RequestAccounting`` is the ingress's part (accounting, shadow
+copies: it records into whatever ``windows`` it is given, the metric windows themselves in one
+process, a ``peftserve.server.samples.SampleBuffer`` pushed to the controller on Ray), and
+``CanaryRuntime`` adds the controller's part on top (one process runs both):
 
 - **controller**: a ``RolloutController`` on the registry's data directory (``RolloutStore``),
   the metric windows and the model table's router. Its hooks: ``versions`` are the task's
@@ -10,9 +13,10 @@
   app's lifespan, once the engine runs) restores the rollouts and runs the controller loop.
 - **accounting**: ``finish_hook`` gives the ``RequestTracker`` hook of one attempt. When the
   request ends it records the attempt in the metric windows (the router's experiment flag; a
-  stable answer that replaced a failed candidate is recorded outside the experiment), counts a
-  failed in-experiment candidate request with ``controller.record_canary_failure``, registers
-  the completion id for feedback, and schedules the shadow copy.
+  stable answer that replaced a failed candidate is recorded outside the experiment; a failed
+  in-experiment candidate request counts as the candidate's error; the engine replica that
+  answered is recorded with it), registers the completion id for feedback, and schedules the
+  shadow copy.
 - **shadow copies**: after a shadowed stable request finished, a copy runs on the candidate in
   a background task: it never delays the answer and never reaches the client. The copy is
   greedy, or repeats the request's own sampling when it was seeded (reproducible either way),
@@ -27,6 +31,9 @@
   ``shadow_max_inflight`` copies run at once; others are skipped (and counted).
 - **delete protection**: ``protects`` refuses deleting the stable or candidate version of an
   active rollout (registered in ``AdapterService.protectors``).
+- **feedback**: ``record_feedback`` attributes a score to the version that answered. Where
+  completions are registered by other processes (Ray ingress replicas push them in batches),
+  ``late_completion_s`` lets an unknown id that was issued that recently wait for its record.
 """
 
 from __future__ import annotations
@@ -49,15 +56,18 @@ from peftserve.canary.spec import STATES
 from peftserve.canary.store import RolloutStore
 from peftserve.engine.engine import NON_FINITE_ERROR
 from peftserve.engine.sampling_params import SamplingParams
+from peftserve.server.completion_ids import issued_at
 from peftserve.server.metrics import failure_outcome
 from peftserve.server.model_table import Target, lora_id_of
 
 if TYPE_CHECKING:
+    from peftserve.canary.router import Router
     from peftserve.config import CanaryConfig
     from peftserve.engine.engine import AsyncLLMEngine
     from peftserve.engine.outputs import RequestOutput
     from peftserve.server.adapters import AdapterService
     from peftserve.server.metrics import FinishHook, Metrics, RequestTracker
+    from peftserve.server.model_table import ModelTable
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +75,8 @@ PREFIX = "peftserve"
 STOP_TIMEOUT_S = 10.0
 """How long shutdown waits for the controller's current round."""
 SHADOW_OUTCOMES = ("ok", "error", "skipped")
+FEEDBACK_POLL_S = 0.1
+"""How often feedback on a completion not known yet looks for it again (see record_feedback)."""
 
 
 @dataclass
@@ -97,100 +109,43 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-class CanaryRuntime:
-    """The rollout controller, its hooks and the canary side of the request path."""
+class RequestAccounting:
+    """The canary side of the request path (the ingress's role): accounting and shadow copies.
+
+    ``table`` routes (its router may be replaced by a newer snapshot at any time), ``engine``
+    runs the shadow copies, ``windows`` receives the records (see the module docstring).
+    """
 
     request_metrics: Metrics | None = None
     """The app's Prometheus metrics (set by the app): shadow copies are recorded with ``arm="shadow"``."""
 
     def __init__(
-        self, service: AdapterService, engine: AsyncLLMEngine, config: CanaryConfig, data_dir: str
+        self, table: ModelTable, engine: AsyncLLMEngine, config: CanaryConfig, windows: MetricWindows
     ) -> None:
-        self.service = service
+        self.table = table
         self.engine = engine
         self.config = config
-        self.table = service.table
-        self.router = service.table.router
-        self.windows = MetricWindows(feedback_ttl_s=config.feedback_ttl_s)
-        self.store = RolloutStore(data_dir)
-        self.controller = RolloutController(
-            self.store, self.windows, self.router, self._hooks(), config=self._controller_config()
-        )
+        self.windows = windows
         self.shadow_counts: dict[str, dict[str, int]] = {}
         self._shadows: set[asyncio.Task] = set()
-        self._loop_task: asyncio.Task | None = None
-        service.protectors.append(self.protects)
 
-    def _controller_config(self) -> ControllerConfig:
-        c = self.config
-        return ControllerConfig(
-            interval_s=c.canary_interval_s, promote_keep_warm_s=c.promote_keep_warm_s,
-            rollback_keep_warm_s=c.rollback_keep_warm_s, probes_per_tick=c.probes_per_tick,
-        )  # fmt: skip
-
-    def _hooks(self) -> ControllerHooks:
-        return ControllerHooks(
-            versions=self._versions, ensure_loaded=self._ensure_loaded, unload=self._unload,
-            set_stable=self._set_stable, probe=self._probe if self.config.probes_per_tick > 0 else None,
-        )  # fmt: skip
-
-    # ---- lifecycle ----------------------------------------------------------------------
+    @property
+    def router(self) -> Router:
+        return self.table.router
 
     async def start(self) -> None:
-        """Restore the stored rollouts (the engine must run: candidates are loaded) and run the loop."""
-        restored = await self.controller.restore()
-        if restored:
-            logger.info("restored %d active rollout(s)", len(restored))
-        self._loop_task = asyncio.create_task(self.controller.run(), name="rollout-controller")
+        """Nothing to start on an ingress (its snapshot and pushes belong to its assembly)."""
 
     async def stop(self) -> None:
-        """Stop the controller loop and the shadow copies (before the engine stops)."""
-        self.controller.stop()
-        if self._loop_task is not None:
-            try:
-                await asyncio.wait_for(self._loop_task, STOP_TIMEOUT_S)
-            except (asyncio.TimeoutError, asyncio.CancelledError):
-                logger.warning("rollout controller did not stop in %g s; cancelled", STOP_TIMEOUT_S)
-            self._loop_task = None
+        """Cancel the shadow copies still running."""
         for task in list(self._shadows):
             task.cancel()
         await asyncio.gather(*self._shadows, return_exceptions=True)
 
     def close(self) -> None:
-        self.store.close()
+        """Nothing to close on an ingress."""
 
-    # ---- controller hooks ---------------------------------------------------------------
-
-    async def _versions(self, task: str) -> Collection[str] | None:
-        versions = self.table.versions.get(task)
-        return set(versions) if versions else None
-
-    async def _ensure_loaded(self, task: str, version: str) -> None:
-        await self.service.load(task, version)
-
-    async def _unload(self, task: str, version: str) -> None:
-        if lora_id_of(task, version) in self.engine.lora_status():
-            await self.service.unload(task, version)
-
-    async def _set_stable(self, task: str, version: str) -> None:
-        await to_thread.run_sync(self.service.stable.set, task, version)
-        self.table.set_stable(task, version)
-
-    async def _probe(self, task: str, version: str, prompt: str) -> str:
-        llm = self.engine.engine
-        ids = list(llm.tokenizer(prompt)["input_ids"])
-        room = llm.max_model_len - len(ids)
-        if room < 1:
-            raise ValueError(
-                f"probe prompt has {len(ids)} tokens; the context holds {llm.max_model_len}"
-            )
-        params = SamplingParams(max_tokens=min(self.config.probe_max_tokens, room), temperature=0.0)
-        result = await self.generate(
-            f"probe-{uuid.uuid4().hex}", ids, params, lora_id_of(task, version)
-        )
-        if result.failed:
-            raise RuntimeError(f"the engine failed the probe: {result.error}")
-        return result.text
+    # ---- generations for the server itself ---------------------------------------------
 
     async def generate(
         self,
@@ -229,13 +184,6 @@ class CanaryRuntime:
         result.text += out.text
         result.finish_reason = out.finish_reason
         result.error = out.error
-
-    # ---- delete protection --------------------------------------------------------------
-
-    def protects(self, task: str, version: str) -> bool:
-        """Whether ``task@version`` is the stable or candidate version of an active rollout."""
-        rollout = self.router.rollout(task)
-        return rollout is not None and version in (rollout.spec.stable, rollout.spec.candidate)
 
     # ---- request accounting -------------------------------------------------------------
 
@@ -284,11 +232,8 @@ class CanaryRuntime:
         decision = target.decision
         if decision is None:
             return
-        if decision.arm == "candidate" and decision.in_experiment:
-            self.controller.record_canary_failure(target.task, target.version)
-        else:
-            self.windows.record_request(target.task, target.version, in_experiment=decision.in_experiment,
-                                        error=True)  # fmt: skip
+        self.windows.record_request(target.task, target.version, in_experiment=decision.in_experiment,
+                                    error=True)  # fmt: skip
 
     def _account(
         self, target: Target, tracker: RequestTracker, out: RequestOutput, fallback: bool
@@ -299,13 +244,14 @@ class CanaryRuntime:
         error = out.finish_reason == "error"
         non_finite = error and out.error == NON_FINITE_ERROR
         if error and decision.arm == "candidate" and decision.in_experiment and not fallback:
-            self.controller.record_canary_failure(
-                target.task, target.version, non_finite=non_finite
-            )
+            # stable answers instead: the failure counts once, against the candidate
+            self.windows.record_request(target.task, target.version, in_experiment=True, error=True,
+                                        non_finite=non_finite, replica=out.served_by)  # fmt: skip
             return
         outcome = dict(
             error=error, non_finite=non_finite, ttft=tracker.ttft, tpot=tracker.tpot, e2e=tracker.e2e,
             output_tokens=out.completion_tokens, finish_reason=out.finish_reason if out.finished else "abort",
+            replica=out.served_by,
         )  # fmt: skip
         if fallback:  # stable answering for a failed candidate: shown, never judged
             self.windows.record_request(target.task, target.version, in_experiment=False, **outcome)
@@ -391,6 +337,122 @@ class CanaryRuntime:
             return None
         self.windows.record_noise_floor(task, _mean(stable_lp) - _mean(again_lp))
         return _mean(stable_lp) - _mean(candidate_lp)
+
+
+class CanaryRuntime(RequestAccounting):
+    """The rollout controller, its hooks, delete protection and feedback (the controller's role),
+    with the request path's accounting into its own metric windows (one process runs both)."""
+
+    def __init__(
+        self, service: AdapterService, engine: AsyncLLMEngine, config: CanaryConfig, data_dir: str
+    ) -> None:
+        super().__init__(service.table, engine, config, MetricWindows(feedback_ttl_s=config.feedback_ttl_s))
+        self.service = service
+        self.store = RolloutStore(data_dir)
+        self.controller = RolloutController(
+            self.store, self.windows, self.router, self._hooks(), config=self._controller_config()
+        )
+        self.late_completion_s = 0.0
+        """An unknown completion id issued this recently may still be on its way (see record_feedback)."""
+        self._loop_task: asyncio.Task | None = None
+        service.protectors.append(self.protects)
+
+    def _controller_config(self) -> ControllerConfig:
+        c = self.config
+        return ControllerConfig(
+            interval_s=c.canary_interval_s, promote_keep_warm_s=c.promote_keep_warm_s,
+            rollback_keep_warm_s=c.rollback_keep_warm_s, probes_per_tick=c.probes_per_tick,
+        )  # fmt: skip
+
+    def _hooks(self) -> ControllerHooks:
+        return ControllerHooks(
+            versions=self._versions, ensure_loaded=self._ensure_loaded, unload=self._unload,
+            set_stable=self._set_stable, probe=self._probe if self.config.probes_per_tick > 0 else None,
+        )  # fmt: skip
+
+    # ---- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Restore the stored rollouts (the engine must run: candidates are loaded) and run the loop."""
+        restored = await self.controller.restore()
+        if restored:
+            logger.info("restored %d active rollout(s)", len(restored))
+        self._loop_task = asyncio.create_task(self.controller.run(), name="rollout-controller")
+
+    async def stop(self) -> None:
+        """Stop the controller loop and the shadow copies (before the engine stops)."""
+        self.controller.stop()
+        if self._loop_task is not None:
+            try:
+                await asyncio.wait_for(self._loop_task, STOP_TIMEOUT_S)
+            except (asyncio.TimeoutError, asyncio.CancelledError):
+                logger.warning("rollout controller did not stop in %g s; cancelled", STOP_TIMEOUT_S)
+            self._loop_task = None
+        await super().stop()
+
+    def close(self) -> None:
+        self.store.close()
+
+    # ---- controller hooks ---------------------------------------------------------------
+
+    async def _versions(self, task: str) -> Collection[str] | None:
+        versions = self.table.versions.get(task)
+        return set(versions) if versions else None
+
+    async def _ensure_loaded(self, task: str, version: str) -> None:
+        await self.service.load(task, version)
+
+    async def _unload(self, task: str, version: str) -> None:
+        if lora_id_of(task, version) in self.engine.lora_status():
+            await self.service.unload(task, version)
+
+    async def _set_stable(self, task: str, version: str) -> None:
+        await to_thread.run_sync(self.service.stable.set, task, version)
+        self.table.set_stable(task, version)
+
+    async def _probe(self, task: str, version: str, prompt: str) -> str:
+        llm = self.engine.engine
+        ids = list(llm.tokenizer(prompt)["input_ids"])
+        room = llm.max_model_len - len(ids)
+        if room < 1:
+            raise ValueError(
+                f"probe prompt has {len(ids)} tokens; the context holds {llm.max_model_len}"
+            )
+        params = SamplingParams(max_tokens=min(self.config.probe_max_tokens, room), temperature=0.0)
+        result = await self.generate(
+            f"probe-{uuid.uuid4().hex}", ids, params, lora_id_of(task, version)
+        )
+        if result.failed:
+            raise RuntimeError(f"the engine failed the probe: {result.error}")
+        return result.text
+
+    # ---- delete protection --------------------------------------------------------------
+
+    def protects(self, task: str, version: str) -> bool:
+        """Whether ``task@version`` is the stable or candidate version of an active rollout."""
+        rollout = self.router.rollout(task)
+        return rollout is not None and version in (rollout.spec.stable, rollout.spec.candidate)
+
+
+    # ---- feedback -----------------------------------------------------------------------
+
+    async def record_feedback(self, completion_id: str, score: float) -> bool:
+        """Attribute ``score`` to the version that answered ``completion_id``; False if unknown.
+
+        An unknown id issued less than ``late_completion_s`` ago may have been answered by
+        another process whose records have not arrived yet: it is looked up again until then.
+        """
+        if self.windows.record_feedback(completion_id, score):
+            return True
+        issued = issued_at(completion_id)
+        if issued is None:
+            return False
+        deadline = issued + self.late_completion_s
+        while time.time() < deadline:
+            await asyncio.sleep(min(FEEDBACK_POLL_S, max(deadline - time.time(), 0.0)))
+            if self.windows.record_feedback(completion_id, score):
+                return True
+        return False
 
 
 class RolloutCollector(Collector):
