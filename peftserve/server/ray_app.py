@@ -343,19 +343,21 @@ def application(
     ``Ingress``), like the ``deployments:`` section of a Serve config file.
     """
     r, extra = settings.ray, options or {}
-    engine = serve.deployment(EngineDeployment, name=ENGINE).options(
-        num_replicas=r.engine_replicas, max_ongoing_requests=r.engine_max_ongoing_requests,
-        ray_actor_options={"num_cpus": r.engine_num_cpus, "num_gpus": engine_gpus(settings)},
-        **extra.get(ENGINE, {}),
-    ).bind(settings)  # fmt: skip
-    controller = serve.deployment(ControllerDeployment, name=CONTROLLER).options(
-        num_replicas=1, max_ongoing_requests=INGRESS_MAX_ONGOING, ray_actor_options={"num_cpus": 0},
-        **extra.get(CONTROLLER, {}),
-    ).bind(settings, engine)  # fmt: skip
-    return serve.deployment(IngressDeployment, name=INGRESS).options(
-        num_replicas=r.ingress_replicas, max_ongoing_requests=INGRESS_MAX_ONGOING,
-        ray_actor_options={"num_cpus": 0}, **extra.get(INGRESS, {}),
-    ).bind(settings, engine, controller)  # fmt: skip
+    defaults = {
+        ENGINE: dict(num_replicas=r.engine_replicas, max_ongoing_requests=r.engine_max_ongoing_requests,
+                     ray_actor_options={"num_cpus": r.engine_num_cpus, "num_gpus": engine_gpus(settings)}),
+        CONTROLLER: dict(num_replicas=1, max_ongoing_requests=INGRESS_MAX_ONGOING,
+                         ray_actor_options={"num_cpus": 0}),
+        INGRESS: dict(num_replicas=r.ingress_replicas, max_ongoing_requests=INGRESS_MAX_ONGOING,
+                      ray_actor_options={"num_cpus": 0}),
+    }  # fmt: skip
+
+    def deployment(cls: type, name: str) -> Any:
+        return serve.deployment(cls, name=name).options(**{**defaults[name], **extra.get(name, {})})
+
+    engine = deployment(EngineDeployment, ENGINE).bind(settings)
+    controller = deployment(ControllerDeployment, CONTROLLER).bind(settings, engine)
+    return deployment(IngressDeployment, INGRESS).bind(settings, engine, controller)
 
 
 def app_builder(args: Mapping[str, Any]) -> Application:
