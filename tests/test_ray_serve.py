@@ -250,6 +250,23 @@ def test_an_upload_through_one_ingress_replica_is_served_by_every_other(fleet):
         assert {a.version for a in client.list("reverse")} >= {"v2", "v2-regressed"}
 
 
+def test_feedback_is_accepted_through_any_ingress_replica_at_once(fleet):
+    """A completion's record reaches the controller with its ingress's next push; feedback sent
+    at once through the other replica waits for it (the id says when it was issued)."""
+    answered_by, feedback_by = set(), set()
+    with fleet.http() as http:
+        for i in range(16):
+            r = http.post("/v1/completions", json={"model": "sort", "prompt": "sort: uss\n", "max_tokens": 8,
+                                                   "temperature": 0, "user": f"fb-{i}"})  # fmt: skip
+            assert r.status_code == 200
+            answered_by.add(r.headers["x-peftserve-ingress"])
+            f = http.post("/v1/feedback", json={"id": r.json()["id"], "score": 1.0})
+            assert f.status_code == 200, f.text
+            feedback_by.add((r.headers["x-peftserve-ingress"], f.headers["x-peftserve-ingress"]))
+        assert http.post("/v1/feedback", json={"id": "cmpl-unknown", "score": 1}).status_code == 404
+    assert any(a != b for a, b in feedback_by), feedback_by  # at least once through the other one
+
+
 def test_routing_is_sticky_per_user_across_ingress_replicas_and_both_arms_share_engine_replicas(
     fleet,
 ):

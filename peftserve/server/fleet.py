@@ -215,7 +215,7 @@ class RemoteEngine:
         last: RequestOutput | None = None
         retried = False
         while True:
-            prompt, rest = prompt_token_ids + delivered, params
+            prompt, rest, before = prompt_token_ids + delivered, params, len(delivered)
             if delivered:  # continue after what was delivered, for the tokens left
                 rest = replace(params, max_tokens=params.max_tokens - len(delivered), seed=None)
             engine_id = request_id if not retried else f"{request_id}-retry"
@@ -226,7 +226,7 @@ class RemoteEngine:
             try:
                 async for out in stream:
                     finished = out.finished
-                    out = _as_original(out, request_id, len(prompt_token_ids), len(delivered))
+                    out = _as_original(out, request_id, len(prompt_token_ids), before)
                     delivered.extend(out.token_ids)
                     last = out
                     yield out

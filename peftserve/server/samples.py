@@ -44,9 +44,15 @@ RECORDING = tuple(
     if callable(getattr(MetricWindows, name, None))
 )
 """The methods of the metric windows an ingress calls; the only ones a batch may replay."""
-_STAMPED = frozenset(
-    name for name in RECORDING if "at" in inspect.signature(getattr(MetricWindows, name)).parameters
-)
+
+
+def _takes_time(name: str) -> bool:
+    """Whether the method takes ``at=`` (itself, or through ``**outcome`` like ``record_route``)."""
+    params = inspect.signature(getattr(MetricWindows, name)).parameters.values()
+    return any(p.name == "at" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+_STAMPED = frozenset(name for name in RECORDING if _takes_time(name))
 """Recording methods taking the sample's time as ``at=``: stamped when called, not when replayed."""
 MAX_PENDING = 200_000
 
