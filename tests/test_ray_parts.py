@@ -408,3 +408,56 @@ def test_replaced_outputs_keep_the_original_request_id():
     fixed = _as_original(out, "cmpl-1", 7, 3)
     assert (fixed.request_id, fixed.prompt_tokens, fixed.completion_tokens) == ("cmpl-1", 7, 5)
     assert _as_original(replace(out, request_id="cmpl-1"), "cmpl-1", 9, 0).completion_tokens == 2
+
+
+# ---- deploy/ray and the app builder ---------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_serve_config_and_the_rayservice_hold_one_valid_application():
+    import yaml
+    from ray.serve import Application
+    from ray.serve.schema import ServeDeploySchema
+
+    from peftserve.server.ray_app import app_builder
+
+    config = yaml.safe_load((ROOT / "deploy" / "ray" / "peftserve.yaml").read_text())
+    ServeDeploySchema.model_validate(config)
+    service = yaml.safe_load((ROOT / "deploy" / "ray" / "rayservice.yaml").read_text())
+    assert yaml.safe_load(service["spec"]["serveConfigV2"]) == config
+    (app,) = config["applications"]
+    module, _, name = app["import_path"].partition(":")
+    assert (module, name) == ("peftserve.server.ray_app", "app_builder")
+    assert isinstance(app_builder(app["args"]), Application)
+    with pytest.raises(ValueError, match="engine_replica"):
+        app_builder({**app["args"], "engine_replica": 3})
+    with pytest.raises(ValueError, match="engine_replicas must be at least 1"):
+        app_builder({**app["args"], "engine_replicas": 0})
+
+
+def test_ingress_replicas_export_the_controllers_rollout_series_from_the_snapshot():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from peftserve.server.link import ControllerLink
+    from peftserve.server.ray_app import SnapshotCollector
+
+    controller = CollectorRegistry()
+    from prometheus_client import Counter, Gauge
+
+    Gauge("peftserve_canary_weight_ratio", "w", ["task"], registry=controller).labels(
+        "reverse"
+    ).set(0.25)
+    Counter("peftserve_rollout_judgments", "j", ["task", "result"], registry=controller).labels(
+        "reverse", "pass"
+    ).inc(3)
+    text = generate_latest(controller).decode()
+    link = ControllerLink(
+        None, ModelTable(base_name="b", base_path="/m", max_model_len=8), "i", 1.0
+    )  # type: ignore[arg-type]
+    link.install(Snapshot(1, 1, {}, {}, (), rollout_metrics=text))
+    ingress = CollectorRegistry()
+    ingress.register(SnapshotCollector(link))
+    page = generate_latest(ingress).decode()
+    assert 'peftserve_canary_weight_ratio{task="reverse"} 0.25' in page
+    assert 'peftserve_rollout_judgments_total{result="pass",task="reverse"} 3.0' in page

@@ -362,22 +362,36 @@ def test_an_engine_replica_killed_mid_rollout_costs_no_request_and_leaves_the_ro
     )
     _wait(lambda: _running("Engine") == 2 and victims[0] not in _engine_actors(), 180,
           "Ray Serve to replace the engine replica")  # fmt: skip
-    retries = _retries(fleet)
-    assert retries > 0, "no request was in flight on the killed replica"
+    pages = _scrape(fleet)
+    assert sum(_sum(p, "peftserve_engine_retries_total") for p in pages.values()) > 0, (
+        "no retry: nothing in flight?"
+    )
+    for page in pages.values():  # each ingress exports the controller's rollout series too
+        assert 'peftserve_canary_weight_ratio{task="reverse"} 0.5' in page
+        assert 'peftserve_rollout_state{state="ramping",task="reverse"} 1.0' in page
 
 
-def _retries(fleet: Fleet) -> float:
-    """peftserve_engine_retries_total summed over both ingress replicas (each scraped once)."""
-    per_ingress: dict[str, float] = {}
+def _scrape(fleet: Fleet) -> dict[str, str]:
+    """/metrics of each ingress replica (through the proxy until both answered)."""
+    pages: dict[str, str] = {}
     with fleet.http() as http:
         for _ in range(40):
             r = http.get("/metrics")
-            total = sum(float(line.rsplit(" ", 1)[1]) for line in r.text.splitlines()
-                        if line.startswith("peftserve_engine_retries_total"))  # fmt: skip
-            per_ingress[r.headers["x-peftserve-ingress"]] = total
-            if len(per_ingress) == 2:
+            pages[r.headers["x-peftserve-ingress"]] = r.text
+            if len(pages) == 2:
                 break
-    return sum(per_ingress.values())
+    return pages
+
+
+def _sum(page: str, prefix: str) -> float:
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in page.splitlines() if line.startswith(prefix)
+    )
+
+
+def _retries(fleet: Fleet) -> float:
+    """peftserve_engine_retries_total summed over both ingress replicas."""
+    return sum(_sum(page, "peftserve_engine_retries_total") for page in _scrape(fleet).values())
 
 
 def test_the_controller_killed_mid_rollout_comes_back_at_the_same_state_and_weight(fleet):
@@ -412,6 +426,7 @@ def _status_or_none(fleet: Fleet) -> dict[str, Any] | None:
 
 def test_removing_a_worker_node_mid_rollout_loses_no_acknowledged_request(fleet):
     before = _held_rollout(fleet)
+    retried = _retries(fleet)
     with Traffic(fleet.url) as traffic:
         _wait(lambda: traffic.count() > 20, 60, "traffic")
         fleet.cluster.remove_node(fleet.workers[0])
@@ -419,6 +434,7 @@ def test_removing_a_worker_node_mid_rollout_loses_no_acknowledged_request(fleet)
         _wait(lambda: traffic.count() > sent + 40, 180, "traffic after the node left")
     assert not traffic.failures(), traffic.failures()[:3]
     assert all(a["exact"] for a in traffic.answers)  # every acknowledged request answered right
+    assert _retries(fleet) > retried  # requests in flight on the lost node were retried
     after = fleet.status()
     assert (after["rollout_id"], after["state"], after["weight"]) == (
         before["rollout_id"],

@@ -340,6 +340,10 @@ class FleetState:
                 if TIER_ORDER.get(tier, 9) < TIER_ORDER.get(tiers.get(lora_id, "disk"), 9):
                     tiers[lora_id] = tier
         info = reports[0].info
-        return FleetView(
-            tuple(sorted(r.replica for r in reports)), stats, tiers, info.device, info.dtype
-        )
+        per_replica = {
+            r.replica: {"steps": r.stats.steps, "generated_tokens": r.stats.generated_tokens,
+                        "num_running": r.stats.num_running, "tasks": len(r.tasks)}
+            for r in reports
+        }  # fmt: skip
+        return FleetView(tuple(sorted(r.replica for r in reports)), stats, tiers, info.device, info.dtype,
+                         per_replica)  # fmt: skip

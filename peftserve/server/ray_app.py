@@ -29,12 +29,14 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from peftserve.registry import db
-from peftserve.server.canary import RequestAccounting
+from peftserve.server.canary import RequestAccounting, RolloutCollector
 from peftserve.server.engine_host import (
     AdapterFileCache,
     EngineHost,
@@ -159,6 +161,9 @@ class ControllerDeployment:
 
     async def __init__(self, settings: ServeSettings, engine: DeploymentHandle) -> None:
         configure_logging(settings.server.log_level)
+        world = serve.get_replica_context().world_size
+        if world != 1:
+            raise ValueError(f"the Controller deployment must have exactly one replica, not {world}")
         self.data_dir = settings.server.data_dir
         holder = f"{_replica_name()} on {socket.gethostname()} (pid {os.getpid()})"
         self.epoch = await asyncio.to_thread(db.acquire_lease, self.data_dir, holder)
@@ -168,8 +173,13 @@ class ControllerDeployment:
         table.max_model_len = info.max_model_len
         self.fleet = FleetState(settings.ray.snapshot_interval_s)
         self.remote = RemoteEngine(engine, view, self._snapshot)
+        self._metrics_text, self._metrics_at = "", 0.0
         self.snapshots = SnapshotSource(
-            table, self.epoch, self.fleet.view, lambda: self.remote.evict
+            table,
+            self.epoch,
+            self.fleet.view,
+            lambda: self.remote.evict,
+            metrics=self._rollout_metrics,
         )
         self.service = open_adapter_service(settings, self.remote, table)
         register_startup_adapters(self.service, startup_adapters(settings))
@@ -190,6 +200,16 @@ class ControllerDeployment:
 
     def _snapshot(self) -> Snapshot:
         return self.snapshots.take()
+
+    def _rollout_metrics(self) -> str:
+        """The rollout collector's series as text, rendered at most once per snapshot interval."""
+        runtime = getattr(self, "runtime", None)  # None while the controller is being built
+        now = time.monotonic()
+        if runtime is not None and now - self._metrics_at >= self.fleet.interval_s:
+            registry = CollectorRegistry()
+            registry.register(RolloutCollector(runtime))
+            self._metrics_text, self._metrics_at = generate_latest(registry).decode(), now
+        return self._metrics_text
 
     async def http(self, call: HttpCall) -> HttpAnswer:
         """An admin call an ingress forwarded, answered by the app."""
@@ -262,6 +282,7 @@ class IngressDeployment:
             self.remote, table, settings.server, canary=accounting, forward=forward
         )
         self.asgi.state.serving.metrics.add_collector(RetryCollector(self.remote, self.link))
+        self.asgi.state.serving.metrics.add_collector(SnapshotCollector(self.link))
         self.asgi.add_middleware(ReplicaHeader, name=self.name)
         self.link.start()
         logger.info("ingress replica %s ready", self.name)
@@ -297,6 +318,18 @@ class ReplicaHeader:
             await send(message)
 
         await self.app(scope, receive, named)
+
+
+class SnapshotCollector:
+    """Prometheus: the controller's rollout series, as the latest snapshot carries them."""
+
+    def __init__(self, link: ControllerLink) -> None:
+        self._link = link
+
+    def collect(self) -> Any:
+        snapshot = self._link.snapshot
+        if snapshot is not None and snapshot.rollout_metrics:
+            yield from text_string_to_metric_families(snapshot.rollout_metrics)
 
 
 class RetryCollector:

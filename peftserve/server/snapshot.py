@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from peftserve.canary.router import Router
@@ -47,6 +47,8 @@ class FleetView:
     """lora_id -> the best tier any replica holds it in (gpu, cpu; disk when none holds it)."""
     device: str = "unknown"
     dtype: str = "unknown"
+    per_replica: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    """Replica -> its steps, generated tokens and running sequences (how the work was split)."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,9 @@ class Snapshot:
     """lora_id -> when the controller asked engine replicas to take it out of their slots."""
     fleet: FleetView = field(default_factory=FleetView)
     taken_at: float = 0.0
+    rollout_metrics: str = ""
+    """The controller's rollout series (weight, state, judgments...) in Prometheus text format:
+    every ingress replica exports them with its own series."""
 
     @property
     def key(self) -> tuple[int, int]:
@@ -103,11 +108,13 @@ class SnapshotSource:
         fleet: Callable[[], FleetView] = FleetView,
         evict: Callable[[], Mapping[str, float]] = dict,
         clock: Callable[[], float] = time.time,
+        metrics: Callable[[], str] = str,
     ) -> None:
         self._table = table
         self._epoch = epoch
         self._fleet = fleet
         self._evict = evict
+        self._metrics = metrics
         self._clock = clock
         self._serial = 0
         self._content: Any = None
@@ -119,7 +126,7 @@ class SnapshotSource:
             self._serial += 1
         tasks, versions, rollouts, evict = content
         return Snapshot(self._epoch, self._serial, tasks, versions, rollouts, evict,
-                        self._fleet(), self._clock())  # fmt: skip
+                        self._fleet(), self._clock(), self._metrics())  # fmt: skip
 
 
 def install(table: ModelTable, snapshot: Snapshot) -> None:
@@ -134,7 +141,3 @@ def install(table: ModelTable, snapshot: Snapshot) -> None:
     for rollout in snapshot.rollouts:
         router.set_rollout(rollout)
     table.versions, table.router = versions, router
-
-
-def with_fleet(snapshot: Snapshot, fleet: FleetView) -> Snapshot:
-    return replace(snapshot, fleet=fleet)

@@ -1,0 +1,141 @@
+"""Scaling on Ray Serve: throughput of 2 engine replicas over 1 (1 CPU each), mixed workload.
+
+A program, not a test. The model, adapters and requests are ``bench/throughput.py``'s mixed
+workload (27M-parameter random Llama, 32 rank-16 adapters served as 32 tasks, 128 requests
+with zipf(1.2) adapter popularity, prompts of 16-256 token ids, 8-128 new tokens, greedy,
+``ignore_eos``). For each replica count it deploys ``peftserve serve --ray`` on a local Ray
+(one ingress replica, the controller, N engine replicas of 1 CPU each), warms every task up,
+then sends all requests at once over HTTP (``/v1/completions`` with token-id prompts) and
+times them until the last answer. Configurations are interleaved ``--repeat`` times; the
+fastest run of each counts. It prints generated tokens/s per configuration and their ratio,
+with the machine's load average around each run.
+
+    python bench/ray_scaling.py --repeat 2 --json /tmp/ray_scaling.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from throughput import CPU_SHAPE, make_adapters, make_model, mixed_workload  # noqa: E402
+
+logger = logging.getLogger("bench.ray_scaling")
+PORT = 8790
+
+
+def settings_for(base: Path, adapters: list[Path], data_dir: str, replicas: int, max_ongoing: int):
+    from peftserve.cli import build_parser, serve_settings
+
+    argv = ["serve", "--ray", "--model", str(base), "--device", "cpu", "--data-dir", data_dir,
+            "--engine-replicas", str(replicas), "--engine-num-cpus", "1", "--ingress-replicas", "1",
+            "--engine-max-ongoing-requests", str(max_ongoing), "--max-tasks-per-replica", "32",
+            "--max-loras", "32", "--max-lora-rank", "16", "--max-num-seqs", "128",
+            "--max-num-batched-tokens", "4096", "--kv-cache-memory-gb", "1", "--log-level", "warning"]  # fmt: skip
+    for i, path in enumerate(adapters):
+        argv += ["--adapter", f"a{i}={path}"]
+    return serve_settings(build_parser().parse_args(argv), environ={})
+
+
+async def send_all(url: str, requests: list[dict]) -> tuple[float, int]:
+    """Send every request at once; (seconds until the last answer, generated tokens)."""
+    limits = httpx.Limits(max_connections=len(requests), max_keepalive_connections=len(requests))
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+        start = time.perf_counter()
+        answers = await asyncio.gather(*(http.post("/v1/completions", json=r) for r in requests))
+        elapsed = time.perf_counter() - start
+    bad = [a for a in answers if a.status_code != 200]
+    if bad:
+        raise RuntimeError(f"{len(bad)} requests failed; first: {bad[0].status_code} {bad[0].text[:200]}")
+    return elapsed, sum(a.json()["usage"]["completion_tokens"] for a in answers)
+
+
+def run_once(settings, requests: list[dict], warm: list[dict]) -> dict:
+    from ray import serve
+
+    from peftserve.server.ray_app import APP_NAME, application
+
+    t0 = time.perf_counter()
+    serve.run(application(settings), name=APP_NAME, route_prefix="/")
+    url = f"http://127.0.0.1:{PORT}"
+    asyncio.run(send_all(url, warm))  # every task loaded somewhere, every code path warm
+    load_before = os.getloadavg()[0]
+    seconds, tokens = asyncio.run(send_all(url, requests))
+    load_after = os.getloadavg()[0]
+    time.sleep(2 * settings.ray.snapshot_interval_s)  # the replicas' last reports are in
+    controller = serve.get_deployment_handle("Controller", APP_NAME)
+    fleet = controller.sync.remote("bench", []).result().fleet
+    serve.delete(APP_NAME)
+    row = {
+        "engine_replicas": settings.ray.engine_replicas, "seconds": seconds, "tokens": tokens,
+        "tok_s": tokens / seconds, "requests": len(requests), "load_before": load_before,
+        "load_after": load_after, "deploy_s": 0.0,
+        "split": {name: dict(v) for name, v in fleet.per_replica.items()},
+    }  # fmt: skip
+    row["deploy_s"] = time.perf_counter() - t0 - seconds
+    logger.info("%s", json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}))
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeat", type=int, default=1, help="interleaved repetitions; the fastest of each counts")
+    parser.add_argument("--max-ongoing", type=int, default=64, help="--engine-max-ongoing-requests")
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    import ray
+    from ray import serve
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        base = make_model(root, CPU_SHAPE, args.seed)
+        adapters = make_adapters(root, base, 32, 16, args.seed + 1)
+        reqs = mixed_workload(rng, CPU_SHAPE.vocab)
+        body = [{"model": f"a{r.adapter}", "prompt": r.prompt, "max_tokens": r.max_tokens, "temperature": 0,
+                 "ignore_eos": True} for r in reqs]  # fmt: skip
+        warm = [{"model": f"a{i}", "prompt": [5, 6, 7], "max_tokens": 2, "temperature": 0} for i in range(32)]
+        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+        serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+        rows = []
+        try:
+            for _ in range(args.repeat):
+                for replicas in (1, 2):
+                    with tempfile.TemporaryDirectory(dir=tmp) as data_dir:
+                        settings = settings_for(base, adapters, data_dir, replicas, args.max_ongoing)
+                        rows.append(run_once(settings, body, warm))
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+    best = {n: max((r for r in rows if r["engine_replicas"] == n), key=lambda r: r["tok_s"]) for n in (1, 2)}
+    print(f"\nmachine: {platform.node()} {platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}")
+    print(f"{'engine replicas':<18}{'tok/s':>10}{'seconds':>10}{'load before':>14}{'load after':>12}")
+    for n, r in best.items():
+        print(f"{n:<18}{r['tok_s']:>10.1f}{r['seconds']:>10.2f}{r['load_before']:>14.1f}{r['load_after']:>12.1f}")
+    print(f"2 replicas / 1 replica: {best[2]['tok_s'] / best[1]['tok_s']:.2f}x (target >= 1.6x)")
+    for name, split in best[2]["split"].items():
+        print(f"  replica {name}: {split['generated_tokens']:.0f} tokens in {split['steps']:.0f} steps, "
+              f"{split['tasks']:.0f} tasks")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "ratio": best[2]["tok_s"] / best[1]["tok_s"]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
