@@ -27,6 +27,7 @@ tiers), folded into the ``FleetView`` every snapshot carries.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -48,6 +49,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 TIER_ORDER = {"gpu": 0, "cpu": 1, "disk": 2}
+CALL_TIMEOUT_S = 120.0
+"""Longest wait for a unary engine call (a load, a scoring): with no engine replica up, the
+controller's restore and rounds go on instead of waiting for one."""
 REPORT_TTL_INTERVALS = 5
 """A replica not heard from for this many report intervals is left out of the fleet."""
 
@@ -253,8 +257,16 @@ class RemoteEngine:
     ) -> list[float]:
         """Teacher-forced log-probabilities of ``target_ids`` (see ``AsyncLLMEngine.score``)."""
         task, version, sha = self._target(lora_id)
+        call = self._call("score", task).remote(version, sha, prompt_ids, target_ids)
+        return await self._unary(call)
+
+    @staticmethod
+    async def _unary(response: Any) -> Any:
         try:
-            return await self._call("score", task).remote(version, sha, prompt_ids, target_ids)
+            return await asyncio.wait_for(response, CALL_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            response.cancel()
+            raise TimeoutError(f"no engine replica answered in {CALL_TIMEOUT_S:g} s") from None
         except Exception as exc:
             raise unwrap(exc) from None
 
@@ -271,10 +283,7 @@ class RemoteEngine:
         """Make the version resident on a replica holding its task; returns its slot there."""
         self.evict.pop(lora_id, None)
         task, version, sha = self._target(lora_id)
-        try:
-            return await self._call("load", task).remote(version, sha)
-        except Exception as exc:
-            raise unwrap(exc) from None
+        return await self._unary(self._call("load", task).remote(version, sha))
 
     async def unload_lora(self, lora_id: str) -> bool:
         """Ask every replica to free the version's slot (it stays servable); applied with their

@@ -69,11 +69,27 @@ MULTIPART_SLACK = 64 * 1024
 LATE_COMPLETION_INTERVALS = 3
 """Feedback on a completion not pushed yet waits this many snapshot intervals (plus a second)."""
 INGRESS_MAX_ONGOING = 1024
+FORWARD_TIMEOUT_S = 120.0
+"""How long an admin call waits for the controller (a restarting one included) before a 503."""
 INGRESS_HEADER = b"x-peftserve-ingress"
 
 
 def _replica_name() -> str:
     return serve.get_replica_context().replica_id.unique_id
+
+
+def _limit_threads() -> None:
+    """Torch's CPU threads: as many as the CPUs Ray reserved for this replica (Ray leaves them
+    at the machine's core count, so N replicas of one CPU would fight over every core)."""
+    import ray
+    import torch
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    if cpus:
+        torch.set_num_threads(max(1, math.floor(cpus)))
+        logger.info(
+            "torch uses %d CPU thread(s) (the replica's %g Ray CPU)", torch.get_num_threads(), cpus
+        )
 
 
 # ---- Engine -------------------------------------------------------------------------------
@@ -86,6 +102,7 @@ class EngineDeployment:
         configure_logging(settings.server.log_level)
         from peftserve.engine.engine import AsyncLLMEngine
 
+        _limit_threads()
         llm = await asyncio.to_thread(load_engine, settings.engine)
         engine = AsyncLLMEngine(llm)
         engine.start()
@@ -163,7 +180,9 @@ class ControllerDeployment:
         configure_logging(settings.server.log_level)
         world = serve.get_replica_context().world_size
         if world != 1:
-            raise ValueError(f"the Controller deployment must have exactly one replica, not {world}")
+            raise ValueError(
+                f"the Controller deployment must have exactly one replica, not {world}"
+            )
         self.data_dir = settings.server.data_dir
         holder = f"{_replica_name()} on {socket.gethostname()} (pid {os.getpid()})"
         self.epoch = await asyncio.to_thread(db.acquire_lease, self.data_dir, holder)
@@ -294,7 +313,14 @@ class IngressDeployment:
         return await self._controller.sync.remote(source, batches)
 
     async def _forward(self, call: HttpCall) -> HttpAnswer:
-        return await self._controller.http.remote(call)
+        response = self._controller.http.remote(call)
+        try:
+            return await asyncio.wait_for(response, FORWARD_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            response.cancel()
+            raise TimeoutError(
+                f"the controller did not answer in {FORWARD_TIMEOUT_S:g} s"
+            ) from None
 
     async def __del__(self) -> None:
         await self.link.stop()
