@@ -8,7 +8,13 @@ with zipf(1.2) adapter popularity, prompts of 16-256 token ids, 8-128 new tokens
 then sends all requests at once over HTTP (``/v1/completions`` with token-id prompts) and
 times them until the last answer. Configurations are interleaved ``--repeat`` times; the
 fastest run of each counts. It prints generated tokens/s per configuration and their ratio,
-with the machine's load average around each run.
+with the machine's load average around each run and the engine replicas' CPU seconds (from
+their reports: tokens per engine CPU-second show whether replication adds work).
+
+The peer measured in the same run is the machine itself: before each Ray run, one and then two
+processes multiply the model's hidden-size matrices on one torch thread each for a few seconds
+(``machine_parallelism``). Their ratio is what two 1-CPU replicas could get over one on this
+machine at that moment; on an idle 2-core machine it is about 2, on a shared one less.
 
     python bench/ray_scaling.py --repeat 2 --json /tmp/ray_scaling.json
 """
@@ -19,12 +25,14 @@ import argparse
 import asyncio
 import json
 import logging
+import multiprocessing
 import os
 import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -37,11 +45,11 @@ logger = logging.getLogger("bench.ray_scaling")
 PORT = 8790
 
 
-def settings_for(base: Path, adapters: list[Path], data_dir: str, replicas: int, max_ongoing: int):
+def settings_for(base: Path, adapters: list[Path], data_dir: str, replicas: int, max_ongoing: int, ingress: int):
     from peftserve.cli import build_parser, serve_settings
 
     argv = ["serve", "--ray", "--model", str(base), "--device", "cpu", "--data-dir", data_dir,
-            "--engine-replicas", str(replicas), "--engine-num-cpus", "1", "--ingress-replicas", "1",
+            "--engine-replicas", str(replicas), "--engine-num-cpus", "1", "--ingress-replicas", str(ingress),
             "--engine-max-ongoing-requests", str(max_ongoing), "--max-tasks-per-replica", "32",
             "--max-loras", "32", "--max-lora-rank", "16", "--max-num-seqs", "128",
             "--max-num-batched-tokens", "4096", "--kv-cache-memory-gb", "1", "--log-level", "warning"]  # fmt: skip
@@ -63,6 +71,41 @@ async def send_all(url: str, requests: list[dict]) -> tuple[float, int]:
     return elapsed, sum(a.json()["usage"]["completion_tokens"] for a in answers)
 
 
+def _matmuls(seconds: float, out: Any) -> None:
+    torch.set_num_threads(1)
+    a = torch.randn(512, 1376)
+    b = torch.randn(1376, 512)
+    n, end = 0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        a @ b
+        n += 1
+    out.put(n)
+
+
+def machine_parallelism(seconds: float = 4.0) -> float:
+    """Work done by two single-threaded CPU-bound processes over one, in the same wall time."""
+    ctx = multiprocessing.get_context("spawn")
+    counts = []
+    for workers in (1, 2):
+        queue = ctx.Queue()
+        procs = [ctx.Process(target=_matmuls, args=(seconds, queue)) for _ in range(workers)]
+        for p in procs:
+            p.start()
+        counts.append(sum(queue.get() for _ in procs))
+        for p in procs:
+            p.join()
+    return counts[1] / counts[0]
+
+
+def _fleet(settings) -> Any:
+    from ray import serve
+
+    from peftserve.server.ray_app import APP_NAME
+
+    time.sleep(2 * settings.ray.snapshot_interval_s)  # the replicas' latest reports are in
+    return serve.get_deployment_handle("Controller", APP_NAME).sync.remote("bench", []).result().fleet
+
+
 def run_once(settings, requests: list[dict], warm: list[dict]) -> dict:
     from ray import serve
 
@@ -72,18 +115,19 @@ def run_once(settings, requests: list[dict], warm: list[dict]) -> dict:
     serve.run(application(settings), name=APP_NAME, route_prefix="/")
     url = f"http://127.0.0.1:{PORT}"
     asyncio.run(send_all(url, warm))  # every task loaded somewhere, every code path warm
+    before = _fleet(settings).per_replica
     load_before = os.getloadavg()[0]
     seconds, tokens = asyncio.run(send_all(url, requests))
     load_after = os.getloadavg()[0]
-    time.sleep(2 * settings.ray.snapshot_interval_s)  # the replicas' last reports are in
-    controller = serve.get_deployment_handle("Controller", APP_NAME)
-    fleet = controller.sync.remote("bench", []).result().fleet
+    after = _fleet(settings).per_replica
     serve.delete(APP_NAME)
+    cpu_s = sum(after[n]["cpu_s"] - before.get(n, {}).get("cpu_s", 0.0) for n in after)
     row = {
         "engine_replicas": settings.ray.engine_replicas, "seconds": seconds, "tokens": tokens,
         "tok_s": tokens / seconds, "requests": len(requests), "load_before": load_before,
-        "load_after": load_after, "deploy_s": 0.0,
-        "split": {name: dict(v) for name, v in fleet.per_replica.items()},
+        "load_after": load_after, "deploy_s": 0.0, "engine_cpu_s": cpu_s,
+        "tokens_per_engine_cpu_s": tokens / cpu_s if cpu_s > 0 else None,
+        "split": {name: dict(v) for name, v in after.items()},
     }  # fmt: skip
     row["deploy_s"] = time.perf_counter() - t0 - seconds
     logger.info("%s", json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}))
@@ -95,6 +139,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeat", type=int, default=1, help="interleaved repetitions; the fastest of each counts")
     parser.add_argument("--max-ongoing", type=int, default=64, help="--engine-max-ongoing-requests")
+    parser.add_argument("--ingress", type=int, default=1, help="--ingress-replicas (the same in both configurations)")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -118,23 +163,30 @@ def main() -> None:
         try:
             for _ in range(args.repeat):
                 for replicas in (1, 2):
+                    machine = machine_parallelism()
                     with tempfile.TemporaryDirectory(dir=tmp) as data_dir:
-                        settings = settings_for(base, adapters, data_dir, replicas, args.max_ongoing)
-                        rows.append(run_once(settings, body, warm))
+                        settings = settings_for(base, adapters, data_dir, replicas, args.max_ongoing, args.ingress)
+                        rows.append({**run_once(settings, body, warm), "machine_2_over_1": machine})
         finally:
             serve.shutdown()
             ray.shutdown()
     best = {n: max((r for r in rows if r["engine_replicas"] == n), key=lambda r: r["tok_s"]) for n in (1, 2)}
     print(f"\nmachine: {platform.node()} {platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}")
-    print(f"{'engine replicas':<18}{'tok/s':>10}{'seconds':>10}{'load before':>14}{'load after':>12}")
+    print(f"{'engine replicas':<18}{'tok/s':>10}{'seconds':>10}{'tok/engine-CPU-s':>18}{'load before':>13}"
+          f"{'load after':>12}{'machine 2/1':>13}")  # fmt: skip
     for n, r in best.items():
-        print(f"{n:<18}{r['tok_s']:>10.1f}{r['seconds']:>10.2f}{r['load_before']:>14.1f}{r['load_after']:>12.1f}")
-    print(f"2 replicas / 1 replica: {best[2]['tok_s'] / best[1]['tok_s']:.2f}x (target >= 1.6x)")
+        per_cpu = r["tokens_per_engine_cpu_s"] or float("nan")
+        print(f"{n:<18}{r['tok_s']:>10.1f}{r['seconds']:>10.2f}{per_cpu:>18.1f}{r['load_before']:>13.1f}"
+              f"{r['load_after']:>12.1f}{r['machine_2_over_1']:>13.2f}")  # fmt: skip
+    ratio = best[2]["tok_s"] / best[1]["tok_s"]
+    machine = np.mean([r["machine_2_over_1"] for r in rows])
+    print(f"2 replicas / 1 replica: {ratio:.2f}x (target >= 1.6x); the machine's own 2/1: {machine:.2f}x; "
+          f"efficiency {ratio / machine:.2f}")
     for name, split in best[2]["split"].items():
         print(f"  replica {name}: {split['generated_tokens']:.0f} tokens in {split['steps']:.0f} steps, "
               f"{split['tasks']:.0f} tasks")
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "ratio": best[2]["tok_s"] / best[1]["tok_s"]}, indent=2))
+        Path(args.json).write_text(json.dumps({"rows": rows, "ratio": ratio, "machine": machine}, indent=2))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
@@ -182,7 +183,7 @@ class EngineHost:
 
     def report(self) -> EngineReport:
         return EngineReport(self.name, self.engine.stats, dict(self.engine.lora_status()),
-                            tuple(sorted(self.tasks)), self.info())  # fmt: skip
+                            tuple(sorted(self.tasks)), self.info(), time.process_time())  # fmt: skip
 
     async def generate(
         self,

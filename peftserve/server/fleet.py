@@ -76,6 +76,8 @@ class EngineReport:
     tasks: tuple[str, ...]
     """Tasks this replica holds (its multiplexed models)."""
     info: ModelInfo
+    cpu_s: float = 0.0
+    """CPU seconds the replica's process has used (how much of the machine it got)."""
 
 
 class ReplicaLost(APIError):
@@ -351,7 +353,7 @@ class FleetState:
         info = reports[0].info
         per_replica = {
             r.replica: {"steps": r.stats.steps, "generated_tokens": r.stats.generated_tokens,
-                        "num_running": r.stats.num_running, "tasks": len(r.tasks)}
+                        "num_running": r.stats.num_running, "tasks": len(r.tasks), "cpu_s": r.cpu_s}
             for r in reports
         }  # fmt: skip
         return FleetView(tuple(sorted(r.replica for r in reports)), stats, tiers, info.device, info.dtype,
