@@ -461,3 +461,16 @@ def test_ingress_replicas_export_the_controllers_rollout_series_from_the_snapsho
     page = generate_latest(ingress).decode()
     assert 'peftserve_canary_weight_ratio{task="reverse"} 0.25' in page
     assert 'peftserve_rollout_judgments_total{result="pass",task="reverse"} 3.0' in page
+
+
+def test_serve_ray_refuses_bad_settings_and_a_missing_model_before_starting_ray(tmp_path, capsys):
+    from peftserve.cli import main
+
+    assert main(["serve", "--ray", "--engine-replicas", "0"]) == 2
+    assert "engine_replicas must be at least 1" in capsys.readouterr().err
+    assert main(["serve", "--ray", "--model", str(tmp_path / "nowhere")]) == 1
+    err = capsys.readouterr().err
+    assert "model directory" in err and "does not exist" in err
+    import ray
+
+    assert not ray.is_initialized()
