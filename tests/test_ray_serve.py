@@ -57,10 +57,10 @@ FLAGS = [
     "--rollback-keep-warm-s", "5", "--log-level", "warning",
 ]  # fmt: skip
 EVAL = DEFAULT_ADAPTERS_DIR / "eval" / "reverse.jsonl"
-COMPRESSED = dict(steps=[25, 50], step_interval_s=4.0, min_samples=60)
-"""The demo's rollout (``peftserve demo``), one step shorter."""
+COMPRESSED = dict(steps=[50], interval=4.0, min_samples=60)
+"""The demo's rollout (``peftserve demo``) in one step."""
 HELD = dict(
-    steps=[50], step_interval_s=3600.0,
+    steps=[50], interval=3600.0,
     analysis={"metrics": [{"name": "error_rate", "kind": "proportion", "direction": "increase",
                            "tolerance": 0.01, "critical": True}], "min_samples": 10},
 )  # fmt: skip
