@@ -8,7 +8,7 @@ range checks live in ``SamplingParams`` so there is one source for them.
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
@@ -208,3 +208,45 @@ class ModelList(BaseModel):
 def dump(model: BaseModel, include_usage: bool = True) -> dict[str, Any]:
     """JSON-ready dict; ``usage`` is left out of stream chunks unless the client asked for it."""
     return model.model_dump(exclude={"usage"} if not include_usage else None)
+
+
+# ---- errors and other answers (documented in /openapi.json) -------------------------------
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    """The request field at fault (``messages[0].content``), when one is."""
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every error, in OpenAI's shape."""
+
+    error: ErrorDetail
+
+
+class FeedbackRequest(BaseModel):
+    """POST /v1/feedback: a user's score of a completion (read by the route itself)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1)
+    """The completion's id (``cmpl-...`` or ``chatcmpl-...``)."""
+    score: bool | Annotated[float, Field(ge=0.0, le=1.0)]
+    """true, false or a number in [0, 1]."""
+
+
+class FeedbackResponse(BaseModel):
+    object: Literal["feedback"] = "feedback"
+    id: str
+    score: float
+
+
+class HealthResponse(BaseModel):
+    status: str
+    """``ok`` while the engine's step loop runs (200), else ``engine stopped`` (503)."""
+    model: str
+    adapters: list[str]
+    engine: dict[str, int | float | str | bool | None]
