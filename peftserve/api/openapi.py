@@ -25,10 +25,21 @@ _ERRORS = {
     503: "The engine stopped, the request was aborted at shutdown, or the feature is off on this server.",
 }
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}}
+_SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {
+            "type": "string",
+            "description": "A chunk as JSON (`text_completion` or `chat.completion.chunk`), an "
+            'error as `{"error": ...}`, or `[DONE]`, the last event.',
+        }
+    },
+}
 SSE_200: dict[int | str, dict[str, Any]] = {
     200: {
-        "description": "The completion; with `stream: true`, server-sent events of chunks ending in `data: [DONE]`.",
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        "description": "The completion; with `stream: true`, server-sent events (one schema per event).",
+        "content": {"text/event-stream": {"schema": _SSE_EVENT}},
     }
 }
 INFERENCE_ERRORS = (400, 401, 404, 413, 429, 500, 503)
