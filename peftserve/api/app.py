@@ -110,7 +110,7 @@ def build_app(
     app.include_router(rollouts.feedback_router)
     app.include_router(metrics.router)
     app.include_router(health.router)
-    app.include_router(ui.admin_router)
+    app.include_router(ui.admin_router, responses=errors(*ADMIN_ERRORS))
     app.include_router(ui.router)
     ui.mount_page(app)
     return app

@@ -22,7 +22,9 @@ _ERRORS = {
     413: "The request body is larger than the server accepts.",
     429: "The request queue is full; retry after `Retry-After` seconds.",
     500: "Internal error; the message names the request id to find in the server log.",
-    503: "The engine stopped, the request was aborted at shutdown, or the feature is off on this server.",
+    503: "Unavailable: the engine stopped, the request was aborted at shutdown, the data directory "
+    "is not writable, or the feature is off on this server.",
+    507: "The data directory has no room left for the upload.",
 }
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}}
 _SSE_EVENT = {
@@ -44,7 +46,7 @@ SSE_200: dict[int | str, dict[str, Any]] = {
 }
 INFERENCE_ERRORS = (400, 401, 404, 413, 429, 500, 503)
 """What /v1/completions and /v1/chat/completions answer besides 200."""
-ADMIN_ERRORS = (400, 401, 403, 404, 409, 413, 500, 503)
+ADMIN_ERRORS = (400, 401, 403, 404, 409, 413, 500, 503, 507)
 """What the admin routes answer besides 200/201."""
 
 

@@ -149,7 +149,7 @@ def parse_start(body: dict[str, Any], runtime: CanaryRuntime) -> tuple[RolloutSp
     return RolloutSpec.from_dict(data), eval_set, reason
 
 
-@admin_router.post("/rollouts")
+@admin_router.post("/rollouts", status_code=201)
 async def start_rollout(request: Request) -> JSONResponse:
     """Start a rollout: 201 with its status; 400 invalid, 409 when the task already has one."""
     runtime = _runtime(request)
