@@ -55,8 +55,10 @@ def test_schemathesis_finds_no_server_error_and_no_undocumented_answer(
         "--suppress-health-check", "all",
         "--report-dir", str(tmp_path),
     ]  # fmt: skip
-    env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.schemathesis_hooks", "NO_COLOR": "1"}
-    run = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.schemathesis_hooks", "NO_COLOR": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}  # fmt: skip
+    # From a temporary directory: schemathesis and hypothesis keep their caches in the cwd.
+    run = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     report = run.stdout + run.stderr
     assert run.returncode == 0, report[-20000:]
     assert "passed" in report and "failed" not in report.split("SUMMARY")[-1], report[-5000:]

@@ -6,7 +6,7 @@
 no ``NaN``/``Infinity``, no lone UTF-16 surrogates (``"\\ud800"``), at most ``MAX_JSON_DEPTH``
 levels of nesting; each refusal is a 400 in OpenAI's shape whose ``param`` names the field.
 ``JSONRoute`` applies both to a FastAPI route with a body model; routes that read the body
-themselves call ``read_json``.
+themselves call ``read_body`` and ``decode_json_async``.
 """
 
 from __future__ import annotations
@@ -67,12 +67,6 @@ async def read_body(request: Request, limit: int) -> bytes:
     except ClientDisconnect:
         raise ClientDisconnected() from None
     return b"".join(chunks)
-
-
-async def read_json(request: Request, limit: int | None = None) -> Any:
-    """The body as strict JSON (see ``decode_json``), read within ``limit`` bytes if given."""
-    raw = await read_body(request, limit) if limit is not None else await request.body()
-    return await decode_json_async(raw)
 
 
 async def decode_json_async(raw: bytes) -> Any:
@@ -171,7 +165,7 @@ class _DecodedRequest(Request):
     """A request whose body was read and decoded already (what FastAPI's handler reads)."""
 
     def __init__(self, request: Request, raw: bytes, data: Any) -> None:
-        super().__init__(request.scope, request.receive, request._send)
+        super().__init__(request.scope, request.receive)
         self._body = raw
         self._data = data
 
