@@ -31,7 +31,14 @@ from peftserve.api.body import MAX_JSON_DEPTH, default_body_limit
 from peftserve.engine.sampler import Sampler, _apply_top_p
 from peftserve.engine.sampling_params import SamplingParams
 from peftserve.engine.sequence import Sequence
-from tests.server_utils import adapter_parts, engine_stats, running_server, upload_parts, wait_for
+from tests.server_utils import (
+    adapter_parts,
+    engine_stats,
+    registry_snapshot,
+    running_server,
+    upload_parts,
+    wait_for,
+)
 from tests.tiny_models import (
     CHAT_TEMPLATE,
     make_byte_bpe_tokenizer,
@@ -360,6 +367,30 @@ def test_surrogates_in_admin_rollout_bodies_are_400(url: str) -> None:
     response = httpx.post(f"{url}/admin/rollouts", json=body, timeout=30)
     message = _error(response, 400, None, "invalid_rollout")
     assert "eval_set line 1" in message and "surrogate" in message
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"base_model_name_or_path": "@@"}, "base_model_name_or_path"),
+        ({"target_modules": ["q_proj", "@@"]}, "target_modules"),
+        ({"alpha_pattern": {"@@": 2}}, "alpha_pattern"),
+        ({"@@": 1}, _LONE),
+        ({"revision": "a@@b"}, "revision"),
+    ],
+    ids=["base-model", "target", "pattern-key", "key", "revision"],
+)
+def test_surrogates_in_an_uploaded_adapter_config_are_400(
+    url: str, adapter_dir: Path, data_dir: Path, change: dict, field: str
+) -> None:
+    parts = adapter_parts(adapter_dir)
+    config = {**json.loads(parts[0][2]), **change}
+    raw = json.dumps(config).replace("@@", _LONE).encode()
+    before = registry_snapshot(data_dir)
+    response = upload_parts(url, "sur", "v1", [("adapter_config.json", "adapter_config.json", raw), parts[1]])
+    message = _error(response, 400, f"adapter_config.json.{field}", "invalid_adapter")
+    assert "lone UTF-16 surrogate" in message
+    assert registry_snapshot(data_dir) == before
 
 
 @pytest.mark.parametrize("route", ["completions", "chat/completions", "feedback"])
