@@ -352,6 +352,35 @@ def test_lone_surrogates_are_400_naming_the_field(
     assert "lone UTF-16 surrogate" in message and message.startswith(param)
 
 
+@pytest.mark.parametrize(
+    ("request_line", "headers", "status"),
+    [
+        (b"GET /v1/models/%ED%A0%80", b"", 404),
+        (b"GET /v1/models/%ff%fe", b"", 404),
+        (b"GET /v1/models/\xed\xa0\x80", b"", 400),  # refused by the HTTP parser, before the app
+        (b"GET /admin/adapters/%ED%A0%80/v1", b"", 400),
+        (b"GET /admin/adapters/a/%00", b"", 400),
+        (b"GET /admin/adapters?task=%ED%A0%80", b"", 400),
+        (b"GET /admin/rollouts/x/history?limit=%ED%A0%80", b"", 400),
+        (b"POST /v1/completions", b"X-Session-Id: \xed\xa0\x80\r\n", 200),
+        (b"POST /v1/completions", b"X-Canary: \xff\r\n", 200),
+    ],
+)
+def test_malformed_paths_queries_and_headers_are_not_500(
+    url: str, request_line: bytes, headers: bytes, status: int
+) -> None:
+    body = json.dumps(_completion(model="alpha")).encode() if request_line.startswith(b"POST") else b""
+    head = (request_line + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            + headers + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")  # fmt: skip
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head + body)
+        answer = b"".join(iter(lambda: sock.recv(65536), b""))
+    assert answer.startswith(b"HTTP/1.1 %d" % status), answer[:300]
+    if status >= 400 and b"Invalid HTTP request" not in answer:  # uvicorn's own, not the app's
+        assert b'"error":{"message"' in answer, answer[:300]
+
+
 def test_surrogate_pairs_and_escaped_backslashes_are_fine(url: str) -> None:
     for text in ("\\ud83d\\ude00", "\\\\ud800", "\\u00e9"):  # a pair, a literal backslash, é
         response = _post_raw(url, "completions", _with_escape(_completion(prompt="a@@"), "@@", text))
