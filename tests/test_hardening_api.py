@@ -169,8 +169,23 @@ def _send_until_answered(url: str, head: str, chunks: Iterator[bytes]) -> tuple[
                 break
             sock.sendall(chunk)
             sent += len(chunk)
-        select.select([sock], [], [], 30)
-        return sock.recv(65536), sent
+        return _read_response(sock), sent
+
+
+def _read_response(sock: socket.socket) -> bytes:
+    """One whole HTTP response (headers, then Content-Length bytes of body) from ``sock``."""
+    data = b""
+    while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < _content_length(data):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _content_length(data: bytes) -> int:
+    match = re.search(rb"(?im)^content-length:\s*(\d+)", data.split(b"\r\n\r\n", 1)[0])
+    return int(match.group(1)) if match else 0
 
 
 def test_body_past_the_declared_limit_is_413_before_a_byte_is_sent(url: str) -> None:
