@@ -18,6 +18,7 @@ if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from peftserve import kernels  # noqa: E402
+from peftserve.engine import attention  # noqa: E402
 from peftserve.engine.attention import paged_attention, paged_attention_triton, write_kv  # noqa: E402
 from tests.attention_cases import PADDING, make_step, reference, torch_reference  # noqa: E402
 
@@ -320,3 +321,14 @@ def test_engine_with_triton_attention_matches_hf(tmp_path, family, overrides):
     ref = load_hf(model_dir)
     for i, prompt in enumerate(prompts):
         assert results[str(i)].token_ids == hf_greedy(ref, prompt, 4), (family, len(prompt))
+
+
+def test_workspace_made_in_inference_mode_serves_outside_it(monkeypatch):
+    """The torch path's shared gather buffer is a normal tensor whichever mode made it."""
+    monkeypatch.setattr(attention, "_WORKSPACES", {})
+    step = make_step([(1, 40), (3, 300)], num_heads=4, num_kv_heads=2, head_dim=8, block_size=16, seed=9)
+    with torch.inference_mode():
+        paged_attention(LAYER, step.query, step.key, step.value, None, paged_metadata=step.meta)
+    step = make_step([(1, 45), (3, 200)], num_heads=4, num_kv_heads=2, head_dim=8, block_size=16, seed=10)
+    out, _ = paged_attention(LAYER, step.query, step.key, step.value, None, paged_metadata=step.meta)
+    _check(out[0], reference(step, 8**-0.5), 1e-5, "outside inference mode")

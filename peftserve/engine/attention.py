@@ -396,9 +396,10 @@ def _workspace(cache: torch.Tensor, num_blocks: int, block_size: int) -> torch.T
     key = (cache.device, cache.dtype)
     buf = _WORKSPACES.get(key)
     if buf is None or buf.numel() < need:
-        buf = _WORKSPACES[key] = torch.empty(
-            need + need // 2, dtype=cache.dtype, device=cache.device
-        )
+        with torch.inference_mode(False):  # a normal tensor: written in and out of inference mode
+            buf = _WORKSPACES[key] = torch.empty(
+                need + need // 2, dtype=cache.dtype, device=cache.device
+            )
     return buf
 
 
