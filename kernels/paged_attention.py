@@ -243,7 +243,9 @@ def decode_splits(num_seqs: int, num_kv_heads: int, max_context: int, device: to
     return min(triton.next_power_of_2(want), cap) if want > 1 else 1
 
 
-def _tiles(head_dim: int, group: int, decode: bool, elem_bytes: int) -> tuple[int, int, int, int, int]:
+def _tiles(
+    head_dim: int, group: int, decode: bool, elem_bytes: int
+) -> tuple[int, int, int, int, int]:
     """(BLOCK_Q, BLOCK_M, BLOCK_N, num_warps, num_stages) for a launch. Shared memory, as
     triton 3.9 allocates it for sm_90 with two stages: at most 115 KiB (fp32, head dim 128)
     and 103 KiB (fp32, head dim 256, BLOCK_N 32); bf16 needs under 60 KiB."""
@@ -354,7 +356,9 @@ def paged_attention(
         return out
 
     group = num_heads // num_kv
-    block_q, block_m, block_n, warps, stages = _tiles(head_dim, group, decode_only, query.element_size())
+    block_q, block_m, block_n, warps, stages = _tiles(
+        head_dim, group, decode_only, query.element_size()
+    )
     if decode_only:
         context = block_tables.shape[1] * block_size
         if sliding_window is not None:

@@ -231,7 +231,9 @@ def _gpu_matrix() -> list:
         window, softcap = ((None, None), (300, 30.0), (300, None), (None, 30.0))[(i + i // 4) % 4]
         dtype, block_size = dtypes[i % 3], (16, 32)[variant]
         rng = random.Random(i)
-        decode = [(1, rng.choice([0, 15, 16, 511, 1000, 2100])) for _ in range(rng.choice([1, 7, 33]))]
+        decode = [
+            (1, rng.choice([0, 15, 16, 511, 1000, 2100])) for _ in range(rng.choice([1, 7, 33]))
+        ]
         decode[rng.randrange(len(decode))] = PADDING
         mixed = decode[:5] + [(rng.choice([2, 77, 300]), rng.choice([0, 1, 700])) for _ in range(3)]
         for kind, specs in (("decode", decode), ("mixed", mixed)):
@@ -326,9 +328,15 @@ def test_engine_with_triton_attention_matches_hf(tmp_path, family, overrides):
 def test_workspace_made_in_inference_mode_serves_outside_it(monkeypatch):
     """The torch path's shared gather buffer is a normal tensor whichever mode made it."""
     monkeypatch.setattr(attention, "_WORKSPACES", {})
-    step = make_step([(1, 40), (3, 300)], num_heads=4, num_kv_heads=2, head_dim=8, block_size=16, seed=9)
+    step = make_step(
+        [(1, 40), (3, 300)], num_heads=4, num_kv_heads=2, head_dim=8, block_size=16, seed=9
+    )
     with torch.inference_mode():
         paged_attention(LAYER, step.query, step.key, step.value, None, paged_metadata=step.meta)
-    step = make_step([(1, 45), (3, 200)], num_heads=4, num_kv_heads=2, head_dim=8, block_size=16, seed=10)
-    out, _ = paged_attention(LAYER, step.query, step.key, step.value, None, paged_metadata=step.meta)
+    step = make_step(
+        [(1, 45), (3, 200)], num_heads=4, num_kv_heads=2, head_dim=8, block_size=16, seed=10
+    )
+    out, _ = paged_attention(
+        LAYER, step.query, step.key, step.value, None, paged_metadata=step.meta
+    )
     _check(out[0], reference(step, 8**-0.5), 1e-5, "outside inference mode")

@@ -450,8 +450,14 @@ def attention_implementation(backend: str, device: torch.device) -> str:
         raise ValueError(f"unknown attention backend {backend!r}; choose auto, torch or triton")
     if backend == "triton" and not _triton_available():
         raise ValueError("attention_backend=triton needs the triton package (pip install triton)")
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        raise ValueError("attention_backend=triton needs a CUDA device (or TRITON_INTERPRET=1, for tests)")
+    if (
+        backend == "triton"
+        and device.type != "cuda"
+        and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+    ):
+        raise ValueError(
+            "attention_backend=triton needs a CUDA device (or TRITON_INTERPRET=1, for tests)"
+        )
     return ATTN_IMPLEMENTATIONS[backend]
 
 
