@@ -26,9 +26,10 @@ from peftserve.registry import db
 from peftserve.registry.digest import content_sha256
 from peftserve.server.completion_ids import issued_at, new_completion_id
 from peftserve.server.errors import APIError
+from peftserve.server.fleet import ModelView
 from peftserve.server.model_table import ModelTable
 from peftserve.server.samples import SampleBuffer, SampleCall, apply
-from peftserve.server.snapshot import Snapshot, SnapshotSource, VersionInfo
+from peftserve.server.snapshot import FleetView, Snapshot, SnapshotSource, VersionInfo
 
 ray_exceptions = pytest.importorskip("ray.exceptions")
 
@@ -82,7 +83,7 @@ def test_a_failed_push_goes_first_next_time_and_a_full_buffer_drops_the_oldest()
 
 
 def _table() -> ModelTable:
-    table = ModelTable(base_name="base", base_path="/m", max_model_len=64)
+    table = ModelTable(base_name="base", base_root="m", max_model_len=64)
     table.add_version("reverse", "v1", "/a/v1", 1.0, "a" * 64)
     table.add_version("reverse", "v2", "/a/v2", 2.0, "b" * 64)
     table.set_stable("reverse", "v1")
@@ -90,7 +91,7 @@ def _table() -> ModelTable:
 
 
 def test_a_snapshot_makes_an_ingress_table_route_exactly_like_the_controllers():
-    controller, ingress = _table(), ModelTable(base_name="base", base_path="/m", max_model_len=64)
+    controller, ingress = _table(), ModelTable(base_name="base", base_root="m", max_model_len=64)
     source = SnapshotSource(controller, epoch=3)
     first = source.take()
     assert first.key == (3, 1) and source.take().key == (3, 1)  # no change, same serial
@@ -115,7 +116,7 @@ def test_a_snapshot_makes_an_ingress_table_route_exactly_like_the_controllers():
 def test_an_ingress_never_takes_routing_back_to_an_older_snapshot():
     from peftserve.server.link import ControllerLink
 
-    table = ModelTable(base_name="base", base_path="/m", max_model_len=64)
+    table = ModelTable(base_name="base", base_root="m", max_model_len=64)
     link = ControllerLink(None, table, "ingress-1", 1.0)  # type: ignore[arg-type]
     versions = {
         "reverse": {"v1": VersionInfo("/a", 1, "a" * 64), "v2": VersionInfo("/b", 2, "b" * 64)}
@@ -200,7 +201,30 @@ def _remote(handle):
 
     versions = {"reverse": {"v2": VersionInfo("/b", 2, "b" * 64)}}
     snapshot = Snapshot(1, 1, {"reverse": "v2"}, versions, ())
-    return RemoteEngine(handle, None, lambda: snapshot)  # type: ignore[arg-type]
+    return RemoteEngine(handle, ModelView.__new__(ModelView), lambda: snapshot)
+
+
+def test_an_ingress_answers_429_early_only_when_every_engine_replica_is_full() -> None:
+    """The routes' early 429 reads the least loaded replica's queue (per the snapshot): one full
+    replica is not the fleet's refusal, Ray Serve sends the request to another."""
+    from peftserve.server.fleet import RemoteEngine
+
+    fleet = FleetView(("a", "b"), per_replica={"a": {"num_waiting": 64}, "b": {"num_waiting": 3}})
+    snapshot: list[Snapshot | None] = [None]
+    view = ModelView.__new__(ModelView)
+    RemoteEngine(None, view, lambda: snapshot[0])
+    assert view.num_waiting == 0  # no snapshot yet: nothing known, nothing refused early
+    snapshot[0] = Snapshot(1, 1, {}, {}, (), fleet=fleet)
+    assert view.num_waiting == 3
+    snapshot[0] = Snapshot(
+        1,
+        2,
+        {},
+        {},
+        (),
+        fleet=replace(fleet, per_replica={"a": {"num_waiting": 64}, "b": {"num_waiting": 64}}),
+    )
+    assert view.num_waiting == 64
 
 
 async def _collect(engine, params=None):
@@ -452,9 +476,7 @@ def test_ingress_replicas_export_the_controllers_rollout_series_from_the_snapsho
         "reverse", "pass"
     ).inc(3)
     text = generate_latest(controller).decode()
-    link = ControllerLink(
-        None, ModelTable(base_name="b", base_path="/m", max_model_len=8), "i", 1.0
-    )  # type: ignore[arg-type]
+    link = ControllerLink(None, ModelTable(base_name="b", base_root="m", max_model_len=8), "i", 1.0)  # type: ignore[arg-type]
     link.install(Snapshot(1, 1, {}, {}, (), rollout_metrics=text))
     ingress = CollectorRegistry()
     ingress.register(SnapshotCollector(link))

@@ -19,7 +19,9 @@ routes, the canary accounting, the probes and the adapter service run on it unch
 ``ModelView`` is what a process without the model reads of it: the tokenizer and config from
 the model directory, the context length, device and dtype the engine replicas report, and a
 weightless copy of the model on the ``meta`` device that adapters are validated against (the
-controller's registry refuses exactly what an engine would).
+controller's registry refuses exactly what an engine would), and the engine settings with the
+fleet's waiting queue, so the routes' early 429 holds when every replica's queue is full (each
+replica checks again on submit).
 
 ``FleetState`` is the controller's record of the engine replicas' reports (stats, adapter
 tiers), folded into the ``FleetView`` every snapshot carries.
@@ -36,6 +38,7 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
+from peftserve.config import EngineConfig
 from peftserve.engine.engine import EngineStats, UnknownAdapter
 from peftserve.engine.outputs import RequestOutput
 from peftserve.engine.sampling_params import SamplingParams
@@ -116,7 +119,7 @@ def split_lora_id(lora_id: str) -> tuple[str, str]:
 class ModelView:
     """The model as a process without its weights sees it (see the module docstring)."""
 
-    def __init__(self, model_dir: str, info: ModelInfo) -> None:
+    def __init__(self, model_dir: str, info: ModelInfo, config: EngineConfig | None = None) -> None:
         import torch
 
         from peftserve.engine.model_runner import load_tokenizer, read_model_config
@@ -128,6 +131,16 @@ class ModelView:
         self.max_model_len = info.max_model_len
         self.device = torch.device(info.device)
         self.dtype: torch.dtype = getattr(torch, info.dtype.removeprefix("torch."))
+        self.config = config if config is not None else EngineConfig()
+        """The engine replicas' settings (``scheduler.max_waiting``: each replica's queue)."""
+        self.waiting: Callable[[], int] = lambda: 0
+        """The fewest requests waiting on one engine replica (set by ``RemoteEngine``)."""
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests waiting on the least loaded engine replica, per the latest snapshot: when it
+        is full, so is every other, and the route answers 429 before doing any work."""
+        return self.waiting()
 
     @cached_property
     def model(self) -> nn.Module:
@@ -154,6 +167,7 @@ class RemoteEngine:
         self._handle = handle
         self._view = view
         self._snapshot = snapshot
+        view.waiting = self._fewest_waiting
         self.evict: dict[str, float] = {}
         """lora_id -> when the controller asked the replicas to free its slots (``unload_lora``)."""
         self.retries: dict[str, int] = {}
@@ -177,6 +191,11 @@ class RemoteEngine:
         """Whether an engine replica reported recently (per the latest snapshot)."""
         snapshot = self._snapshot()
         return snapshot is not None and bool(snapshot.fleet.replicas)
+
+    def _fewest_waiting(self) -> int:
+        snapshot = self._snapshot()
+        per_replica = snapshot.fleet.per_replica if snapshot is not None else {}
+        return int(min((r.get("num_waiting", 0) for r in per_replica.values()), default=0))
 
     def lora_status(self) -> dict[str, str]:
         """Every served version's best tier over the replicas ('disk' where none holds it)."""
@@ -353,7 +372,7 @@ class FleetState:
         info = reports[0].info
         per_replica = {
             r.replica: {"steps": r.stats.steps, "generated_tokens": r.stats.generated_tokens,
-                        "num_running": r.stats.num_running, "tasks": len(r.tasks), "cpu_s": r.cpu_s}
+                        "num_running": r.stats.num_running, "num_waiting": r.stats.num_waiting, "tasks": len(r.tasks), "cpu_s": r.cpu_s}
             for r in reports
         }  # fmt: skip
         return FleetView(tuple(sorted(r.replica for r in reports)), stats, tiers, info.device, info.dtype,

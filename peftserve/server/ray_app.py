@@ -187,7 +187,9 @@ class ControllerDeployment:
         holder = f"{_replica_name()} on {socket.gethostname()} (pid {os.getpid()})"
         self.epoch = await asyncio.to_thread(db.acquire_lease, self.data_dir, holder)
         info = await asyncio.wait_for(engine.info.remote(), START_TIMEOUT_S)
-        view = await asyncio.to_thread(ModelView, settings.engine.model.model, info)
+        view = await asyncio.to_thread(
+            ModelView, settings.engine.model.model, info, settings.engine
+        )
         table = model_table(settings)
         table.max_model_len = info.max_model_len
         self.fleet = FleetState(settings.ray.snapshot_interval_s)
@@ -285,7 +287,9 @@ class IngressDeployment:
         configure_logging(settings.server.log_level)
         self._controller = controller
         info = await asyncio.wait_for(engine.info.remote(), START_TIMEOUT_S)
-        view = await asyncio.to_thread(ModelView, settings.engine.model.model, info)
+        view = await asyncio.to_thread(
+            ModelView, settings.engine.model.model, info, settings.engine
+        )
         table = model_table(settings)
         table.max_model_len = info.max_model_len
         self.name = _replica_name()

@@ -48,7 +48,8 @@ class FleetView:
     device: str = "unknown"
     dtype: str = "unknown"
     per_replica: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
-    """Replica -> its steps, generated tokens and running sequences (how the work was split)."""
+    """Replica -> its steps, generated tokens, running and waiting sequences (how the work was
+    split)."""
 
 
 @dataclass(frozen=True)
