@@ -248,6 +248,9 @@ def test_an_upload_through_one_ingress_replica_is_served_by_every_other(fleet):
     assert uploaded_through in served_by
     with Client(fleet.url) as client:  # peftserve.Client works against the Ray ingress unchanged
         assert {a.version for a in client.list("reverse")} >= {"v2", "v2-regressed"}
+    with fleet.http() as http:  # the API document is the controller's: every route in it
+        paths = http.get("/openapi.json").json()["paths"]
+    assert {"/v1/completions", "/admin/adapters/{task}/{version}", "/v1/feedback"} <= set(paths)
 
 
 def test_feedback_is_accepted_through_any_ingress_replica_at_once(fleet):

@@ -86,10 +86,12 @@ def build_app(
             gc.unfreeze()
             logger.info("engine stopped")
 
-    # /docs and /redoc are ui's routes: their assets are vendored, never from a CDN.
+    # /docs and /redoc are ui's routes: their assets are vendored, never from a CDN. A Ray
+    # ingress forwards /openapi.json too: the controller's document lists every route.
     app = FastAPI(
-        title="peftserve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None
-    )
+        title="peftserve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+        openapi_url=None if forward is not None else "/openapi.json",
+    )  # fmt: skip
     workers = ThreadPoolExecutor(REQUEST_WORKERS, thread_name_prefix="peftserve-request")
     llm = engine.engine
     app_metrics = Metrics(engine)
