@@ -27,6 +27,7 @@ from peftserve.engine.attention import (
     PrefillChunk,
     gather_numel,
 )
+from peftserve.engine.sampler import SamplingTensors
 from peftserve.engine.scheduler import SchedulerOutput
 from peftserve.engine.sequence import Sequence
 from peftserve.lora.manager import LoRAManager
@@ -54,7 +55,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device=cuda was asked for but no CUDA device is available; use device=cpu")
+        raise ValueError(
+            "device=cuda was asked for but no CUDA device is available; use device=cpu"
+        )
     return torch.device(name)
 
 
@@ -89,7 +92,9 @@ def load_tokenizer(model_dir: str):
     try:
         return AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot load the tokenizer in {model_dir}: {exc}".splitlines()[0]) from exc
+        raise ValueError(
+            f"cannot load the tokenizer in {model_dir}: {exc}".splitlines()[0]
+        ) from exc
 
 
 def resolve_max_model_len(cache: CacheConfig, hf_config: PretrainedConfig) -> int:
@@ -99,7 +104,9 @@ def resolve_max_model_len(cache: CacheConfig, hf_config: PretrainedConfig) -> in
             raise ValueError("the model config has no max_position_embeddings; set max_model_len")
         return int(limit)
     if limit is not None and cache.max_model_len > limit:
-        raise ValueError(f"max_model_len {cache.max_model_len} exceeds the model's {limit} positions")
+        raise ValueError(
+            f"max_model_len {cache.max_model_len} exceeds the model's {limit} positions"
+        )
     return cache.max_model_len
 
 
@@ -124,13 +131,25 @@ class ModelRunner:
         self.model = load_model(config.model.model, self.device, self.dtype)
         sched = config.scheduler
         self.lora_manager = LoRAManager(
-            self.model, config.lora, sched.max_num_batched_tokens, sched.max_num_seqs, self.device, self.dtype
+            self.model,
+            config.lora,
+            sched.max_num_batched_tokens,
+            sched.max_num_seqs,
+            self.device,
+            self.dtype,
         )
         self.block_size = config.cache.block_size
         self.num_blocks = self._num_blocks()
         layers, kv_heads, head_dim = kv_geometry(self.hf_config)
         self.kv_caches = [
-            torch.zeros(2, kv_heads, (self.num_blocks + 1) * self.block_size, head_dim, dtype=self.dtype, device=self.device)
+            torch.zeros(
+                2,
+                kv_heads,
+                (self.num_blocks + 1) * self.block_size,
+                head_dim,
+                dtype=self.dtype,
+                device=self.device,
+            )
             for _ in range(layers)
         ]  # per layer [2, Hkv, (num_blocks + 1) * block_size, D]
         self.pad_block = self.num_blocks
@@ -139,8 +158,13 @@ class ModelRunner:
         self._workspace = torch.empty(0, dtype=self.dtype, device=self.device)
         logger.info(
             "model %s (%s) on %s/%s; KV cache %d blocks x %d tokens; max_model_len %d",
-            config.model.model, self.hf_config.model_type, self.device, self.dtype,
-            self.num_blocks, self.block_size, self.max_model_len,
+            config.model.model,
+            self.hf_config.model_type,
+            self.device,
+            self.dtype,
+            self.num_blocks,
+            self.block_size,
+            self.max_model_len,
         )
 
     def _num_blocks(self) -> int:
@@ -174,7 +198,9 @@ class ModelRunner:
         idx = self._tensor(blocks)
         for cache in self.kv_caches:
             two, kv_heads, _, head_dim = cache.shape
-            cache.view(two, kv_heads, self.num_blocks + 1, self.block_size, head_dim).index_fill_(2, idx, 0)
+            cache.view(two, kv_heads, self.num_blocks + 1, self.block_size, head_dim).index_fill_(
+                2, idx, 0
+            )
 
     def execute(self, sched: SchedulerOutput) -> tuple[torch.Tensor, list[Sequence]]:
         """Run one step; return the fp32 logits [S, V] of the sampled rows and their sequences.
@@ -196,7 +222,11 @@ class ModelRunner:
         num_sampled = len(inputs.sample_seqs)
         if inputs.score_rows:
             _record_prompt_logprobs(logits[num_sampled:], inputs.score_rows)
-        return logits[:num_sampled], inputs.sample_seqs  # [S, V]
+        seqs = inputs.sample_seqs
+        sampling = SamplingTensors.build(
+            [s.params for s in seqs], [s.num_generated for s in seqs], self.device
+        )
+        return logits[:num_sampled], seqs, sampling  # [S, V]
 
     def prepare(self, sched: SchedulerOutput) -> StepInputs:
         """Flatten a scheduled step into packed tensors and attention metadata (host work once)."""
@@ -247,7 +277,9 @@ class ModelRunner:
             score_rows=score_rows,
         )
 
-    def _gather_workspace(self, decode: DecodeBatch | None, chunks: list[PrefillChunk]) -> torch.Tensor:
+    def _gather_workspace(
+        self, decode: DecodeBatch | None, chunks: list[PrefillChunk]
+    ) -> torch.Tensor:
         """The gather buffer, grown (never shrunk) to the most blocks one attention call reads."""
         blocks = [decode.num_seqs * decode.max_blocks] if decode else []
         blocks += [c.block_table.numel() for c in chunks if c.block_table is not None]
@@ -268,7 +300,9 @@ class ModelRunner:
             out.extend(range(base, base + take))
             pos += take
 
-    def _decode_batch(self, decodes: list[tuple[int, Sequence]], num_tokens: int) -> DecodeBatch | None:
+    def _decode_batch(
+        self, decodes: list[tuple[int, Sequence]], num_tokens: int
+    ) -> DecodeBatch | None:
         if not decodes:
             return None
         bs = self.block_size
