@@ -521,7 +521,8 @@ class _Stream:
 
 
 class AsyncLLMEngine:
-    """Runs an ``LLMEngine`` step loop in one background thread, for asyncio callers."""
+    """Runs an ``LLMEngine`` step loop in one background thread and the output processing
+    (detokenization, stop strings) in another, for asyncio callers."""
 
     def __init__(self, engine: LLMEngine) -> None:
         self._engine = engine

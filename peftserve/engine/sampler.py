@@ -18,6 +18,7 @@ back to the host in one transfer (one device sync).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -164,6 +165,8 @@ class Sampler:
     def __init__(self, generator: torch.Generator) -> None:
         self.generator = generator
         """Noise for sampled rows without a seed."""
+        self.wait_seconds = 0.0
+        """Time spent in the step's one device sync (waiting for the device), summed."""
 
     def __call__(self, logits: torch.Tensor, st: SamplingTensors) -> SamplerOutput:
         """``logits`` [S, V] fp32, one row per row of ``st``."""
@@ -176,7 +179,9 @@ class Sampler:
         k = max(st.host.num_logprobs, default=0)
         if st.host.num_logprobs:
             parts += _logprob_parts(logits, st.logprob_rows, token_ids, k)
+        start = time.perf_counter()
         host = torch.cat(parts).tolist()  # the step's one device sync
+        self.wait_seconds += time.perf_counter() - start
         return _unpack(host, st.host, k)
 
     def _sample(

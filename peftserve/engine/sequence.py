@@ -38,6 +38,8 @@ class Sequence:
     num_computed_tokens: int = 0
     num_slot_waits: int = 0
     """Steps this sequence was passed over because its adapter had no free slot."""
+    num_preemptions: int = 0
+    """Times it was preempted (its blocks freed, to be recomputed)."""
     prompt_logprobs: dict[int, float] = field(default_factory=dict)
     """Teacher-forced log-probability of prompt token i (i >= params.score_from)."""
     finish_reason: str | None = None
