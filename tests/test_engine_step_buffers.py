@@ -142,3 +142,14 @@ def test_sampling_rows_in_the_buffers(setup):
     assert st.seeded_rows.tolist() == [1] and st.logprob_rows.tolist() == [0]
     assert st.host.max_top_k == 5 and st.host.any_top_p and st.host.num_unseeded == 1
     assert st.seed_key.dtype == torch.int64 and 0 <= st.seed_key.item() < 2**32
+
+
+def test_padded_decode_through_the_triton_attention(setup):
+    """The graph path's attention kernel (Triton; the interpreter on CPU) on padded
+    decode steps give the tokens of the unpadded torch path."""
+    lengths, max_tokens = (3, 9, 1), (3, 2, 3)  # decode batches of 3 and 2: buckets 4 and 2
+    want, _ = _run(_engine(setup, padded=False), lengths, max_tokens, seed=7)
+    engine = _engine(setup, padded=True, max_num_seqs=8, attention_backend="triton")
+    got, _ = _run(engine, lengths, max_tokens, seed=7)
+    assert got == want
+    assert set(engine.runner.graphs.steps_by_bucket) == {4, 2}
