@@ -145,10 +145,10 @@ class ModelRunner:
         self.num_blocks = self._num_blocks()
         layers, kv_heads, head_dim = kv_geometry(self.hf_config)
         total_blocks = self.num_blocks + RESERVED_BLOCKS  # the PAD and SCRATCH blocks on top
-        self.kv_caches = [
-            torch.zeros(2, kv_heads, total_blocks * self.block_size, head_dim, dtype=self.dtype, device=self.device)
-            for _ in range(layers)
-        ]  # per layer [2, Hkv, (num_blocks + RESERVED_BLOCKS) * block_size, D]
+        self._kv = torch.zeros(
+            layers, 2, kv_heads, total_blocks * self.block_size, head_dim, dtype=self.dtype, device=self.device
+        )  # [L, 2, Hkv, (num_blocks + RESERVED_BLOCKS) * block_size, D]: one tensor, so one launch zeroes blocks
+        self.kv_caches = list(self._kv.unbind(0))  # per layer [2, Hkv, S, D] (views)
         self.max_blocks = -(-self.max_model_len // self.block_size)
         """Block-table width: blocks of a sequence of max_model_len tokens."""
         self.buffers = StepBuffers(sched.max_num_batched_tokens, sched.max_num_seqs, self.max_blocks, self.device)
@@ -190,13 +190,13 @@ class ModelRunner:
         return _CPU_KV_BYTES
 
     def zero_blocks(self, blocks: list[int]) -> None:
-        """Clear KV blocks in every layer (after a sequence produced non-finite values)."""
+        """Clear KV blocks in every layer (fresh blocks, and a sequence's after it produced
+        non-finite values), in one launch."""
         if not blocks:
             return
-        idx = self._tensor(blocks)
-        for cache in self.kv_caches:
-            two, kv_heads, _, head_dim = cache.shape
-            cache.view(two, kv_heads, -1, self.block_size, head_dim).index_fill_(2, idx, 0)
+        layers, two, kv_heads, _, head_dim = self._kv.shape
+        paged = self._kv.view(layers, two, kv_heads, -1, self.block_size, head_dim)
+        paged.index_fill_(3, self._tensor(blocks), 0)
 
     def use_decode_graphs(self, capture: bool) -> None:
         """Run decode-only steps padded to batch-size buckets over the step buffers:
