@@ -431,14 +431,14 @@ def gpu_main(args: argparse.Namespace) -> None:
             figures["graphs_captured"] = graphs.num_captured
         del engine, graphs
         _free(device)
-        if not args.skip_peft:
-            with _timed("peft"):
-                figures |= measure_peft(base, adapters, reqs[: sizes.peft_requests], device, dtype)
-            _save(args.json, figures)
-            _free(device)
         if not args.skip_transformers:
             with _timed("transformers"):
                 figures |= measure_transformers(base, reqs, device, dtype)
+            _save(args.json, figures)
+            _free(device)
+        if not args.skip_peft:
+            with _timed("peft"):
+                figures |= measure_peft(base, adapters, reqs[: sizes.peft_requests], device, dtype)
     _save(args.json, figures)
     print_gpu_table(figures)
 
