@@ -31,8 +31,12 @@ class ModelConfig:
     """auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16 or float16."""
     seed: int = 0
     """Seed for requests that give none."""
+    attention_backend: str = "auto"
+    """Paged attention: auto (triton on cuda, torch elsewhere), torch or triton."""
 
     def __post_init__(self) -> None:
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"attention_backend must be auto, torch or triton, not {self.attention_backend!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, not {self.device!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
