@@ -42,13 +42,15 @@ def make_step(
     device: torch.device | str = "cpu",
     extra_rows: int = 0,
     table_width: int | None = None,
+    total_blocks: int | None = None,
 ) -> Step:
-    """A step of ``specs``; ``extra_rows`` rows past the last sequence belong to none."""
+    """A step of ``specs``; ``extra_rows`` rows past the last sequence belong to none;
+    ``table_width`` and ``total_blocks`` fix the block-table width and the cache size."""
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     seq_lens = [0 if ctx < 0 else ctx + n for n, ctx in specs]
     need = [-(-s // block_size) for s in seq_lens]
-    num_blocks = RESERVED_BLOCKS + sum(need) + 3  # three blocks nobody owns
+    num_blocks = max(total_blocks or 0, RESERVED_BLOCKS + sum(need) + 3)  # >= 3 blocks nobody owns
     ids = list(range(RESERVED_BLOCKS, num_blocks))
     rng.shuffle(ids)
     tables, pos = [], 0
@@ -56,15 +58,17 @@ def make_step(
         tables.append(ids[pos : pos + k])
         pos += k
     width = max(table_width or 0, max(need), 1)
-    slots_total = num_blocks * block_size
-    cache = torch.full((2, num_kv_heads, slots_total, head_dim), math.nan, dtype=torch.float64)
-    cache[:, :, PAD_BLOCK * block_size : (PAD_BLOCK + 1) * block_size] = 0
+    # Owned blocks: random K/V (finite garbage past seq_len); the rest NaN, PAD zero.
+    cache = 3 * torch.randn(
+        2, num_kv_heads, num_blocks, block_size, head_dim, generator=gen, dtype=torch.float64
+    )
+    owned = torch.zeros(num_blocks, dtype=torch.bool)
+    owned[[b for t in tables for b in t]] = True
+    cache[:, :, ~owned] = math.nan
+    cache[:, :, PAD_BLOCK] = 0
+    cache = cache.view(2, num_kv_heads, num_blocks * block_size, head_dim)
     slot_mapping, query_start = [], [0]
     for (n, ctx), table in zip(specs, tables, strict=True):
-        for b in table:  # the owned blocks: random K/V, garbage past seq_len (finite)
-            cache[:, :, b * block_size : (b + 1) * block_size] = 3 * torch.randn(
-                2, num_kv_heads, block_size, head_dim, generator=gen, dtype=torch.float64
-            )
         if ctx < 0:
             slot_mapping += [SCRATCH_BLOCK * block_size] * n
         else:
@@ -152,3 +156,20 @@ def reference(
                     s = softcap * torch.tanh(s / softcap)
                 out[row0 + j, h] = torch.softmax(s, 0) @ vh
     return out
+
+
+def torch_reference(
+    step: Step, scale: float, window: int | None = None, softcap: float | None = None
+) -> torch.Tensor:
+    """The torch path run in float64 on the step's device: ``[T, H, D]`` (fast, any size)."""
+    from dataclasses import replace
+
+    from peftserve.engine.attention import torch_paged_attention, write_kv
+
+    meta = step.meta
+    cache = step.cache_before.to(meta.slot_mapping.device)
+    key, value = step.key[0].double(), step.value[0].double()
+    write_kv(cache, key, value, meta.slot_mapping)
+    meta64 = replace(meta, kv_caches=[cache], derived={})
+    query = step.query[0].double()
+    return torch_paged_attention(query, key, value, cache, meta64, scale, window, softcap)
