@@ -41,21 +41,22 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-# This file is named like the `kernels` package transformers probes for: keep its own folder
-# off the import path, or `import transformers` would import this script as that package.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import torch
 
-import torch  # noqa: E402
-
-if not torch.cuda.is_available():  # must precede the first triton import
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# This file is named like the hub `kernels` package that `import transformers` probes for:
+# when another script of bench/ runs (bench/ is then on the import path), transformers imports
+# this file under that name. So the module itself imports nothing that imports transformers
+# (the attention section imports it when it runs) and changes nothing; run as a script, it
+# keeps its own folder off the path.
+if __name__ == "__main__":
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+    if not torch.cuda.is_available():  # must precede the first triton import
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import triton  # noqa: E402
 import triton.testing  # noqa: E402
 from peftserve.kernels import lora_expand, lora_shrink, paged_attention  # noqa: E402
 
-from peftserve.engine.attention import PagedAttentionMetadata, torch_paged_attention  # noqa: E402
-from peftserve.engine.block_manager import PAD_BLOCK, RESERVED_BLOCKS  # noqa: E402
 from peftserve.lora.backend import TorchBackend  # noqa: E402
 from peftserve.lora.layers import LoRAStack  # noqa: E402
 from peftserve.lora.metadata import LoRAStepMetadata  # noqa: E402
@@ -428,9 +429,12 @@ class AttnRow:
 def attention_step(
     specs: list[tuple[int, int]], heads: int, kv_heads: int, dim: int, block_size: int, device: torch.device,
     gen: torch.Generator,
-) -> tuple[PagedAttentionMetadata, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A random step over a paged cache with shuffled blocks: (metadata, query [T, H, D],
-    key and value [Hkv, T, D] of this step's rows)."""
+) -> tuple:
+    """A random step over a paged cache with shuffled blocks: (PagedAttentionMetadata,
+    query [T, H, D], key and value [Hkv, T, D] of this step's rows)."""
+    from peftserve.engine.attention import PagedAttentionMetadata
+    from peftserve.engine.block_manager import PAD_BLOCK, RESERVED_BLOCKS
+
     need = [-(-(ctx + n) // block_size) for n, ctx in specs]
     total = RESERVED_BLOCKS + sum(need)
     order = (torch.randperm(sum(need), generator=torch.Generator().manual_seed(0)) + RESERVED_BLOCKS).tolist()
@@ -464,6 +468,8 @@ def attention_step(
 
 def attention_rows(device: torch.device, smoke: bool, seed: int) -> list[AttnRow]:
     """Llama-3-8B attention (32 query heads, 8 KV heads, head dim 128, bf16, 16-token blocks)."""
+    from peftserve.engine.attention import torch_paged_attention
+
     cuda = device.type == "cuda"
     heads, kv_heads, dim = (4, 2, 16) if smoke else (32, 8, 128)
     if smoke:

@@ -39,7 +39,7 @@ TUNE_CONFIGS = [
     triton.Config({"BLOCK_M": m, "BLOCK_K": k}, num_warps=w, num_stages=s)
     for m, k, w, s in (_INTERPRET if INTERPRETING else _TUNE)
 ]
-# Config the autotuner chose, per (K, R, token bucket, SPLIT, dtype): later calls launch the
+# Config the autotuner chose, per (K, R, token bucket, SPLIT, slices, dtype): later calls launch the
 # kernel directly, skipping the autotuner's per-call bookkeeping.
 _CHOSEN: dict[tuple, dict] = {}
 

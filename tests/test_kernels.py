@@ -1,5 +1,9 @@
 """LoRA kernels against an fp64 torch reference, as a matrix.
 
+Single projections (shrink then expand), and sliced groups (q/k/v, gate/up: one launch for
+all slices, a slice of rank 0 where an adapter does not target it) through both the
+two-launch pair and the fused single launch; the Triton backend against the torch backend.
+
 dtype x hidden size x adapter popularity x token count, with slot-0 segments, empty
 segments, rank-1 next to rank-128 adapters, segments out of order, strided views, and
 poison everywhere the kernels must not read or write: NaN in the adapter rows past each

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from peftserve import kernels
-from peftserve.kernels._segments import INTERPRETING
+from peftserve.kernels._segments import INTERPRETING, MAX_SLICES
 from peftserve.kernels.lora_fused import FUSED_MAX_TOKENS
 from peftserve.lora.metadata import LoRAStepMetadata
 
@@ -34,7 +34,6 @@ logger = logging.getLogger(__name__)
 # are split across more programs (each writes a partial sum; the expand adds them).
 # It depends on the token count only, so a captured CUDA graph stays valid.
 SPLIT_BOUNDS = (64, 1024)  # T <= 64: 8 ways, T <= 1024: 4 ways, else 1
-MAX_SLICES = 3
 FUSED_MAX_RANK = 128  # the fused launch keeps a [16, rank] fp32 tile in registers
 
 
