@@ -257,46 +257,11 @@ def _tiles(head_dim: int, group: int, decode: bool) -> tuple[int, int, int, int]
     return block_m // group, block_m, block_n, 4
 
 
-def paged_attention(
-    query: torch.Tensor,  # [T, H, D]
-    kv_cache: torch.Tensor,  # [2, Hkv, num_blocks * block_size, D]
-    block_tables: torch.Tensor,  # [N, max_blocks] int32, padded with a zero block
-    seq_lens: torch.Tensor,  # [N] int32, cached tokens after this step's write; 0: padding
-    query_start_loc: torch.Tensor,  # [N + 1] int32, rows of seq i: qsl[i] .. qsl[i + 1]
-    block_size: int,
-    scale: float,
-    *,
-    sliding_window: int | None = None,
-    softcap: float | None = None,
-    decode_only: bool = False,
-    rows_covered: int | None = None,
-    num_splits: int | None = None,
-) -> torch.Tensor:
-    """Attention of every query row against its sequence's cached keys; returns ``[T, H, D]``.
-
-    Semantics (K/V of this step already written to the cache; ``g = H // Hkv``)::
-
-        out = zeros(T, H, D)
-        for i in range(N):
-            rows = range(qsl[i], qsl[i + 1]); n = len(rows); ctx = seq_lens[i] - n
-            if seq_lens[i] == 0: continue                          # padding: rows stay 0
-            slots = [block_tables[i, p // bs] * bs + p % bs for p in range(seq_lens[i])]
-            k, v = kv_cache[0][:, slots], kv_cache[1][:, slots]   # [Hkv, L, D]
-            for j, row in enumerate(rows):
-                p = ctx + j                                        # the query's position
-                keys = range(max(0, p - window + 1) if window else 0, p + 1)
-                for h in range(H):
-                    s = k[h // g, keys].float() @ query[row, h].float() * scale
-                    if softcap: s = softcap * tanh(s / softcap)
-                    out[row, h] = softmax(s) @ v[h // g, keys].float()
-
-    fp32 scores, softmax and accumulation; ``p @ v`` takes ``p`` in the cache's dtype.
-    ``decode_only`` (every query length is 1) splits each sequence's context over
-    ``num_splits`` programs (default ``decode_splits``) and combines them in a second
-    launch; the grid then depends on ``N`` and the buffer sizes only (CUDA-graph safe).
-    Rows from ``rows_covered`` (host value of ``qsl[N]``) to ``T`` belong to no sequence
-    and are zeroed. Padding entries of ``block_tables`` are never read.
-    """
+def _check_inputs(
+    query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor, block_size: int, sliding_window: int | None, decode_only: bool,
+) -> None:  # fmt: skip
+    """The launcher's input checks (host-side only: no device sync)."""
     if query.dim() != 3 or kv_cache.dim() != 4 or kv_cache.shape[0] != 2:
         raise ValueError("expected query [T, H, D] and kv_cache [2, Hkv, S, D]")
     num_tokens, num_heads, head_dim = query.shape
@@ -331,6 +296,56 @@ def paged_attention(
         raise ValueError(f"decode_only with {num_tokens} rows for {num_seqs} sequences")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be positive, not {sliding_window}")
+
+
+def paged_attention(
+    query: torch.Tensor,  # [T, H, D]
+    kv_cache: torch.Tensor,  # [2, Hkv, num_blocks * block_size, D]
+    block_tables: torch.Tensor,  # [N, max_blocks] int32, padded with a zero block
+    seq_lens: torch.Tensor,  # [N] int32, cached tokens after this step's write; 0: padding
+    query_start_loc: torch.Tensor,  # [N + 1] int32, rows of seq i: qsl[i] .. qsl[i + 1]
+    block_size: int,
+    scale: float,
+    *,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    decode_only: bool = False,
+    rows_covered: int | None = None,
+    num_splits: int | None = None,
+    check: bool = True,
+) -> torch.Tensor:
+    """Attention of every query row against its sequence's cached keys; returns ``[T, H, D]``.
+
+    Semantics (K/V of this step already written to the cache; ``g = H // Hkv``)::
+
+        out = zeros(T, H, D)
+        for i in range(N):
+            rows = range(qsl[i], qsl[i + 1]); n = len(rows); ctx = seq_lens[i] - n
+            if seq_lens[i] == 0: continue                          # padding: rows stay 0
+            slots = [block_tables[i, p // bs] * bs + p % bs for p in range(seq_lens[i])]
+            k, v = kv_cache[0][:, slots], kv_cache[1][:, slots]   # [Hkv, L, D]
+            for j, row in enumerate(rows):
+                p = ctx + j                                        # the query's position
+                keys = range(max(0, p - window + 1) if window else 0, p + 1)
+                for h in range(H):
+                    s = k[h // g, keys].float() @ query[row, h].float() * scale
+                    if softcap: s = softcap * tanh(s / softcap)
+                    out[row, h] = softmax(s) @ v[h // g, keys].float()
+
+    fp32 scores, softmax and accumulation; ``p @ v`` takes ``p`` in the cache's dtype.
+    ``decode_only`` (every query length is 1) splits each sequence's context over
+    ``num_splits`` programs (default ``decode_splits``) and combines them in a second
+    launch; the grid then depends on ``N`` and the buffer sizes only (CUDA-graph safe).
+    Rows from ``rows_covered`` (host value of ``qsl[N]``) to ``T`` belong to no sequence
+    and are zeroed. Padding entries of ``block_tables`` are never read. ``check=False``
+    skips the input checks (a caller that checked the step's first layer).
+    """
+    if check:
+        _check_inputs(query, kv_cache, block_tables, seq_lens, query_start_loc, block_size, sliding_window,
+                      decode_only)  # fmt: skip
+    num_tokens, num_heads, head_dim = query.shape
+    num_kv = kv_cache.shape[1]
+    num_seqs = seq_lens.numel()
     out = query.new_empty(num_tokens, num_heads, head_dim)  # [T, H, D]
     if rows_covered is not None and rows_covered < num_tokens:
         out[rows_covered:].zero_()

@@ -218,27 +218,26 @@ def test_triton_attention_function_and_input_checks():
         kernels.paged_attention(q, meta.kv_caches[0], *args[:3], 12, 0.25)
 
 
-GPU_HEADS = [(8, 8), (32, 8), (28, 4), (16, 1)]
+# (H, Hkv, head dim): Llama-2 MHA, Llama-3 GQA, Qwen2 (group of 7), a single KV head,
+# Phi-3 (head dim 96), Gemma (head dim 256).
+GPU_SHAPES = [(8, 8, 64), (32, 8, 128), (28, 4, 128), (16, 1, 128), (32, 8, 96), (8, 2, 256)]
 
 
 def _gpu_matrix() -> list:
     cases = []
     dtypes = [torch.bfloat16, torch.float16, torch.float32]
-    for i, (heads, head_dim) in enumerate((h, d) for h in GPU_HEADS for d in (64, 128, 96, 256)):
-        window, softcap = ((None, None), (300, None), (None, 30.0), (300, 30.0))[i % 4]
-        dtype = dtypes[i % 3]
-        block_size = (16, 32)[i % 2]
+    for i, ((h, kv, dim), variant) in enumerate((s, v) for s in GPU_SHAPES for v in range(2)):
+        window, softcap = ((None, None), (300, 30.0), (300, None), (None, 30.0))[(i + i // 4) % 4]
+        dtype, block_size = dtypes[i % 3], (16, 32)[variant]
         rng = random.Random(i)
-        decode = [
-            (1, rng.choice([0, 15, 16, 511, 1000, 3000])) for _ in range(rng.choice([1, 7, 64]))
-        ]
+        decode = [(1, rng.choice([0, 15, 16, 511, 1000, 2100])) for _ in range(rng.choice([1, 7, 33]))]
         decode[rng.randrange(len(decode))] = PADDING
-        mixed = decode[:5] + [(rng.choice([2, 77, 512]), rng.choice([0, 1, 700])) for _ in range(4)]
+        mixed = decode[:5] + [(rng.choice([2, 77, 300]), rng.choice([0, 1, 700])) for _ in range(3)]
         for kind, specs in (("decode", decode), ("mixed", mixed)):
             split = (None, 1, 5)[i % 3] if kind == "decode" else None
             cases.append(pytest.param(
-                specs, heads, window, softcap, dtype, block_size, head_dim, split,
-                id=f"{kind}-H{heads[0]}kv{heads[1]}-d{head_dim}-w{window}-cap{softcap}-{str(dtype)[6:]}-bs{block_size}-s{split}",
+                specs, (h, kv), window, softcap, dtype, block_size, dim, split,
+                id=f"{kind}-H{h}kv{kv}-d{dim}-w{window}-cap{softcap}-{str(dtype)[6:]}-bs{block_size}-s{split}",
             ))  # fmt: skip
     return cases
 

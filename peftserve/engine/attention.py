@@ -36,6 +36,7 @@ see ``peftserve.engine.block_manager``.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -135,7 +136,8 @@ def paged_attention_triton(
         softcap=softcap,
         decode_only=meta.decode_only,
         rows_covered=meta.query_start_loc_host[-1],
-    )  # [T, H, D]
+        check=meta.derived.setdefault("triton_checked", module.layer_idx) == module.layer_idx,
+    )  # [T, H, D]: the inputs are checked in the first layer that runs the step
     return out[None], None
 
 
@@ -447,6 +449,8 @@ def attention_implementation(backend: str, device: torch.device) -> str:
         raise ValueError(f"unknown attention backend {backend!r}; choose auto, torch or triton")
     if backend == "triton" and not _triton_available():
         raise ValueError("attention_backend=triton needs the triton package (pip install triton)")
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise ValueError("attention_backend=triton needs a CUDA device (or TRITON_INTERPRET=1, for tests)")
     return ATTN_IMPLEMENTATIONS[backend]
 
 
