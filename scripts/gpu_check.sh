@@ -146,16 +146,20 @@ if tp:
         ("b/d", f("b_over_d", ".2f"), ">= 1.5", ""),
         ("batch-1 bw/copy", f("weight_bw_over_copy", ".1%"), ">= 60%",
          f"{f('weight_bytes_per_s', '.0f', 1e-9)} of {f('copy_bytes_per_s', '.0f', 1e-9)} GB/s"),
-        ("host ms/step b64", f("host_ms_per_step", ".3f"), "< 1", f"graphs {tp.get('graphs')}"),
+        (f"host ms/step b{tp.get('host_batch')}", f("host_ms_per_step", ".3f"), "< 1", f"graphs {tp.get('graphs')}"),
     ]
 src, kr = load("kernels.json", "kernels_quick.json")
 if kr:
     ceil = (kr.get("ceilings") or {}).get("copy_bytes_per_s")
+    def best_us(r):  # the faster of the graph-replayed two launches and the fused kernel
+        times = [t for t in (r.get("graph_us"), r.get("fused_us")) if isinstance(t, (int, float)) and t > 0]
+        return min(times) if times else None
     for r in kr.get("rows", []):
         if r.get("phase") == "decode" and r.get("rank") == 16 and r.get("tokens") == 64 and r.get("adapters") == 32:
-            pct = 100 * r["bytes"] / (r["graph_us"] * 1e-6) / ceil if ceil and r.get("graph_us") else math.nan
-            rows.append(("lora T64 n32 r16", f"{pct:.1f}% copy", ">= 50%", f"x{r['torch_us'] / r['graph_us']:.1f} torch (>= 3)"))
-    speedups = [r["torch_us"] / r["graph_us"] for r in kr.get("rows", []) if r.get("graph_us")]
+            us = best_us(r)
+            pct = 100 * r["bytes"] / (us * 1e-6) / ceil if ceil and us else math.nan
+            rows.append(("lora T64 n32 r16", f"{pct:.1f}% copy", ">= 50%", f"x{r['torch_us'] / us:.1f} torch (>= 3)" if us else ""))
+    speedups = [r["torch_us"] / best_us(r) for r in kr.get("rows", []) if best_us(r)]
     if speedups:
         geo = math.exp(sum(map(math.log, speedups)) / len(speedups))
         rows.append((f"lora kernels{'' if src == 'kernels.json' else ' (quick)'}", f"{len(speedups)} cases", "", f"geomean x{geo:.1f} vs torch"))
