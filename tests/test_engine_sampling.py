@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
 
 from peftserve.engine.detokenizer import Detokenizer
 from peftserve.engine.engine import NON_FINITE_ERROR
@@ -222,3 +224,45 @@ def test_non_finite_logits_end_only_that_request(engine):
     assert got["1"].last.finish_reason == "error" and got["1"].last.error == NON_FINITE_ERROR
     assert got["1"].token_ids == want["1"].token_ids[:2]
     assert got["0"].token_ids == want["0"].token_ids and got["2"].token_ids == want["2"].token_ids
+
+
+def test_batched_detokenization_equals_one_token_at_a_time():
+    """update_many (one Rust decode_batch for many requests) gives the text and stop cuts of
+    the plain per-token algorithm, through multi-byte characters split across byte tokens."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<s>", "</s>"],
+    )
+    bpe.train_from_iterator(["héllo wörld, 日本語のテキスト 🙂 ça va? naïve café"] * 20, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>")
+    gen = torch.Generator().manual_seed(0)
+    streams = [torch.randint(0, len(tok), (40,), generator=gen).tolist() for _ in range(6)]
+    stops = [[], ["é"], ["ö", "日"], [" "], ["🙂"], []]
+
+    def reference(stream, stop):  # the per-token algorithm, with the tokenizer's own decode
+        ids, prefix, read, text = stream[:5], 0, 5, ""
+        for token in stream[5:]:
+            ids.append(token)
+            before = text
+            old = tok.decode(ids[prefix:read], skip_special_tokens=True)
+            new = tok.decode(ids[prefix:], skip_special_tokens=True)
+            if len(new) > len(old) and not new.endswith("\ufffd"):
+                text += new[len(old) :]
+                prefix, read = read, len(ids)
+            cuts = [i for s in stop if (i := text.find(s, max(0, len(before) - len(s) + 1))) != -1]
+            if cuts:
+                return text[: min(cuts)]
+        return text
+
+    detok = Detokenizer(tok)
+    states = [detok.start(s[:5], stop) for s, stop in zip(streams, stops, strict=True)]
+    for k in range(5, 40):
+        live = [i for i, st in enumerate(states) if not st.stopped]
+        detok.update_many([(states[i], streams[i][k]) for i in live])
+    for stream, stop, state in zip(streams, stops, states, strict=True):
+        assert state.output_text == reference(stream, stop)
+    assert any(state.stopped for state in states) and not all(state.stopped for state in states)

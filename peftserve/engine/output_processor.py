@@ -68,12 +68,34 @@ class OutputProcessor:
         that the engine still runs (the caller stops them there)."""
         results: list[RequestOutput] = []
         stopped: list[str] = []
-        for out in outputs:
-            req = self._requests.get(out.request_id)
-            if req is None:  # dropped, or ended by a stop string a few tokens ago
-                continue
+        pending = outputs
+        while pending:  # rounds holding each request once (several steps may arrive together)
+            batch: list[TokenOutput] = []
+            later: list[TokenOutput] = []
+            seen: set[str] = set()
+            for out in pending:
+                (later if out.request_id in seen else batch).append(out)
+                seen.add(out.request_id)
+            self._process_round(batch, results, stopped)
+            pending = later
+        return results, stopped
+
+    def _process_round(
+        self, outputs: list[TokenOutput], results: list[RequestOutput], stopped: list[str]
+    ) -> None:
+        live = [
+            (out, req) for out in outputs if (req := self._requests.get(out.request_id)) is not None
+        ]
+        firsts = [(req.detok, out.token_ids[0]) for out, req in live if out.token_ids]
+        try:  # the first new token of every request in one batched decode
+            hits = iter(self.detokenizer.update_many(firsts))
+        except Exception:  # a tokenizer failure: retry one by one below, to end only its request
+            logger.exception("batched detokenization failed")
+            hits = None
+        for out, req in live:
             try:
-                result = self._process_one(out, req)
+                first = None if hits is None or not out.token_ids else next(hits)
+                result = self._process_one(out, req, first)
             except Exception as exc:  # a tokenizer failure ends this request, not the others
                 logger.exception("output processing of %s failed", out.request_id)
                 result = _failed(out.request_id, req, f"output processing failed: {exc}")
@@ -82,9 +104,11 @@ class OutputProcessor:
                 del self._requests[out.request_id]
                 if out.finish_reason is None:
                     stopped.append(out.request_id)
-        return results, stopped
 
-    def _process_one(self, out: TokenOutput, req: _Request) -> RequestOutput:
+    def _process_one(
+        self, out: TokenOutput, req: _Request, first_stopped: bool | None
+    ) -> RequestOutput:
+        """``first_stopped``: the first token is detokenized already (did it stop the text?)."""
         detok = self.detokenizer
         emitted = 0
         reason = out.finish_reason
@@ -93,7 +117,12 @@ class OutputProcessor:
             emitted += 1
             if req.want_logprobs and out.logprobs is not None:
                 req.pending_logprobs.append(self._token_logprob(token, out.logprobs[i]))
-            if detok.update(req.detok, token):
+            hit = (
+                first_stopped
+                if i == 0 and first_stopped is not None
+                else detok.update(req.detok, token)
+            )
+            if hit:
                 reason = "stop"
                 break
         finished = reason is not None
