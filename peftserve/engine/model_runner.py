@@ -263,6 +263,7 @@ class ModelRunner:
     def prepare(self, sched: SchedulerOutput) -> StepInputs:
         """Write the step into the step buffers (one pass over its sequences, one copy)."""
         buf = self.buffers
+        self._check_capacity(sched.total_tokens, len(sched.seqs))
         buf.wait_host_free()
         bs = self.block_size
         ids: list[int] = []
@@ -303,7 +304,6 @@ class ModelRunner:
             if seq.params.score_from is not None:
                 _score_rows(seq, row, start, n, score_idx, score_rows)
         num_tokens, num_seqs = len(ids), len(seq_lens)
-        self._check_capacity(num_tokens, num_seqs)
         every_row = len(sample_rows) == num_tokens and not score_idx  # a decode step: all rows, in order
         bucket = None
         if self.graphs is not None and every_row:
