@@ -59,7 +59,7 @@ class LoRAStepMetadata:
         self.step_id = 0
         """Bumped by every ``set_segments``: lets backends cache per-step plans."""
 
-    def bind(self, host: torch.Tensor, device: torch.device | torch.Tensor) -> None:
+    def bind(self, host: torch.Tensor, device: torch.Tensor) -> None:
         """Use ``host`` [3, max_segments] int32 (CPU) and ``device`` (same shape, on this
         object's device; the same tensor on CPU) as the buffers. The caller copies host to
         device after each ``set_segments``; call before any CUDA-graph capture."""
