@@ -9,6 +9,7 @@ from peft import LoraConfig, get_peft_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
     Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
@@ -19,11 +20,11 @@ from transformers import (
 )
 
 FAMILIES = ("llama", "mistral", "qwen2")
-MORE_FAMILIES = ("qwen3", "gemma3_text", "phi3", "llama3")
+MORE_FAMILIES = ("qwen3", "gemma2", "gemma3_text", "phi3", "llama3")
 """Tiny models of the later families (``llama3``: Llama with Llama 3's rope scaling)."""
 _CONFIGS = {
     "llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
-    "gemma3_text": Gemma3TextConfig, "phi3": Phi3Config, "llama3": LlamaConfig,
+    "gemma2": Gemma2Config, "gemma3_text": Gemma3TextConfig, "phi3": Phi3Config, "llama3": LlamaConfig,
 }  # fmt: skip
 LLAMA3_ROPE = dict(
     rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
@@ -32,9 +33,14 @@ LLAMA3_ROPE = dict(
 _FAMILY_DEFAULTS: dict[str, dict] = {
     # The features that set each family apart, switched on at sizes the tiny prompts reach:
     # windows shorter than the prompts, a query scale other than head_dim ** -0.5, rope
-    # scalings whose wavelengths the prompt positions cross. Gemma's embeddings stay untied:
-    # tied to scaled random embeddings, the tiny model only echoes its last token.
+    # scalings whose wavelengths the prompt positions cross, soft-caps below the tiny model's
+    # attention scores (about 10) and logits (about 3). Gemma's embeddings stay untied: tied
+    # to scaled random embeddings, the tiny model only echoes its last token.
     "qwen3": dict(head_dim=16),
+    "gemma2": dict(
+        head_dim=16, query_pre_attn_scalar=24, sliding_window=8, attn_logit_softcapping=5.0,
+        final_logit_softcapping=3.0, tie_word_embeddings=False,
+    ),
     "gemma3_text": dict(
         head_dim=16, query_pre_attn_scalar=24, sliding_window=8,
         layer_types=["sliding_attention", "full_attention"],

@@ -19,6 +19,10 @@ FAMILIES: dict[str, str] = {
     "mistral": "Mistral (sliding window)",
     "qwen2": "Qwen2 / Qwen2.5",
     "qwen3": "Qwen3 dense (q/k norms)",
+    "gemma2": (
+        "Gemma 2: attention logit soft-capping, alternating sliding-window and global layers, "
+        "scaled embeddings, query_pre_attn_scalar, final logit soft-capping"
+    ),
     "gemma3_text": (
         "Gemma 3 text-only (gemma-3-1b, or a Gemma3ForCausalLM checkpoint): sliding-window and global "
         "layers with their own rope, scaled embeddings, query_pre_attn_scalar"
