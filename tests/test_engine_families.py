@@ -13,7 +13,6 @@ import pytest
 import torch
 from peft import PeftModel
 
-from peftserve.lora import triton_backend
 from peftserve.lora.peft_adapter import AdapterError, load_adapter
 from tests.engine_helpers import (
     generate_all,
@@ -106,12 +105,8 @@ def test_mixed_adapters_match_peft_triton(tmp_path, monkeypatch, family):
 
     The interpreter runs every program of a launch in numpy, and the launch grid grows with the
     step's tokens and the segment buffer (``max_num_seqs``), so both are kept small; autotuning
-    (timing each config, many launches) is off, as in tests/test_kernels.py. The shrink runs
-    unsplit, the path of steps over 1024 tokens: split-K multiplies the interpreter's work by
-    up to 8 and does not depend on the family (tests/test_kernels.py covers every split, and
-    tests/test_engine_lora.py runs the engine on the split path)."""
+    (timing each config, many launches) is off, as in tests/test_kernels.py."""
     monkeypatch.setenv("PEFTSERVE_TRITON_AUTOTUNE", "0")
-    monkeypatch.setattr(triton_backend, "SPLIT_BOUNDS", (0, 0))
     requests, lengths = [None, "r8", "r64", "r8"], (5, 3, 9, 4)
     _check_mixed_step(
         tmp_path, family, "triton", requests, lengths, 2, ("r8", "r64"), max_num_seqs=4

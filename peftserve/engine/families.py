@@ -1,10 +1,10 @@
 """The model families the engine serves exactly, and the start-up check of a model's config.
 
 The engine runs a step as one packed sequence ``[1, T]`` through the unmodified Hugging Face
-model, with ``peftserve_paged`` as its attention function. That is exact for a family when
-everything outside attention works token by token (norms, MLPs, rotary embeddings from
-``position_ids``) and when ``paged_attention`` implements every attention feature the
-family's config switches on. ``check_model_config`` refuses, with the reason, a config that
+model, with the paged attention of ``peftserve.engine.attention`` as its attention function.
+That is exact for a family when everything outside attention works token by token (norms,
+MLPs, rotary embeddings from ``position_ids``) and when the paged attention implements every
+attention feature the family passes it (scaling, sliding_window, softcap). ``check_model_config`` refuses, with the reason, a config that
 would break either condition: an unknown family, a multimodal checkpoint, a rotary scaling
 whose frequencies depend on the longest sequence in a forward pass (across a packed step
 that mixes sequences), bidirectional or otherwise non-causal layers.
