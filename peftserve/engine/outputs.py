@@ -33,3 +33,27 @@ class RequestOutput:
     index on, on the last output."""
     served_by: str = ""
     """The engine replica that produced it (Ray Serve composition); empty in one process."""
+
+
+RawLogprob = tuple[float, list[int], list[float]]
+"""(logprob of the sampled token, top-k token ids, their logprobs), before detokenization."""
+
+
+@dataclass(slots=True)
+class TokenOutput:
+    """What the step loop produces for one request: token ids, never text.
+
+    ``peftserve.engine.output_processor.OutputProcessor`` turns a stream of these into
+    ``RequestOutput``s (detokenization, stop strings, logprob texts), off the engine thread.
+    """
+
+    request_id: str
+    token_ids: list[int]
+    """Tokens generated since the previous output (empty for a finish without a token)."""
+    finish_reason: str | None = None
+    """Set when the engine ended the request: 'stop' (EOS), 'length', 'abort' or 'error'."""
+    error: str | None = None
+    logprobs: list[RawLogprob] | None = None
+    """One entry per token of ``token_ids`` when the request asked for logprobs."""
+    prompt_logprobs: list[float] | None = None
+    """On the final output of a request with ``SamplingParams.score_from``."""
