@@ -1,0 +1,416 @@
+"""Always-valid statistics for the canary judge: bounds that hold however often they are read.
+
+The controller looks at the evidence every few seconds for hours. A fixed-sample test read that
+often rejects a true null far more often than its level; everything here is a *confidence
+sequence* or an *e-process*, whose error guarantee holds simultaneously over all looks
+(Howard, Ramdas, McAuliffe & Sekhon 2021; Ramdas, Grünwald, Vovk & Shafer 2023). Three tools:
+
+* :func:`mixture_halfwidth`: the one-sided normal-mixture boundary (Robbins 1970; the mSPRT of
+  Johari, Koomen, Pekelis & Walsh 2017/2022) applied to an estimate and its variance, i.e. the
+  asymptotic confidence sequence of Waudby-Smith, Arbour, Sinha, Kennedy & Ramdas (2021). Used
+  with the cluster-robust variances of :func:`stratified_difference` and :func:`paired_difference`.
+* :func:`rate_ratio_evalue`: an exact e-process for "the candidate's event rate is at most
+  ``R0`` times stable's", conditional on where the events fell (the conditional binomial test of
+  two Poisson rates, made sequential by a fixed mixture over alternatives). For rare events
+  (errors, non-finite outputs) whose normal approximations fail; with equal exposures it is the
+  exact sequential McNemar test of paired outcomes.
+* :func:`stratified_difference`: the candidate-minus-stable difference of means (or of log
+  means), stratified by the allocation period (so traffic drift cannot masquerade as a
+  difference while the weight changes) with a variance clustered by unit (the user or session
+  that was routed, so one heavy user counts once). :func:`paired_difference` is its paired form,
+  for probes compared prompt by prompt.
+
+Pure numpy; no state, no clock.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from statistics import NormalDist
+
+import numpy as np
+
+_NORMAL = NormalDist()
+
+ALTERNATIVE_GRID = (1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
+"""Alternatives (multiples of the null ratio) mixed, with equal weight, by :func:`rate_ratio_evalue`."""
+
+
+# --------------------------------------------------------------------------- normal mixture
+
+
+def z_value(alpha: float) -> float:
+    """One-sided normal quantile: P(Z > z) = alpha."""
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), not {alpha}")
+    return _NORMAL.inv_cdf(1.0 - alpha)
+
+
+def mixing_precision(alpha: float, beta: float, effect: float) -> float:
+    """Precision ``rho`` of the normal mixture, tuned to decide an ``effect`` quickly.
+
+    The fixed-sample information that tells 0 from ``effect`` at one-sided levels ``alpha`` and
+    ``beta`` is ``I* = ((z_alpha + z_beta) / effect)**2``; the mixture boundary is narrowest near
+    ``I = rho / r`` with ``r ~ 1 / (2 log(1 / (2 alpha)) + 1)`` (Waudby-Smith et al. 2021, eq. 2.6),
+    so ``rho = r * I*``. It depends on the spec only, never on the data (a requirement).
+    """
+    if not effect > 0:
+        raise ValueError(f"effect must be > 0, not {effect}")
+    info = ((z_value(alpha) + z_value(beta)) / effect) ** 2
+    return info / (2.0 * math.log(1.0 / (2.0 * alpha)) + 1.0)
+
+
+def mixture_halfwidth(variance: float, rho: float, alpha: float) -> float:
+    """One-sided always-valid half-width for an estimate with ``variance``.
+
+    With information ``I = 1 / variance`` and ``S = (estimate - truth) * I``, the half-normal
+    mixture ``M = 2 sqrt(rho / (I + rho)) exp(S**2 / (2 (I + rho))) Phi(S / sqrt(I + rho))`` is a
+    (super)martingale for a Gaussian estimate, so by Ville's inequality ``M >= 1 / alpha`` ever
+    happens with probability at most ``alpha``. Solving ``M = 1 / alpha`` for ``S`` gives the
+    boundary ``u * sqrt(I + rho)``; the half-width in the estimate's units is that over ``I``.
+    ``estimate - halfwidth`` is then a lower bound valid at every look at once (asymptotically,
+    with an estimated variance), and likewise ``estimate + halfwidth`` an upper bound. Infinite
+    for a zero, infinite or missing variance.
+    """
+    if not (variance > 0 and math.isfinite(variance)):
+        return math.inf
+    info = 1.0 / variance
+    base = 2.0 * math.log(1.0 / (2.0 * alpha)) + math.log1p(info / rho)
+    u = math.sqrt(max(base, 0.0))
+    for _ in range(3):  # u**2 = base - 2 log Phi(u): Phi is ~1 here, a few rounds converge
+        u = math.sqrt(max(base - 2.0 * math.log(max(_NORMAL.cdf(u), 1e-300)), 0.0))
+    return u * math.sqrt(info + rho) / info
+
+
+def _normal_cdf(x: np.ndarray) -> np.ndarray:
+    """Phi(x), vectorized (Abramowitz & Stegun 7.1.26 for erf, |error| < 1.5e-7)."""
+    z = np.abs(x) / math.sqrt(2.0)
+    t = 1.0 / (1.0 + 0.3275911 * z)
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+    erf = 1.0 - poly * np.exp(-z * z)
+    return 0.5 * (1.0 + np.sign(x) * erf)
+
+
+def mixture_halfwidths(variance: np.ndarray, rho: float, alpha: float) -> np.ndarray:
+    """:func:`mixture_halfwidth` for an array of variances (inf where not positive and finite)."""
+    v = np.asarray(variance, dtype=float)
+    ok = (v > 0) & np.isfinite(v)
+    info = 1.0 / np.where(ok, v, 1.0)
+    base = 2.0 * math.log(1.0 / (2.0 * alpha)) + np.log1p(info / rho)
+    u = np.sqrt(np.maximum(base, 0.0))
+    for _ in range(3):
+        u = np.sqrt(np.maximum(base - 2.0 * np.log(np.maximum(_normal_cdf(u), 1e-300)), 0.0))
+    return np.where(ok, u * np.sqrt(info + rho) / info, np.inf)
+
+
+def information_for(halfwidth: float, rho: float, alpha: float) -> float:
+    """The information ``I`` at which :func:`mixture_halfwidth` shrinks to ``halfwidth``.
+
+    For a fixed ``u`` the half-width equation ``h**2 I**2 = u**2 (I + rho)`` is a quadratic in
+    ``I``; ``u`` grows only like ``sqrt(log I)``, so alternating the two converges in a few rounds.
+    """
+    if not halfwidth > 0 or not math.isfinite(halfwidth):
+        return math.inf if not halfwidth > 0 else 0.0
+    h2 = halfwidth * halfwidth
+    info = 1.0
+    for _ in range(30):
+        base = 2.0 * math.log(1.0 / (2.0 * alpha)) + math.log1p(info / rho)
+        u2 = base - 2.0 * math.log(max(_NORMAL.cdf(math.sqrt(max(base, 0.0))), 1e-300))
+        new = (u2 + math.sqrt(u2 * u2 + 4.0 * h2 * u2 * rho)) / (2.0 * h2)
+        if abs(new - info) <= 1e-9 * new:
+            return new
+        info = new
+    return info
+
+
+# --------------------------------------------------------------------------- exact rate ratio
+
+
+def rate_ratio_evalue(
+    candidate_events: Sequence[float] | np.ndarray,
+    stable_events: Sequence[float] | np.ndarray,
+    candidate_exposure: Sequence[float] | np.ndarray,
+    stable_exposure: Sequence[float] | np.ndarray,
+    null_ratio: float = 1.0,
+    grid: Sequence[float] = ALTERNATIVE_GRID,
+) -> float:
+    """E-value against "candidate rate <= ``null_ratio`` x stable rate", per stratum arrays.
+
+    In stratum k, events of two Poisson processes with exposures ``n_c``, ``n_s`` fall in the
+    candidate arm with probability ``pi = R n_c / (R n_c + n_s)``, where ``R`` is the rate ratio
+    (the conditional binomial test of two Poisson rates, Przyborowski & Wilenski 1940). Under the
+    null every event lands in the candidate with probability at most ``pi0`` (``R = null_ratio``),
+    so for any ``pi1 > pi0`` the product over events of ``(pi1 / pi0)`` per candidate event and
+    ``((1 - pi1) / (1 - pi0))`` per stable event is a nonnegative supermartingale in event time;
+    an equal-weight mixture over the alternatives ``R1 = null_ratio * g`` for g in ``grid`` is one
+    too, and stays valid however often it is read (Ville). Reject when it reaches ``1 / alpha``.
+    Exact for independent events, whatever their rarity; a stratum with no exposure in an arm
+    carries no information and is skipped. With equal exposures it is the sequential exact
+    McNemar test (events = discordant pairs).
+    """
+    kc = np.asarray(candidate_events, float)
+    ks = np.asarray(stable_events, float)
+    nc = np.asarray(candidate_exposure, float)
+    ns = np.asarray(stable_exposure, float)
+    ok = (nc > 0) & (ns > 0)
+    if not ok.any():
+        return 1.0
+    kc, ks, nc, ns = kc[ok], ks[ok], nc[ok], ns[ok]
+    pi0 = null_ratio * nc / (null_ratio * nc + ns)  # [K]
+    logs = []
+    for g in grid:
+        r1 = null_ratio * g
+        pi1 = r1 * nc / (r1 * nc + ns)
+        logs.append(float(np.sum(kc * np.log(pi1 / pi0) + ks * np.log((1 - pi1) / (1 - pi0)))))
+    top = max(logs)
+    return float(math.exp(min(top, 700.0)) * np.mean([math.exp(x - top) for x in logs]))
+
+
+def rate_ratio_evalues(
+    candidate_events: np.ndarray, stable_events: np.ndarray, candidate_exposure: np.ndarray,
+    stable_exposure: np.ndarray, null_ratio: float = 1.0, grid: Sequence[float] = ALTERNATIVE_GRID,
+) -> np.ndarray:
+    """:func:`rate_ratio_evalue` for several groups at once: arrays [G, K] of strata per group."""
+    kc, ks = np.asarray(candidate_events, float), np.asarray(stable_events, float)
+    nc, ns = np.asarray(candidate_exposure, float), np.asarray(stable_exposure, float)
+    ok = (nc > 0) & (ns > 0)
+    nc_, ns_ = np.where(ok, nc, 1.0), np.where(ok, ns, 1.0)
+    pi0 = null_ratio * nc_ / (null_ratio * nc_ + ns_)
+    logs = []
+    for g in grid:
+        r1 = null_ratio * g
+        pi1 = r1 * nc_ / (r1 * nc_ + ns_)
+        logs.append(np.sum(np.where(ok, kc * np.log(pi1 / pi0) + ks * np.log((1 - pi1) / (1 - pi0)), 0.0), axis=-1))
+    stack = np.stack(logs)  # [grid, G]
+    top = stack.max(axis=0)
+    return np.exp(np.minimum(top, 700.0)) * np.mean(np.exp(stack - top), axis=0)
+
+
+# --------------------------------------------------------------------------- stratified means
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm's data for a mean-type metric, per (stratum, unit) cell.
+
+    ``stratum`` and ``unit`` are small nonnegative integer codes (the same unit code in both arms
+    means the same user); ``total`` the sum of the outcome over the cell's samples, ``count`` the
+    number of samples. Arrays of equal length, one entry per cell with ``count > 0``.
+    """
+
+    stratum: np.ndarray
+    unit: np.ndarray
+    total: np.ndarray
+    count: np.ndarray
+
+    @property
+    def samples(self) -> float:
+        return float(self.count.sum())
+
+    @functools.cached_property
+    def units(self) -> int:
+        """Distinct units."""
+        if self.unit.size == 0:
+            return 0
+        return int(np.count_nonzero(np.bincount(self.unit)))
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A candidate-minus-stable difference with its (cluster-robust) variance."""
+
+    estimate: float
+    variance: float
+    stable_value: float
+    candidate_value: float
+    strata: int
+
+
+def stratified_difference(
+    candidate: Arm, stable: Arm, *, log_scale: bool = False, binary: bool = False
+) -> Estimate | None:
+    """Difference of means, candidate minus stable, within strata, combined across them.
+
+    Within stratum k each arm's mean is a ratio of sums ``m = sum(total) / sum(count)`` (every
+    sample counts, so a heavy user weighs in proportion to its traffic), and
+    ``d_k = m_c - m_s`` (``log m_c - log m_s`` with ``log_scale``: a relative change). The strata
+    are combined with the weights ``n_c n_s / (n_c + n_s)`` of Cochran and Mantel-Haenszel, which
+    depend on the allocation only. The variance is the sandwich over *units* (Liang & Zeger 1986):
+    each unit's influence on the combined estimate, summed over every stratum and arm it appears
+    in, squared and summed, with the small-sample factor ``G / (G - 1)``; so a unit with many
+    samples is one cluster, not many independent observations. ``binary`` adds a floor: the
+    variance is at least the binomial variance of smoothed proportions, which keeps the first
+    looks at a rare event (zero events, zero variance) from looking certain. None when no
+    stratum has samples in both arms.
+    """
+    if candidate.count.size == 0 or stable.count.size == 0:
+        return None
+    k = int(max(candidate.stratum.max(), stable.stratum.max())) + 1
+    tc = np.bincount(candidate.stratum, weights=candidate.total, minlength=k)
+    nc = np.bincount(candidate.stratum, weights=candidate.count, minlength=k)
+    ts = np.bincount(stable.stratum, weights=stable.total, minlength=k)
+    ns = np.bincount(stable.stratum, weights=stable.count, minlength=k)
+    both = (nc > 0) & (ns > 0)
+    if not both.any():
+        return None
+    safe_c, safe_s = np.where(both, nc, 1.0), np.where(both, ns, 1.0)
+    raw_c, raw_s = tc / safe_c, ts / safe_s
+    if log_scale or binary:
+        mc, ms = (tc + 0.5) / (safe_c + 1.0), (ts + 0.5) / (safe_s + 1.0)
+    else:
+        mc, ms = raw_c, raw_s
+    w = np.where(both, safe_c * safe_s / (safe_c + safe_s), 0.0)
+    w = w / w.sum()
+    if log_scale:
+        if np.any(mc[both] <= 0) or np.any(ms[both] <= 0):
+            return None
+        d = np.log(np.where(both, mc, 1.0)) - np.log(np.where(both, ms, 1.0))
+    else:
+        d = raw_c - raw_s
+    est = float(np.sum(w * d))
+    # Influence of each cell: +-w_k (total - m_k count) / (n_arm,k [m_arm,k when log]).
+    psi, units = [], []
+    for arm, sign, raw, m, n in ((candidate, 1.0, raw_c, mc, safe_c), (stable, -1.0, raw_s, ms, safe_s)):
+        k_ = arm.stratum
+        scale = n[k_] * (m[k_] if log_scale else 1.0)
+        psi.append(sign * w[k_] * (arm.total - raw[k_] * arm.count) / scale)
+        units.append(arm.unit)
+    per_unit = np.bincount(np.concatenate(units), weights=np.concatenate(psi))
+    present = np.bincount(np.concatenate(units)) > 0
+    g = int(np.count_nonzero(present))
+    var = float(np.sum(per_unit**2)) * (g / (g - 1) if g > 1 else 1.0)
+    if binary:
+        pc, ps = np.clip(mc, 1e-12, 1 - 1e-12), np.clip(ms, 1e-12, 1 - 1e-12)
+        if log_scale:
+            terms = (1 - pc) / (pc * safe_c) + (1 - ps) / (ps * safe_s)
+        else:
+            terms = pc * (1 - pc) / safe_c + ps * (1 - ps) / safe_s
+        var = max(var, float(np.sum(w**2 * terms)))
+    c_value = float(tc[both].sum() / nc[both].sum())
+    s_value = float(ts[both].sum() / ns[both].sum())
+    return Estimate(est, var, s_value, c_value, int(both.sum()))
+
+
+@dataclass(frozen=True)
+class Grouped:
+    """Cells of one arm over several groups (segments): ``group``, ``stratum`` and ``unit`` are
+    small nonnegative integer codes, ``total`` and ``count`` the sums per cell (count > 0)."""
+
+    group: np.ndarray
+    stratum: np.ndarray
+    unit: np.ndarray
+    total: np.ndarray
+    count: np.ndarray
+
+
+@dataclass(frozen=True)
+class GroupedEstimates:
+    """Per group: the estimate, its variance, both arms' values, samples and units."""
+
+    estimate: np.ndarray
+    variance: np.ndarray
+    stable_value: np.ndarray
+    candidate_value: np.ndarray
+    stable_samples: np.ndarray
+    candidate_samples: np.ndarray
+    stable_units: np.ndarray
+    candidate_units: np.ndarray
+    strata: np.ndarray
+    """Per group and stratum: (candidate events, candidate count, stable events, stable count)."""
+    counts: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+    def get(self, g: int) -> Estimate | None:
+        if self.estimate[g] != self.estimate[g]:  # NaN: no stratum with both arms
+            return None
+        return Estimate(float(self.estimate[g]), float(self.variance[g]), float(self.stable_value[g]),
+                        float(self.candidate_value[g]), int(self.strata[g]))
+
+
+def grouped_difference(candidate: Grouped, stable: Grouped, groups: int, *, log_scale: bool = False,
+                       binary: bool = False) -> GroupedEstimates:
+    """:func:`stratified_difference` for every group at once (vectorized over groups).
+
+    The same estimator, weights and unit-clustered variance as :func:`stratified_difference`,
+    computed per group with bincounts over (group, stratum) and (group, unit) codes, so judging
+    all segments of a metric costs one pass over the cells.
+    """
+    k = int(max(candidate.stratum.max(initial=0), stable.stratum.max(initial=0))) + 1
+    size = groups * k
+
+    def sums(arm: Grouped) -> tuple[np.ndarray, np.ndarray]:
+        idx = arm.group * k + arm.stratum
+        return (np.bincount(idx, weights=arm.total, minlength=size).reshape(groups, k),
+                np.bincount(idx, weights=arm.count, minlength=size).reshape(groups, k))
+
+    tc, nc = sums(candidate)
+    ts, ns = sums(stable)
+    both = (nc > 0) & (ns > 0)
+    safe_c, safe_s = np.where(both, nc, 1.0), np.where(both, ns, 1.0)
+    raw_c, raw_s = tc / safe_c, ts / safe_s
+    if log_scale or binary:
+        mc, ms = (tc + 0.5) / (safe_c + 1.0), (ts + 0.5) / (safe_s + 1.0)
+    else:
+        mc, ms = raw_c, raw_s
+    w = np.where(both, safe_c * safe_s / (safe_c + safe_s), 0.0)
+    wsum = w.sum(axis=1, keepdims=True)
+    w = np.where(wsum > 0, w / np.where(wsum > 0, wsum, 1.0), 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if log_scale:
+            d = np.log(np.where(both, mc, 1.0)) - np.log(np.where(both, ms, 1.0))
+        else:
+            d = raw_c - raw_s
+    est = np.where(both.any(axis=1), np.sum(w * d, axis=1), np.nan)
+    units = int(max(candidate.unit.max(initial=0), stable.unit.max(initial=0))) + 1
+    per_unit = np.zeros(groups * units)
+    present_c = np.zeros(groups * units, dtype=bool)
+    present_s = np.zeros(groups * units, dtype=bool)
+    for arm, sign, raw, m, n, present in ((candidate, 1.0, raw_c, mc, safe_c, present_c),
+                                          (stable, -1.0, raw_s, ms, safe_s, present_s)):
+        g, s_ = arm.group, arm.stratum
+        scale = n[g, s_] * (m[g, s_] if log_scale else 1.0)
+        psi = sign * w[g, s_] * (arm.total - raw[g, s_] * arm.count) / scale
+        cell = g * units + arm.unit
+        per_unit += np.bincount(cell, weights=psi, minlength=groups * units)
+        present[cell] = True
+    per_unit = per_unit.reshape(groups, units)
+    clusters = (present_c | present_s).reshape(groups, units).sum(axis=1)
+    factor = np.where(clusters > 1, clusters / np.maximum(clusters - 1, 1), 1.0)
+    var = np.sum(per_unit**2, axis=1) * factor
+    if binary:
+        pc, ps = np.clip(mc, 1e-12, 1 - 1e-12), np.clip(ms, 1e-12, 1 - 1e-12)
+        if log_scale:
+            terms = (1 - pc) / (pc * safe_c) + (1 - ps) / (ps * safe_s)
+        else:
+            terms = pc * (1 - pc) / safe_c + ps * (1 - ps) / safe_s
+        var = np.maximum(var, np.sum(w**2 * np.where(both, terms, 0.0), axis=1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        c_value = (tc * both).sum(axis=1) / (nc * both).sum(axis=1)
+        s_value = (ts * both).sum(axis=1) / (ns * both).sum(axis=1)
+    return GroupedEstimates(
+        est, var, s_value, c_value, ns.sum(axis=1), nc.sum(axis=1),
+        present_s.reshape(groups, units).sum(axis=1), present_c.reshape(groups, units).sum(axis=1),
+        both.sum(axis=1), (tc, nc, ts, ns),
+    )
+
+
+def paired_difference(candidate: np.ndarray, stable: np.ndarray, *, binary: bool = True) -> Estimate | None:
+    """Mean of ``candidate - stable`` over paired units (prompts), with its variance.
+
+    Each pair is one unit: a deterministic prompt answered once per version, or the mean of a
+    sampled prompt's repeated answers per version. The variance is the sample variance of the
+    differences over ``n``; for 0/1 outcomes (``binary``) it is floored at that of a smoothed
+    discordance rate, so a run of identical answers does not read as certainty.
+    """
+    c, s = np.asarray(candidate, float), np.asarray(stable, float)
+    n = c.size
+    if n == 0:
+        return None
+    d = c - s
+    var = float(np.var(d, ddof=1)) / n if n > 1 else math.inf
+    if binary:
+        discordant = float(np.count_nonzero(d))
+        var = max(var, (discordant + 1.0) / (n + 2.0) / n)
+    return Estimate(float(d.mean()), var, float(s.mean()), float(c.mean()), 1)
