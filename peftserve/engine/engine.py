@@ -18,6 +18,7 @@ import concurrent.futures
 import dataclasses
 import logging
 import threading
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
@@ -32,7 +33,7 @@ from peftserve.config import EngineConfig
 from peftserve.engine.block_manager import BlockManager
 from peftserve.engine.detokenizer import Detokenizer
 from peftserve.engine.model_runner import ModelRunner
-from peftserve.engine.outputs import RequestOutput, TokenLogprob
+from peftserve.engine.outputs import RequestOutput, StepShare, TokenLogprob
 from peftserve.engine.sampler import Sampler
 from peftserve.engine.sampling_params import InvalidParameter, SamplingParams
 from peftserve.engine.scheduler import Scheduler, SchedulerOutput
@@ -379,6 +380,7 @@ class LLMEngine:
         if not sched.seqs:
             return failed, torch.empty(0), []
         self.runner.zero_blocks(self.block_manager.take_fresh())
+        started = time.perf_counter()
         try:
             logits, seqs = self.runner.execute(sched)  # [S, V]
         except Exception as exc:  # a broken forward ends the step's requests, not the engine
@@ -388,8 +390,10 @@ class LLMEngine:
             seq.num_computed_tokens += n
         self._record(sched)
         if not seqs:
+            _share_step(sched, time.perf_counter() - started)
             return failed, logits, seqs
         sampled = self.sampler(logits, seqs)
+        _share_step(sched, time.perf_counter() - started)  # sampling synchronizes: the step is done
         outputs = [
             self._postprocess(seq, tok, ok, lp)
             for seq, tok, ok, lp in zip(seqs, sampled.token_ids, sampled.finite, sampled.logprobs, strict=True)
@@ -467,7 +471,41 @@ class LLMEngine:
             completion_tokens=seq.num_generated,
             error=seq.error,
             prompt_logprobs=_prompt_logprobs(seq) if finished else None,
+            batch=_step_share(seq) if finished else None,
         )
+
+
+@dataclass(slots=True)
+class StepRecord:
+    """One engine step as the requests in it saw it: duration, tokens, tokens per adapter."""
+
+    seconds: float
+    tokens: int
+    adapters: dict[str | None, int]
+
+
+def _share_step(sched: SchedulerOutput, seconds: float) -> None:
+    """Give every sequence of the step a reference to the step's record (O(1) per sequence)."""
+    adapters: dict[str | None, int] = {}
+    for seq, n in zip(sched.seqs, sched.num_tokens, strict=True):
+        adapters[seq.lora_id] = adapters.get(seq.lora_id, 0) + n
+    record = StepRecord(seconds, sched.total_tokens, adapters)
+    for seq in sched.seqs:
+        seq.steps.append(record)
+
+
+def _step_share(seq: Sequence) -> StepShare:
+    """Sum a finished sequence's step records (once per request)."""
+    share = StepShare(steps=len(seq.steps))
+    for record in seq.steps:
+        share.step_s += record.seconds
+        share.tokens += record.tokens
+        for lora_id, n in record.adapters.items():
+            cell = share.adapters.setdefault(lora_id, [0, 0])
+            cell[0] += 1
+            cell[1] += n
+    seq.steps = []
+    return share
 
 
 def _score_request(prompt_ids: list[int], target_ids: list[int]) -> tuple[str, list[int], SamplingParams]:

@@ -13,6 +13,23 @@ class TokenLogprob:
     """The requested top-k alternatives (token text -> logprob)."""
 
 
+@dataclass(slots=True)
+class StepShare:
+    """What one request's engine steps were shared with (on its last output).
+
+    Sums over the steps the request ran in: ``steps``, ``step_s`` (their wall time: the
+    request's engine time, queueing excluded), ``tokens`` (all tokens of those steps) and, per
+    adapter id (None: the base model), ``[steps with tokens of it, its tokens]``. A canary judge
+    reads it to compare versions at equal batch composition; the request's own adapter is
+    present in all its steps.
+    """
+
+    steps: int = 0
+    step_s: float = 0.0
+    tokens: int = 0
+    adapters: dict[str | None, list[int]] = field(default_factory=dict)
+
+
 @dataclass
 class RequestOutput:
     """One increment of a request's output; the last one has ``finished`` set."""
@@ -31,3 +48,5 @@ class RequestOutput:
     prompt_logprobs: list[float] | None = None
     """With ``SamplingParams.score_from``: the log-probability of each prompt token from that
     index on, on the last output."""
+    batch: StepShare | None = None
+    """On the last output: what the request's engine steps were shared with."""
