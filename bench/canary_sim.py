@@ -420,7 +420,7 @@ def _count(x: float) -> str:
     return "-" if x != x else f"{x:.0f}"
 
 
-HEADER = ("| case | rate | rolled back | promoted | paused | undecided at 2 h | median min to decision | "
+HEADER = ("| case | rate | rollouts | rolled back | promoted | paused | undecided at 2 h | median min to decision | "
           "median candidate requests / probes / feedback at decision | notes |")
 
 
@@ -438,8 +438,33 @@ def row(r: CaseResult) -> str:
     if c.name.startswith("feedback-5pt"):
         notes = (notes + "; " if notes else "") + \
             f"rolled back within 1,000 candidate feedback: {r.rolled_back_within(1000, 'candidate_feedback'):.1%}"
-    return (f"| {c.name} | {c.rate:g}/s | {r.share('rolled_back'):.1%} | {r.share('promoted'):.1%} | "
+    return (f"| {c.name} | {c.rate:g}/s | {len(r.outcomes)} | {r.share('rolled_back'):.1%} | {r.share('promoted'):.1%} | "
             f"{r.share('paused'):.1%} | {r.share('undecided'):.1%} | {_minutes(med_t)} | {samples} | {notes} |")
+
+
+def run_all(cases: list[Case], rollouts: int, seed: int, workers: int, deadline_s: float) -> list[CaseResult]:
+    """Every case's rollouts in one pool, interleaved, so that a deadline leaves each case about
+    the same number of finished rollouts (reported per case)."""
+    jobs = [(c, (seed + i) * 1_000_003 + k) for k in range(rollouts) for i, c in enumerate(cases)]
+    results: dict[str, list[Outcome]] = {c.name: [] for c in cases}
+    stop = time.monotonic() + deadline_s
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        it = pool.imap(_tagged, jobs, chunksize=1)
+        for _ in jobs:
+            left = stop - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                name, outcome = it.next(timeout=left)
+            except multiprocessing.TimeoutError:
+                break
+            results[name].append(outcome)
+        pool.terminate()
+    return [CaseResult(c, results[c.name]) for c in cases if results[c.name]]
+
+
+def _tagged(job: tuple[Case, int]) -> tuple[str, Outcome]:
+    return job[0].name, run_one(job)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -449,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help=f"cases {', '.join(QUICK)}, 20 rollouts each")
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--deadline-s", type=float, default=0.0,
+                        help="run all cases in one pool, interleaved, and report what finished by then")
     args = parser.parse_args(argv)
     names = QUICK if args.quick else (args.cases or [c.name for c in CASES])
     rollouts = 20 if args.quick and args.rollouts == 500 else args.rollouts
@@ -458,6 +485,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(by_name)}")
     print(f"{rollouts} rollouts per case; controller every {ControllerConfig().interval_s:g} s, "
           f"{ControllerConfig().probes_per_tick} probes per round; default analysis; horizon {HORIZON_S / 3600:g} h")
+    if args.deadline_s > 0:
+        start = time.perf_counter()
+        done = run_all([by_name[n] for n in names], rollouts, args.seed, args.workers, args.deadline_s)
+        print(HEADER)
+        print("|---" * (HEADER.count("|") - 1) + "|")
+        for result in done:
+            print(row(result))
+        print(f"({time.perf_counter() - start:.0f} s, {args.workers} workers)", file=sys.stderr)
+        return 0
     print(HEADER)
     print("|---" * (HEADER.count("|") - 1) + "|")
     for i, name in enumerate(names):

@@ -142,6 +142,9 @@ class ControllerHooks:
     its engine step times). The stable version's probes must run in a *twin* slot (a second copy
     of stable's weights), so that both probes are minority adapters in the same traffic.
     None: no probes."""
+    ended: Callable[[str, str, str], Awaitable[None]] | None = None
+    """Called with ``(task, stable, candidate)`` once a rollout is promoted or rolled back (the
+    server drops the probe twins)."""
 
 
 @dataclass(frozen=True)
@@ -379,7 +382,8 @@ class RolloutController:
                          if not (u.task == spec.task and u.version in (spec.stable, spec.candidate))]
         now = self._clock()
         rate = self.metrics.recent_rate(spec.task, now)
-        probe_rate = (self.config.probes_per_tick / self.config.interval_s) if self.hooks.probe else 0.0
+        probes = self.hooks.probe is not None and (items or any(m.name == "latency" for m in spec.analysis.metrics))
+        probe_rate = self.config.probes_per_tick / self.config.interval_s if probes else 0.0
         plan = plan_rollout(spec, rate, probe_rate, len(items) if items else None, self.config.interval_s)
         self.metrics.forget(spec.task)
         rollout = Rollout.start(spec, now)
@@ -428,10 +432,12 @@ class RolloutController:
         self.metrics.fold()
 
     def _judge(self, live: _Live, now: float) -> Judgment:
-        spec = live.rollout.spec
+        r, spec = live.rollout, live.rollout.spec
         evidence = self.metrics.evidence(spec.task, spec.stable, spec.candidate)
+        limit = spec.policy.max_duration_s
         return judge(spec.analysis, evidence, at=now, eval_set_size=len(live.eval_set) if live.eval_set else None,
-                     probe_sampled=spec.probe_temperature > 0)
+                     probe_sampled=spec.probe_temperature > 0, elapsed_s=now - live.evidence_start,
+                     budget_s=max(0.0, limit - (now - r.started_at)) if limit > 0 else None)
 
     async def _judge_and_act(self, live: _Live, now: float) -> None:
         r, task = live.rollout, live.rollout.spec.task
@@ -472,9 +478,12 @@ class RolloutController:
         old = live.rollout
         new = old.apply(action, now)  # RolloutConflictError when the action does not fit the state
         spec = new.spec
-        state_event = Event("state", {"from": old.state, "to": new.state, "action": action, "weight": new.weight,
-                                      "previous_weight": old.weight, "step_index": new.step_index,
-                                      "actor": actor, "reason": reason}, now)
+        payload = {"from": old.state, "to": new.state, "action": action, "weight": new.weight,
+                   "previous_weight": old.weight, "step_index": new.step_index, "actor": actor, "reason": reason}
+        if new.state in TERMINAL_STATES:  # the evidence goes with the rollout: keep what the arms did
+            payload["arms"] = {arm: self.metrics.summary(spec.task, v)
+                               for arm, v in (("stable", spec.stable), ("candidate", spec.candidate))}
+        state_event = Event("state", payload, now)
         if action == "rollback":
             self.router.set_rollout(new)  # weight 0 before anything else can fail
         if action == "promote":
@@ -489,6 +498,11 @@ class RolloutController:
         if new.state in TERMINAL_STATES:
             del self._live[spec.task]
             self.metrics.forget(spec.task)
+            if self.hooks.ended is not None:
+                try:
+                    await self.hooks.ended(spec.task, spec.stable, spec.candidate)
+                except Exception:  # cleanup only: the rollout has ended either way
+                    logger.exception("task %s: the ended hook failed", spec.task)
             if new.state == "promoted":
                 self._schedule_unload(live.id, spec.task, spec.stable, now + self.config.promote_keep_warm_s,
                                       f"previous stable {spec.stable} kept warm {self.config.promote_keep_warm_s:g} s "
@@ -546,8 +560,8 @@ class RolloutController:
     def _next_prompts(self, live: _Live) -> list[tuple[int, str, bool]]:
         """This round's ``(index, prompt, scored)``: greedy eval sets, prompts not yet answered by
         both versions (once each, scored); sampled ones round-robin (scored); then, while latency
-        is undecided, repeats for latency only (not scored), from the eval set or, without one,
-        from :data:`LATENCY_PROMPTS`."""
+        is undecided, latency-only pairs (not scored; each its own index), on the eval set's
+        prompts or, without one, :data:`LATENCY_PROMPTS`."""
         spec, k = live.rollout.spec, self.config.probes_per_tick
         out: list[tuple[int, str, bool]] = []
         if live.eval_set:
@@ -569,11 +583,13 @@ class RolloutController:
                 out += [(i, live.eval_set[i]["prompt"], True) for i in order
                         if i not in both and i not in taken][: k - len(out)]
         if len(out) < k and self._latency_pending(live):
+            # Each latency-only pair is its own unit (an index past the eval set's): a prompt's
+            # timing repeats no more than the traffic around it does.
             prompts = [item["prompt"] for item in live.eval_set] if live.eval_set else list(LATENCY_PROMPTS)
+            base = len(live.eval_set) if live.eval_set else 0
             for _ in range(k - len(out)):
-                index = live.latency_cursor % len(prompts)
+                out.append((base + live.latency_cursor, prompts[live.latency_cursor % len(prompts)], False))
                 live.latency_cursor += 1
-                out.append((index, prompts[index], False))
         return out
 
     def _record_probe(self, live: _Live, version: str, index: int, answer: str | ProbeAnswer, scored: bool) -> None:
@@ -701,6 +717,12 @@ class RolloutController:
             judgment = Judgment.from_dict(rows[0]["payload"]) if rows else None
         decisions = self.store.history(task, 1, rollout_id=rollout_id, kinds=["decision"])
         window = live.window_start if live is not None else r.step_started_at
+        if live is not None:
+            arms = {arm: self.metrics.summary(task, v) for arm, v in (("stable", spec.stable),
+                                                                      ("candidate", spec.candidate))}
+        else:
+            last_state = self.store.history(task, 1, rollout_id=rollout_id, kinds=["state"])
+            arms = last_state[0]["payload"].get("arms") if last_state else None
         step = "shadow phase" if r.step_index < 0 else f"step {r.step_index + 1} of {len(spec.steps)}"
         line = f"{task}: {spec.stable} -> {spec.candidate} {r.state} at {r.weight:g} % ({step})"
         now = self._clock()
@@ -729,8 +751,7 @@ class RolloutController:
             "plan": live.plan if live is not None else None,
             "last_judgment": None,
             "last_decision": None,
-            "arms": {arm: self.metrics.summary(task, v) if live is not None else None
-                     for arm, v in (("stable", spec.stable), ("candidate", spec.candidate))},
+            "arms": arms or {"stable": None, "candidate": None},
             "eval_set_size": len(live.eval_set) if live is not None and live.eval_set else 0,
             "pending_unloads": [{"version": u.version, "due_at": u.due_at, "reason": u.reason}
                                 for u in self.pending_unloads if u.task == task],

@@ -235,6 +235,8 @@ def _harm(metric: MetricSpec, est: seq.Estimate, plan: _Plan, log_scale: bool,
     upper = harm + seq.mixture_halfwidth(est.variance, plan.rho_pass, plan.beta)
     if log_scale:
         return math.expm1(harm), math.expm1(lower), math.expm1(min(upper, 700.0))
+    if metric.kind == "proportion":  # a difference of shares lies in [-1, 1]
+        return harm, max(lower, -1.0), min(upper, 1.0)
     return harm, lower, upper
 
 
@@ -265,11 +267,12 @@ class _Judge:
         self.eval_set_size = eval_set_size
         self.probe_sampled = probe_sampled
         n = len(analysis.metrics)
+        # The split of alpha depends on the spec alone, never on the data seen so far.
         seg_metrics = [m for m in analysis.metrics if m.name in SEGMENT_METRICS and m.baseline == "stable"]
-        self.segments_on = analysis.max_segments > 0 and bool(seg_metrics) and len(evidence.segments) > 1
+        self.segments_on = analysis.max_segments > 0 and bool(seg_metrics)
         share = analysis.alpha / 2 if self.segments_on else analysis.alpha
         self.alpha_metric = share / n
-        self.alpha_segment = (analysis.alpha / 2) / (len(seg_metrics) * max(analysis.max_segments, 1))
+        self.alpha_segment = (analysis.alpha / 2) / max(len(seg_metrics) * analysis.max_segments, 1)
         self._cache: dict[str, seq.GroupedEstimates] = {}
 
     # ---- dispatch -------------------------------------------------------------------
@@ -561,11 +564,14 @@ def _replace(r: MetricResult, **changes: Any) -> MetricResult:
 
 
 def judge(analysis: AnalysisSpec, evidence: Evidence, at: float = 0.0, *, eval_set_size: int | None = None,
-          probe_sampled: bool = False) -> Judgment:
+          probe_sampled: bool = False, elapsed_s: float | None = None, budget_s: float | None = None) -> Judgment:
     """Judge candidate against stable on every metric of ``analysis`` (and its segments).
 
     ``eval_set_size``: prompts in the rollout's eval set (a greedy set answered in full is
     *exhausted*); ``probe_sampled``: probes are sampled (temperature > 0), so answers repeat.
+    ``elapsed_s`` (time the evidence has been gathering) and ``budget_s`` (time left before the
+    rollout's ``max_duration_s``) let an optional metric hold the promotion only while its pass is
+    within reach at the current rate of its samples.
     Invalid evidence raises ``ValueError``: the controller records that as an evaluator error
     (:meth:`Judgment.error`), never as a failure.
     """
@@ -579,10 +585,19 @@ def judge(analysis: AnalysisSpec, evidence: Evidence, at: float = 0.0, *, eval_s
         rest = sorted((r for r in segs if r.status != "fail"), key=lambda r: -(r.harm or 0.0))
         results.extend(failed + [r for r in rest[:SHOWN_SEGMENTS] if (r.harm or 0.0) > r.tolerance])
     samples = sum(r.samples_stable + r.samples_candidate for r in results if not r.segment)
-    return _verdict(results, at, samples)
+    return _verdict(results, at, samples, elapsed_s, budget_s)
 
 
-def _verdict(results: Sequence[MetricResult], at: float, samples: float) -> Judgment:
+def within_reach(r: MetricResult, elapsed_s: float | None, budget_s: float | None) -> bool:
+    """Whether an undecided metric can expect to pass within ``budget_s`` at its samples' rate."""
+    if budget_s is None or elapsed_s is None or not elapsed_s > 0 or r.needed is None:
+        return True
+    rate = r.samples_candidate / elapsed_s
+    return rate > 0 and (r.needed - r.samples_candidate) / rate <= budget_s
+
+
+def _verdict(results: Sequence[MetricResult], at: float, samples: float, elapsed_s: float | None = None,
+             budget_s: float | None = None) -> Judgment:
     overall = [r for r in results if not r.segment]
     failed = [r for r in results if r.status == "fail"]
     if failed:
@@ -591,7 +606,8 @@ def _verdict(results: Sequence[MetricResult], at: float, samples: float) -> Judg
         kind = "critical metric(s)" if any(r.critical for r in failed) else "metric(s)"
         return Judgment("fail", f"fail: {kind} {names} failed; {worst.detail}", tuple(results), at, samples)
     required = [r for r in overall if r.required]
-    worrying = [r for r in overall if not r.required and r.status not in DONE and r.status != "nodata"]
+    worrying = [r for r in overall if not r.required and r.status not in DONE and r.status != "nodata"
+                and (alarming(r) or within_reach(r, elapsed_s, budget_s))]
     worrying += [r for r in results if r.segment and r.status == "suspect"]
     if required and all(r.status in DONE for r in required) and not worrying:
         closest = max(required, key=lambda r: (r.upper if r.upper is not None else -math.inf) - r.mde)

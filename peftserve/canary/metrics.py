@@ -60,7 +60,7 @@ from typing import Any
 
 import numpy as np
 
-from peftserve.canary.samples import ProbeRecord, RequestRecord
+from peftserve.canary.samples import PROBE_STRATUM, ProbeRecord, RequestRecord
 from peftserve.canary.sequential import Arm
 from peftserve.canary.spec import MetricSpec, RolloutSpecError
 
@@ -574,8 +574,9 @@ class MetricWindows:
         if n == 0:
             return
         t = self._tasks.setdefault(c.task, _Task())
-        shown = t.shown.setdefault(c.version, np.zeros(len(COLUMNS)))
-        shown += c.values.sum(axis=0)
+        if c.stratum != PROBE_STRATUM:  # probes are no user traffic
+            shown = t.shown.setdefault(c.version, np.zeros(len(COLUMNS)))
+            shown += c.values.sum(axis=0)
         at_max = float(c.at.max())
         t.first_at = min(t.first_at, float(c.at.min())) if t.first_at is not None else float(c.at.min())
         t.last_at = max(t.last_at, at_max) if t.last_at is not None else at_max
@@ -652,7 +653,8 @@ class MetricWindows:
                             np.array(shadow, dtype=float), np.array(noise, dtype=float), t.first_at, t.last_at)
 
     def summary(self, task: str, version: str) -> dict[str, Any]:
-        """Counts and means of ``task@version`` during the current rollout, for people.
+        """Counts and means of ``task@version``'s user traffic during the current rollout, for
+        people (probes are counted apart).
 
         ``requests`` counts every recorded request, ``in_experiment`` the judged ones; latency
         means are over completed requests.
@@ -665,7 +667,9 @@ class MetricWindows:
             stats = table.snapshot()[1] if table is not None else np.zeros((0, len(COLUMNS)))
             keys = table.snapshot()[0] if table is not None else np.zeros(0, np.int64)
             probes = t.probes.get(version, np.zeros((0, 4))).copy()
-        judged = stats[(keys >> 40) & 0xFFFF == 0].sum(axis=0) if stats.size else np.zeros(len(COLUMNS))
+        probe = t.strata.get(PROBE_STRATUM, -1)
+        users = ((keys >> 40) & 0xFFFF == 0) & ((keys >> 56) != probe)  # all segments' sums, no probes
+        judged = stats[users].sum(axis=0) if stats.size else np.zeros(len(COLUMNS))
 
         def ratio(num: str, den: str) -> float | None:
             d = judged[COL[den]]

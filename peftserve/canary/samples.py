@@ -24,6 +24,8 @@ UNIT_BITS = 40
 """Units are hashed to 40 bits; a collision merges two users into one cluster (conservative)."""
 PROBE_STRATUM = "probe"
 SHADOW_STRATUM = "shadow"
+MAX_METADATA = 16
+"""Metadata entries of one request taken as segment labels (OpenAI allows 16)."""
 LENGTH_EDGES = (64, 256, 1024)
 """Prompt-length buckets (tokens) of the ``length`` segment: <64, 64-255, 256-1023, >=1024."""
 
@@ -58,7 +60,7 @@ def segment_labels(prompt_tokens: int | None, headers: Mapping[str, str] | None 
         labels.append(length_bucket(prompt_tokens))
     for name, value in sorted((headers or {}).items()):
         labels.append(f"header:{name.lower()}={str(value).strip()[:64]}")
-    for key, value in sorted((metadata or {}).items()):
+    for key, value in sorted((metadata or {}).items())[:MAX_METADATA]:
         labels.append(f"meta:{str(key)[:64]}={str(value)[:64]}")
     return tuple(labels)
 

@@ -234,64 +234,28 @@ def stratified_difference(
 ) -> Estimate | None:
     """Difference of means, candidate minus stable, within strata, combined across them.
 
-    Within stratum k each arm's mean is a ratio of sums ``m = sum(total) / sum(count)`` (every
-    sample counts, so a heavy user weighs in proportion to its traffic), and
-    ``d_k = m_c - m_s`` (``log m_c - log m_s`` with ``log_scale``: a relative change). The strata
-    are combined with the weights ``n_c n_s / (n_c + n_s)`` of Cochran and Mantel-Haenszel, which
-    depend on the allocation only. The variance is the sandwich over *units* (Liang & Zeger 1986):
+    One stratum, one arm: the weighted mean over *units* of each unit's own mean (``total /
+    count`` of its cell), weighted by :func:`unit_weight` (its samples, saturating at ten), so a
+    heavy user counts at most like ten light ones and cannot decide a rollout, and the variance
+    is that of a mean of independent units. ``d_k = m_c - m_s``
+    (``log m_c - log m_s`` with ``log_scale``: a relative change). The strata are combined with
+    the weights ``u_c u_s / (u_c + u_s)`` (units per arm) of Cochran and Mantel-Haenszel, which
+    depend on the allocation only. The variance is the sandwich over units (Liang & Zeger 1986):
     each unit's influence on the combined estimate, summed over every stratum and arm it appears
-    in, squared and summed, with the small-sample factor ``G / (G - 1)``; so a unit with many
-    samples is one cluster, not many independent observations. ``binary`` adds a floor: the
-    variance is at least the binomial variance of smoothed proportions, which keeps the first
-    looks at a rare event (zero events, zero variance) from looking certain. None when no
-    stratum has samples in both arms.
+    in (a user moved to the candidate by a step is one cluster), squared and summed, with the
+    small-sample factor ``G / (G - 1)``. ``binary`` adds a floor: the variance is at least the
+    binomial variance of smoothed proportions over the *samples*, a lower bound of the true one,
+    which keeps the first looks at a rare event (zero events, zero variance) from looking
+    certain. None when no stratum has units in both arms. :func:`grouped_difference` computes
+    the same for many groups (segments) at once.
     """
-    if candidate.count.size == 0 or stable.count.size == 0:
-        return None
-    k = int(max(candidate.stratum.max(), stable.stratum.max())) + 1
-    tc = np.bincount(candidate.stratum, weights=candidate.total, minlength=k)
-    nc = np.bincount(candidate.stratum, weights=candidate.count, minlength=k)
-    ts = np.bincount(stable.stratum, weights=stable.total, minlength=k)
-    ns = np.bincount(stable.stratum, weights=stable.count, minlength=k)
-    both = (nc > 0) & (ns > 0)
-    if not both.any():
-        return None
-    safe_c, safe_s = np.where(both, nc, 1.0), np.where(both, ns, 1.0)
-    raw_c, raw_s = tc / safe_c, ts / safe_s
-    if log_scale or binary:
-        mc, ms = (tc + 0.5) / (safe_c + 1.0), (ts + 0.5) / (safe_s + 1.0)
-    else:
-        mc, ms = raw_c, raw_s
-    w = np.where(both, safe_c * safe_s / (safe_c + safe_s), 0.0)
-    w = w / w.sum()
-    if log_scale:
-        if np.any(mc[both] <= 0) or np.any(ms[both] <= 0):
-            return None
-        d = np.log(np.where(both, mc, 1.0)) - np.log(np.where(both, ms, 1.0))
-    else:
-        d = raw_c - raw_s
-    est = float(np.sum(w * d))
-    # Influence of each cell: +-w_k (total - m_k count) / (n_arm,k [m_arm,k when log]).
-    psi, units = [], []
-    for arm, sign, raw, m, n in ((candidate, 1.0, raw_c, mc, safe_c), (stable, -1.0, raw_s, ms, safe_s)):
-        k_ = arm.stratum
-        scale = n[k_] * (m[k_] if log_scale else 1.0)
-        psi.append(sign * w[k_] * (arm.total - raw[k_] * arm.count) / scale)
-        units.append(arm.unit)
-    per_unit = np.bincount(np.concatenate(units), weights=np.concatenate(psi))
-    present = np.bincount(np.concatenate(units)) > 0
-    g = int(np.count_nonzero(present))
-    var = float(np.sum(per_unit**2)) * (g / (g - 1) if g > 1 else 1.0)
-    if binary:
-        pc, ps = np.clip(mc, 1e-12, 1 - 1e-12), np.clip(ms, 1e-12, 1 - 1e-12)
-        if log_scale:
-            terms = (1 - pc) / (pc * safe_c) + (1 - ps) / (ps * safe_s)
-        else:
-            terms = pc * (1 - pc) / safe_c + ps * (1 - ps) / safe_s
-        var = max(var, float(np.sum(w**2 * terms)))
-    c_value = float(tc[both].sum() / nc[both].sum())
-    s_value = float(ts[both].sum() / ns[both].sum())
-    return Estimate(est, var, s_value, c_value, int(both.sum()))
+    groups = grouped_difference(
+        Grouped(np.zeros(candidate.unit.size, np.int64), candidate.stratum, candidate.unit, candidate.total,
+                candidate.count),
+        Grouped(np.zeros(stable.unit.size, np.int64), stable.stratum, stable.unit, stable.total, stable.count),
+        1, log_scale=log_scale, binary=binary,
+    )  # fmt: skip
+    return groups.get(0)
 
 
 @dataclass(frozen=True)
@@ -313,6 +277,7 @@ class GroupedEstimates:
     estimate: np.ndarray
     variance: np.ndarray
     stable_value: np.ndarray
+    """Unit-weighted means over the strata with both arms."""
     candidate_value: np.ndarray
     stable_samples: np.ndarray
     candidate_samples: np.ndarray
@@ -329,49 +294,71 @@ class GroupedEstimates:
                         float(self.candidate_value[g]), int(self.strata[g]))
 
 
+UNIT_SATURATION = 10.0
+"""A unit weighs like its samples up to about this many: ``n / (1 + n / 10)``."""
+
+
+def unit_weight(samples: np.ndarray) -> np.ndarray:
+    """A unit's weight in its arm's mean: its samples, saturating at :data:`UNIT_SATURATION`.
+
+    Request weights (a ratio of sums) would let one heavy user dominate a mean and hide it from
+    the clustered variance; equal weights would throw away what a user's many requests say.
+    Saturating weights keep most of the information while no unit counts for more than ten.
+    """
+    return samples / (1.0 + samples / UNIT_SATURATION)
+
+
 def grouped_difference(candidate: Grouped, stable: Grouped, groups: int, *, log_scale: bool = False,
                        binary: bool = False) -> GroupedEstimates:
     """:func:`stratified_difference` for every group at once (vectorized over groups).
 
-    The same estimator, weights and unit-clustered variance as :func:`stratified_difference`,
-    computed per group with bincounts over (group, stratum) and (group, unit) codes, so judging
-    all segments of a metric costs one pass over the cells.
+    Bincounts over (group, stratum) and (group, unit) codes: judging all segments of a metric
+    costs one pass over the cells.
     """
-    k = int(max(candidate.stratum.max(initial=0), stable.stratum.max(initial=0))) + 1
+    if candidate.count.size == 0 or stable.count.size == 0:
+        nan = np.full(groups, np.nan)
+        zero = np.zeros(groups)
+        empty = np.zeros((groups, 1))
+        return GroupedEstimates(nan, nan, nan, nan, zero, zero, zero, zero, zero, (empty, empty, empty, empty))
+    k = int(max(candidate.stratum.max(), stable.stratum.max())) + 1
     size = groups * k
 
-    def sums(arm: Grouped) -> tuple[np.ndarray, np.ndarray]:
+    def sums(arm: Grouped) -> tuple[np.ndarray, ...]:
         idx = arm.group * k + arm.stratum
-        return (np.bincount(idx, weights=arm.total, minlength=size).reshape(groups, k),
-                np.bincount(idx, weights=arm.count, minlength=size).reshape(groups, k))
+        weight = unit_weight(arm.count)
+        return (np.bincount(idx, weights=weight * arm.total / arm.count, minlength=size).reshape(groups, k),
+                np.bincount(idx, weights=weight, minlength=size).reshape(groups, k),  # effective units
+                np.bincount(idx, weights=arm.total, minlength=size).reshape(groups, k),  # events / sums
+                np.bincount(idx, weights=arm.count, minlength=size).reshape(groups, k))  # samples
 
-    tc, nc = sums(candidate)
-    ts, ns = sums(stable)
-    both = (nc > 0) & (ns > 0)
-    safe_c, safe_s = np.where(both, nc, 1.0), np.where(both, ns, 1.0)
-    raw_c, raw_s = tc / safe_c, ts / safe_s
-    if log_scale or binary:
-        mc, ms = (tc + 0.5) / (safe_c + 1.0), (ts + 0.5) / (safe_s + 1.0)
+    mc_sum, uc, tc, nc = sums(candidate)
+    ms_sum, us, ts, ns = sums(stable)
+    both = (uc > 0) & (us > 0)
+    safe_c, safe_s = np.where(both, uc, 1.0), np.where(both, us, 1.0)
+    raw_c, raw_s = mc_sum / safe_c, ms_sum / safe_s
+    if log_scale or binary:  # smoothed toward 1/2 by half a sample, for logs and floors
+        sm_c = (raw_c * nc + 0.5) / (nc + 1.0)
+        sm_s = (raw_s * ns + 0.5) / (ns + 1.0)
     else:
-        mc, ms = raw_c, raw_s
+        sm_c, sm_s = raw_c, raw_s
     w = np.where(both, safe_c * safe_s / (safe_c + safe_s), 0.0)
     wsum = w.sum(axis=1, keepdims=True)
     w = np.where(wsum > 0, w / np.where(wsum > 0, wsum, 1.0), 0.0)
     with np.errstate(divide="ignore", invalid="ignore"):
         if log_scale:
-            d = np.log(np.where(both, mc, 1.0)) - np.log(np.where(both, ms, 1.0))
+            d = np.log(np.where(both, sm_c, 1.0)) - np.log(np.where(both, sm_s, 1.0))
         else:
             d = raw_c - raw_s
-    est = np.where(both.any(axis=1), np.sum(w * d, axis=1), np.nan)
-    units = int(max(candidate.unit.max(initial=0), stable.unit.max(initial=0))) + 1
+    est = np.where(both.any(axis=1), np.sum(np.where(both, w * d, 0.0), axis=1), np.nan)
+    units = int(max(candidate.unit.max(), stable.unit.max())) + 1
     per_unit = np.zeros(groups * units)
     present_c = np.zeros(groups * units, dtype=bool)
     present_s = np.zeros(groups * units, dtype=bool)
-    for arm, sign, raw, m, n, present in ((candidate, 1.0, raw_c, mc, safe_c, present_c),
-                                          (stable, -1.0, raw_s, ms, safe_s, present_s)):
+    for arm, sign, raw, sm, n, present in ((candidate, 1.0, raw_c, sm_c, safe_c, present_c),
+                                           (stable, -1.0, raw_s, sm_s, safe_s, present_s)):
         g, s_ = arm.group, arm.stratum
-        scale = n[g, s_] * (m[g, s_] if log_scale else 1.0)
-        psi = sign * w[g, s_] * (arm.total - raw[g, s_] * arm.count) / scale
+        scale = n[g, s_] * (sm[g, s_] if log_scale else 1.0)
+        psi = sign * w[g, s_] * unit_weight(arm.count) * (arm.total / arm.count - raw[g, s_]) / scale
         cell = g * units + arm.unit
         per_unit += np.bincount(cell, weights=psi, minlength=groups * units)
         present[cell] = True
@@ -380,15 +367,16 @@ def grouped_difference(candidate: Grouped, stable: Grouped, groups: int, *, log_
     factor = np.where(clusters > 1, clusters / np.maximum(clusters - 1, 1), 1.0)
     var = np.sum(per_unit**2, axis=1) * factor
     if binary:
-        pc, ps = np.clip(mc, 1e-12, 1 - 1e-12), np.clip(ms, 1e-12, 1 - 1e-12)
+        pc, ps = np.clip(sm_c, 1e-12, 1 - 1e-12), np.clip(sm_s, 1e-12, 1 - 1e-12)
+        n_c, n_s = np.maximum(nc, 1.0), np.maximum(ns, 1.0)
         if log_scale:
-            terms = (1 - pc) / (pc * safe_c) + (1 - ps) / (ps * safe_s)
+            terms = (1 - pc) / (pc * n_c) + (1 - ps) / (ps * n_s)
         else:
-            terms = pc * (1 - pc) / safe_c + ps * (1 - ps) / safe_s
+            terms = pc * (1 - pc) / n_c + ps * (1 - ps) / n_s
         var = np.maximum(var, np.sum(w**2 * np.where(both, terms, 0.0), axis=1))
     with np.errstate(divide="ignore", invalid="ignore"):
-        c_value = (tc * both).sum(axis=1) / (nc * both).sum(axis=1)
-        s_value = (ts * both).sum(axis=1) / (ns * both).sum(axis=1)
+        c_value = np.sum(np.where(both, mc_sum, 0.0), axis=1) / np.sum(np.where(both, uc, 0.0), axis=1)
+        s_value = np.sum(np.where(both, ms_sum, 0.0), axis=1) / np.sum(np.where(both, us, 0.0), axis=1)
     return GroupedEstimates(
         est, var, s_value, c_value, ns.sum(axis=1), nc.sum(axis=1),
         present_s.reshape(groups, units).sum(axis=1), present_c.reshape(groups, units).sum(axis=1),

@@ -165,8 +165,10 @@ class MetricSpec:
     """A failure rolls back at once; a failure of a non-critical metric pauses for a person."""
     required: bool = True
     """Promotion waits until this metric passes. An optional metric (sparse feedback) holds the
-    promotion only once it has data (``min_samples`` units per arm), until it passes; without
-    data it never holds. Either can roll back."""
+    promotion only once it has data (``min_samples`` units per arm), until it passes, and only
+    while that pass is within reach before ``max_duration_s`` at the rate its samples come (or
+    while it looks worse than halfway to its mde); without data it never holds. Either can roll
+    back."""
     baseline: Literal["stable", "none"] = "stable"
     """``stable``: compare with the stable arm; ``none``: hold the candidate's own value to the
     tolerance (a proportion with tolerance 0 then fails at its first event: "zero non-finite
