@@ -33,6 +33,9 @@ class SamplingFields(_Request):
     stop: str | list[str] | None = None
     n: int | None = 1
     user: str | None = None
+    metadata: dict[str, str] | None = None
+    """Labels of the request (OpenAI: up to 16 string pairs); canary rollouts judge each value as a
+    segment, so a regression confined to one label's users is caught."""
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
