@@ -254,7 +254,7 @@ _ADAPTER_COMMANDS: dict[str, Callable[[Any, argparse.Namespace], int]] = {
 
 ROLLOUT_ACTIONS = {"pause": "paused", "resume": "resumed", "promote": "promoted", "rollback": "rolled back",
                    "retry": "retried"}  # fmt: skip
-HISTORY_COLUMNS = ("TIME", "EVENT", "WEIGHT", "RESULT", "SCORE", "REASON")
+HISTORY_COLUMNS = ("TIME", "EVENT", "WEIGHT", "RESULT", "PROGRESS", "REASON")
 
 
 def _argument(parser: str) -> Callable[[str], Any]:
@@ -376,9 +376,9 @@ def _history_row(event: Any) -> tuple[str, ...]:
     else:
         what = event.kind
     weight = f"{event.weight:g} %" if event.weight is not None else ""
-    score = f"{event.score:.1f}" if event.score is not None else ""
+    progress = f"{event.progress:.0%}" if event.progress is not None else ""
     result = event.result or ""
-    return (_when(event.at), what, weight, result, score, event.reason or "")
+    return (_when(event.at), what, weight, result, progress, event.reason or "")
 
 
 def _print_rollout(r: Any) -> None:
@@ -389,8 +389,8 @@ def _print_rollout(r: Any) -> None:
              ("started", f"{_when(r.started_at)}; last change {_when(r.updated_at)}")]  # fmt: skip
     j = r.last_judgment
     if j is not None:
-        score = f"score {j.score:.1f}" if j.score is not None else "no score"
-        lines.append(("judgment", f"{j.result}, {score}, {_when(j.at)}: {j.reason}"))
+        progress = f"progress {j.progress:.0%}" if j.progress is not None else "progress unknown"
+        lines.append(("judgment", f"{j.result}, {progress}, {_when(j.at)}: {j.reason}"))
     if r.last_decision:
         lines.append(("decision", f"{r.last_decision.get('action')}: {r.last_decision.get('reason')}"))
     for arm, version in (("stable", r.stable), ("candidate", r.candidate)):
@@ -404,8 +404,8 @@ def _print_rollout(r: Any) -> None:
 def _arm_line(arm: dict[str, Any]) -> str:
     parts = [f"{arm.get('requests', 0)} requests ({arm.get('in_experiment', 0)} judged)",
              f"{arm.get('errors', 0)} errors"]  # fmt: skip
-    if arm.get("median_latency_e2e") is not None:
-        parts.append(f"median latency {arm['median_latency_e2e']:.3f} s")
+    if arm.get("mean_latency_e2e") is not None:
+        parts.append(f"mean latency {arm['mean_latency_e2e']:.3f} s")
     if arm.get("feedback"):
         parts.append(f"feedback {arm['mean_feedback_score']:.2f} (n={arm['feedback']})")
     if arm.get("probes"):
