@@ -153,6 +153,26 @@ def test_shadow_percent_starts_a_shadow_phase(url: str, capsys: pytest.CaptureFi
     assert cli(url, capsys, "rollback", "shade")[0] == 0
 
 
+def test_per_metric_tolerances_and_watch(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = cli(url, capsys, "start", "shade", "--candidate", "v2", "--interval", "3600",
+                         "--tolerance", "error_rate=0.01", "--mde", "non_finite=0.2", "--mde", "error_rate=0.05",
+                         "--json")  # fmt: skip
+    assert code == 0, err
+    metrics = {m["name"]: m for m in json.loads(out)["spec"]["analysis"]["metrics"]}
+    assert metrics["error_rate"]["tolerance"] == 0.01 and metrics["error_rate"]["mde"] == 0.05
+    assert metrics["non_finite"]["mde"] == 0.2
+    code, out, _ = cli(url, capsys, "status", "shade")
+    assert code == 0 and "next: advance" in out.splitlines()[0]
+    assert cli(url, capsys, "rollback", "shade")[0] == 0
+    code, out, _ = cli(url, capsys, "status", "shade", "--watch", "--every", "0.1")  # ended: one frame
+    assert code == 0 and "shade: v1 -> v2 rolled_back" in out
+    code, _, err = cli(url, capsys, "start", "shade", "--candidate", "v2", "--tolerance", "bleu=0.1")
+    assert code == 1 and "no metric bleu" in err
+    with pytest.raises(SystemExit):
+        main(["rollout", "start", "shade", "--candidate", "v2", "--mde", "latency"])
+    assert "expected METRIC=NUMBER" in capsys.readouterr().err
+
+
 def test_failures_exit_non_zero_with_the_servers_message(
     url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
