@@ -26,8 +26,8 @@ under, so the judge compares the arms within each step's allocation. At start th
 writes a *plan* (:func:`~peftserve.canary.plan.plan_rollout`): how long the rollout should take
 at the task's recent traffic for the chosen mdes, with warnings when it cannot finish.
 
-Paused rollouts are neither probed nor judged: a person decides, and judgments made while
-paused would count toward ``max_failed`` after a resume.
+Paused rollouts are neither probed nor judged: a person decides (their traffic still adds to the
+evidence, which a resume judges with the rest).
 
 Order of effects, so that a crash or a failing hook never sends users somewhere the store does
 not know about: a transition is persisted (new state and the events explaining it, in one
