@@ -199,10 +199,8 @@ def test_a_regression_confined_to_one_segment_fails_there():
 def test_an_optional_metric_holds_promotion_only_when_it_has_data_within_reach():
     fb = MetricSpec("feedback_score", "continuous", "decrease", 0.0, mde=0.05, required=False)
     w, rng = MetricWindows(), np.random.default_rng(8)
-    traffic(w, rng, 300)
+    traffic(w, rng, 300, feedback={"v2": 0.9})  # looks no worse: it holds only while a pass is in reach
     ev = evidence(w)
-    for m in (ERR,):
-        assert m.required
     base = AnalysisSpec(metrics=(MetricSpec("error_rate", "proportion", "increase", 0.0, mde=0.5), fb))
     assert judge(base, ev, elapsed_s=100.0, budget_s=1e6).result == "pending"  # feedback pending, in reach
     assert judge(base, ev, elapsed_s=100.0, budget_s=1.0).result == "pass"  # out of reach: does not hold
