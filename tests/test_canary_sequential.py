@@ -58,7 +58,7 @@ def test_rate_ratio_evalue_is_valid_with_changing_exposure_and_detects():
             ks[k] += rng.binomial(200 - c, 0.005)
             nc[k] += c
             ns[k] += 200 - c
-            if seq.rate_ratio_evalue(kc, ks, nc, ns, null) >= 100:
+            if t % 4 == 3 and seq.rate_ratio_evalue(kc, ks, nc, ns, null) >= 100:  # 50 looks
                 return True
         return False
 
