@@ -86,39 +86,80 @@ def quick_bench(kernel_call: Callable[[], object], quantiles: list[float] | None
 
 
 def check_operands(
-    act: tuple[str, torch.Tensor], weights: tuple[str, torch.Tensor], y: torch.Tensor, num_tokens: int, rank: int
+    act: tuple[str, torch.Tensor], weights: tuple[str, torch.Tensor], y: torch.Tensor | None, num_tokens: int,
+    rank: int,
 ) -> None:
     """Dtype and device checks shared by the launchers: the activations (x or out) and the
-    adapter weights share a float dtype, and ``y`` is an fp32 ``[(SPLIT,) >= T, >= R]``."""
+    adapter weights share a float dtype, and ``y`` is an fp32 ``[..., >= T, >= R]``."""
     (act_name, a), (w_name, w) = act, weights
-    if y.dtype != torch.float32 or y.shape[-2] < num_tokens or y.shape[-1] < rank:
+    if y is not None and (y.dtype != torch.float32 or y.shape[-2] < num_tokens or y.shape[-1] < rank):
         raise ValueError(f"y must be fp32 of at least [{num_tokens}, {rank}], got {y.dtype} {list(y.shape)}")
     if w.dtype != a.dtype:
         raise ValueError(f"{w_name} is {w.dtype}, {act_name} is {a.dtype}: cast the adapter at load")
     if a.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"unsupported dtype {a.dtype}")
-    if w.device != a.device or y.device != a.device:
+    if w.device != a.device or (y is not None and y.device != a.device):
         raise ValueError(f"{act_name}, {w_name} and y must be on one device")
 
 
 def check_segments(
     slot_ranks: torch.Tensor, seg_start: torch.Tensor, seg_len: torch.Tensor, seg_slot: torch.Tensor,
-    num_slots: int, device: torch.device,
+    num_slots: int, device: torch.device, num_slices: int = 1,
 ) -> None:
     """Input checks shared by the launchers (host-side only: no device sync)."""
-    for name, t in (("seg_start", seg_start), ("seg_len", seg_len), ("seg_slot", seg_slot),
-                    ("slot_ranks", slot_ranks)):
+    for name, t in (("seg_start", seg_start), ("seg_len", seg_len), ("seg_slot", seg_slot)):
         if t.dtype != torch.int32 or t.dim() != 1 or not t.is_contiguous():
             raise ValueError(f"{name} must be a contiguous 1-d int32 tensor")
         if t.device != device:
             raise ValueError(f"{name} is on {t.device}, the activations on {device}")
+    if slot_ranks.dtype != torch.int32 or not slot_ranks.is_contiguous() or slot_ranks.device != device:
+        raise ValueError(f"slot_ranks must be a contiguous int32 tensor on {device}")
     if not seg_start.numel() == seg_len.numel() == seg_slot.numel():
         raise ValueError("seg_start, seg_len and seg_slot must have the same length")
     if seg_start.numel() > MAX_SEGMENTS:
         raise ValueError(f"{seg_start.numel()} segment slots, more than the kernels' {MAX_SEGMENTS}: "
                          "size the step metadata by the scheduler's max_num_seqs")
-    if slot_ranks.numel() != num_slots:
-        raise ValueError(f"slot_ranks has {slot_ranks.numel()} entries for {num_slots} slots")
+    if slot_ranks.numel() != num_slots * num_slices:
+        raise ValueError(f"slot_ranks has {slot_ranks.numel()} entries for {num_slots} slots x {num_slices} slices")
+
+
+MAX_SLICES = 3
+"""Most slices one launch serves (q/k/v)."""
+
+
+def slice_bounds(slices: tuple[int, ...] | list[int] | None, n: int) -> tuple[int, int, int]:
+    """(number of slices, offset of slice 1, offset of slice 2) for output features ``n``
+    cut into ``slices`` (None: one slice); missing slices start at ``n`` (empty)."""
+    if slices is None:
+        return 1, n, n
+    if not 1 <= len(slices) <= MAX_SLICES or sum(slices) != n or min(slices) < 1:
+        raise ValueError(f"slices {list(slices)} must be 1..{MAX_SLICES} positive widths summing to {n}")
+    offsets = [sum(slices[:i]) for i in range(1, len(slices))] + [n, n]
+    return len(slices), offsets[0], offsets[1]
+
+
+@triton.jit
+def num_chunks_of(n_off1, n_off2, n, CHUNK):
+    """``num_chunks`` inside a kernel."""
+    return tl.cdiv(n_off1, CHUNK) + tl.cdiv(n_off2 - n_off1, CHUNK) + tl.cdiv(n - n_off2, CHUNK)
+
+
+@triton.jit
+def slice_of(chunk, n_off1, n_off2, n, CHUNK):
+    """Map a chunk id over the slices' ``CHUNK``-wide column chunks (each slice's chunks in
+    turn) to (slice, first column, end column of the slice)."""
+    c0 = tl.cdiv(n_off1, CHUNK)
+    c1 = tl.cdiv(n_off2 - n_off1, CHUNK)
+    s = (chunk >= c0).to(tl.int32) + (chunk >= c0 + c1).to(tl.int32)
+    first = tl.where(s == 0, 0, tl.where(s == 1, c0, c0 + c1))
+    start = tl.where(s == 0, 0, tl.where(s == 1, n_off1, n_off2))
+    end = tl.where(s == 0, n_off1, tl.where(s == 1, n_off2, n))
+    return s, start + (chunk - first) * CHUNK, end
+
+
+def num_chunks(n_off1: int, n_off2: int, n: int, chunk: int) -> int:
+    """Column chunks over all slices (see ``slice_of``)."""
+    return triton.cdiv(n_off1, chunk) + triton.cdiv(n_off2 - n_off1, chunk) + triton.cdiv(n - n_off2, chunk)
 
 
 @triton.jit
@@ -131,9 +172,12 @@ def find_tile(
     num_segs,
     SEG_P2: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    NUM_SLICES: tl.constexpr = 1,
 ):
     """Map a tile id to (segment, m-block in it, start, length, slot, rank of the slot).
 
+    ``slot_rank_ptr`` is ``[num_slots, NUM_SLICES]`` (row-major); the rank returned is the
+    slot's largest over the slices (a slot whose slices all have rank 0 gets no tiles).
     A segment index >= num_segs means the tile is past the last one: no work. All fields
     come out of the vectors loaded here (no dependent scalar loads after the lookup).
     """
@@ -142,7 +186,10 @@ def find_tile(
     starts = tl.load(seg_start_ptr + segs, mask=in_buf, other=0)  # [SEG_P2]
     lens = tl.load(seg_len_ptr + segs, mask=in_buf, other=0)  # [SEG_P2]
     slots = tl.load(seg_slot_ptr + segs, mask=in_buf, other=0)  # [SEG_P2]
-    ranks = tl.load(slot_rank_ptr + slots, mask=in_buf & (slots != 0), other=0)  # [SEG_P2]
+    live = in_buf & (slots != 0)
+    ranks = tl.load(slot_rank_ptr + slots * NUM_SLICES, mask=live, other=0)  # [SEG_P2]
+    for s in tl.static_range(1, NUM_SLICES):
+        ranks = tl.maximum(ranks, tl.load(slot_rank_ptr + slots * NUM_SLICES + s, mask=live, other=0))
     tiles = tl.where((slots != 0) & (ranks > 0), (lens + BLOCK_M - 1) // BLOCK_M, 0)
     ends = tl.cumsum(tiles, axis=0)  # inclusive prefix sum
     seg = tl.sum((ends <= tile).to(tl.int32), axis=0)

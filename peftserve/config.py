@@ -31,8 +31,12 @@ class ModelConfig:
     """auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16 or float16."""
     seed: int = 0
     """Seed for requests that give none."""
+    attention_backend: str = "auto"
+    """Paged attention: auto (triton on cuda, torch elsewhere), torch or triton."""
 
     def __post_init__(self) -> None:
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"attention_backend must be auto, torch or triton, not {self.attention_backend!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, not {self.device!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -115,6 +119,8 @@ class ServerConfig:
     """Where the adapter registry and rollout state live."""
     max_adapter_bytes: int = 512 * 1024 * 1024
     """Largest adapter upload accepted by the admin API, in bytes (counted as it streams); larger ones get 413."""
+    max_request_bytes: int = 0
+    """Largest JSON request body of /v1 routes, in bytes (counted as it arrives); larger ones get 413. 0 sizes it from the context: 64 bytes per token of max_model_len, plus 1 MiB."""
     log_level: str = "info"
     """debug, info, warning or error."""
 
@@ -127,6 +133,10 @@ class ServerConfig:
                 raise ValueError(f"adapter must be NAME=PATH, not {spec!r}")
         if self.max_adapter_bytes < 1:
             raise ValueError(f"max_adapter_bytes must be at least 1, not {self.max_adapter_bytes}")
+        if self.max_request_bytes < 0:
+            raise ValueError(
+                f"max_request_bytes must be >= 0 (0 sizes it from max_model_len), not {self.max_request_bytes}"
+            )
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise ValueError(f"log_level must be debug, info, warning or error, not {self.log_level!r}")
 

@@ -30,11 +30,12 @@ def make_engine(
     max_loras: int = 4,
     max_lora_rank: int = 64,
     lora_backend: str = "torch",
+    attention_backend: str = "auto",
 ) -> LLMEngine:
     """An fp32 CPU engine; ``num_blocks`` sizes the KV budget in 16-token blocks."""
     kv_gb = num_blocks * BLOCK_BYTES / 2**30 if num_blocks else 0.0
     config = EngineConfig(
-        model=ModelConfig(model=str(model_dir), device="cpu", dtype="float32"),
+        model=ModelConfig(model=str(model_dir), device="cpu", dtype="float32", attention_backend=attention_backend),
         lora=LoRAConfig(max_loras=max_loras, max_lora_rank=max_lora_rank, lora_backend=lora_backend),
         cache=CacheConfig(block_size=block_size, kv_cache_memory_gb=kv_gb, max_model_len=max_model_len),
         scheduler=SchedulerConfig(

@@ -196,19 +196,13 @@ def test_a_stream_opened_as_the_client_left_is_closed() -> None:
     engine = _Closed()
 
     async def go() -> None:
-        release = asyncio.Event()
-
         async def open_stream() -> tuple[OutputStream, str]:
-            await release.wait()
             return OutputStream(_out("a"), engine, engine), "target"
 
-        async def is_disconnected() -> bool:  # the open finishes while the disconnect is seen
-            release.set()
-            for _ in range(3):
-                await asyncio.sleep(0)
-            return True
+        async def receive() -> dict:  # the open finishes in the step the disconnect is seen
+            return {"type": "http.disconnect"}
 
-        request = SimpleNamespace(is_disconnected=is_disconnected, state=SimpleNamespace(request_id="r"))
+        request = SimpleNamespace(receive=receive, state=SimpleNamespace(request_id="r"))
         with pytest.raises(ClientDisconnected):
             await cancel_on_disconnect(request, open_stream())  # type: ignore[arg-type]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from peftserve.config import SchedulerConfig
-from peftserve.engine.block_manager import BlockManager
+from peftserve.engine.block_manager import RESERVED_BLOCKS, BlockManager
 from peftserve.engine.engine import QueueFull, UnknownAdapter
 from peftserve.engine.sampling_params import InvalidParameter, SamplingParams
 from peftserve.engine.scheduler import Scheduler
@@ -46,7 +46,7 @@ def test_block_manager_allocate_append_free():
     seq = _seq("a", 5)
     assert bm.blocks_needed(seq, 5) == 2 and bm.can_allocate(seq, 5)
     bm.allocate(seq, 5)
-    assert seq.block_table == [0, 1] and bm.num_free_blocks == 2
+    assert seq.block_table == [RESERVED_BLOCKS, RESERVED_BLOCKS + 1] and bm.num_free_blocks == 2
     bm.allocate(seq, 8)  # still fits the two blocks
     assert len(seq.block_table) == 2
     bm.allocate(seq, 9)  # appends one block

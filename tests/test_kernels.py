@@ -1,5 +1,9 @@
 """LoRA kernels against an fp64 torch reference, as a matrix.
 
+Single projections (shrink then expand), and sliced groups (q/k/v, gate/up: one launch for
+all slices, a slice of rank 0 where an adapter does not target it) through both the
+two-launch pair and the fused single launch; the Triton backend against the torch backend.
+
 dtype x hidden size x adapter popularity x token count, with slot-0 segments, empty
 segments, rank-1 next to rank-128 adapters, segments out of order, strided views, and
 poison everywhere the kernels must not read or write: NaN in the adapter rows past each
@@ -34,6 +38,7 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from peftserve import kernels  # noqa: E402
 from peftserve.lora.backend import TorchBackend, select_backend  # noqa: E402
+from peftserve.lora.layers import LoRAStack  # noqa: E402
 from peftserve.lora.metadata import LoRAStepMetadata  # noqa: E402
 from peftserve.lora.triton_backend import TritonBackend  # noqa: E402
 
@@ -227,38 +232,50 @@ def test_every_tuned_config(which, dtype, seed):
     assert checked
 
 
+def _stack(d_in: int, slices: tuple[int, ...], num_slots: int, r_max: int, dtype: torch.dtype) -> LoRAStack:
+    return LoRAStack(d_in, slices, num_slots, r_max, dtype, DEVICE)
+
+
+def _publish(stack: LoRAStack) -> None:
+    """What LoRAManager does after a load: the device ranks follow the host ranks."""
+    stack.slot_ranks.copy_(torch.tensor(stack.ranks, dtype=torch.int32).T)
+
+
+@pytest.mark.parametrize("fused", [0, 128], ids=["two-launches", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-def test_triton_backend_matches_torch_backend(dtype, seed):
+def test_triton_backend_matches_torch_backend(dtype, fused, seed):
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    num_slots, r_max, d_in, d_out = 6, 16, 48, 40
-    ranks = [0, 4, 16, 1, 0, 12]
-    lora_a = torch.randn(num_slots, r_max, d_in, device=DEVICE).to(dtype)
-    lora_b = torch.randn(num_slots, d_out, r_max, device=DEVICE).to(dtype)
-    for slot, r in enumerate(ranks):  # the slot pool keeps unused rank rows zero
-        lora_a[slot, r:] = 0
-        lora_b[slot, :, r:] = 0
-    meta = LoRAStepMetadata(max_tokens=64, max_segments=64, device=DEVICE)
-    triton_backend, torch_backend = select_backend("triton", DEVICE), TorchBackend()
-    assert isinstance(triton_backend, TritonBackend) and triton_backend.name == "triton"
-    for step in range(4):
-        if step == 2:
-            ranks[4] = 8  # an adapter loads into slot 4: the device copy must follow
-            lora_a[4, :8] = torch.randn(8, d_in, device=DEVICE).to(dtype)
-            lora_b[4, :, :8] = torch.randn(d_out, 8, device=DEVICE).to(dtype)
-        num_tokens = rng.randint(1, 64)
-        meta.prepare([rng.randrange(num_slots) for _ in range(num_tokens)])
+    num_slots, r_max, d_in, slices = 6, 16, 48, (40, 24, 24)
+    stack = _stack(d_in, slices, num_slots, r_max, dtype)
+    ranks = [(0, 0, 0), (4, 4, 0), (16, 16, 16), (1, 0, 3), (0, 0, 0), (12, 2, 7)]  # per slot, per slice
+    for slot, rs in enumerate(ranks):
+        for i, r in enumerate(rs):
+            if slot and r:
+                a = torch.randn(r, d_in, device=DEVICE).to(dtype)
+                stack.set_slot(slot, i, a, torch.randn(slices[i], r, device=DEVICE).to(dtype))
+    _publish(stack)
+    meta = LoRAStepMetadata(max_tokens=64, max_segments=8, device=DEVICE)  # tokens sorted: <= 6 segments
+    triton_backend, torch_backend = TritonBackend(fused_max_tokens=fused), TorchBackend()
+    assert isinstance(select_backend("triton", DEVICE), TritonBackend)
+    for step in range(2):
+        if step == 1:  # an adapter loads into slot 4: the device ranks must follow
+            stack.set_slot(4, 1, torch.randn(8, d_in, device=DEVICE).to(dtype),
+                           torch.randn(slices[1], 8, device=DEVICE).to(dtype))  # fmt: skip
+            _publish(stack)
+        num_tokens = rng.randint(1, 40)
+        meta.prepare(sorted(rng.randrange(num_slots) for _ in range(num_tokens)))
         x = torch.randn(num_tokens, d_in, device=DEVICE).to(dtype)
-        base = torch.randn(num_tokens, d_out, device=DEVICE).to(dtype)
+        base = torch.randn(num_tokens, sum(slices), device=DEVICE).to(dtype)
         got, want = base.clone(), base.clone()
-        triton_backend.add_lora(x, got, lora_a, lora_b, ranks, meta)
-        torch_backend.add_lora(x, want, lora_a, lora_b, ranks, meta)
+        triton_backend.add_lora(x, got, stack, meta)
+        torch_backend.add_lora(x, want, stack, meta)
         err = row_errors(got, want.double(), want.double().abs() + 1).max().item()
-        assert err < EXPAND_TOL[dtype], f"step {step}: {err:.2e}"
+        assert err < EXPAND_TOL[dtype], f"seed {seed} step {step}: {err:.2e}"
         for start, length, slot in meta.host_segments:
-            if slot == 0 or ranks[slot] == 0:
+            if slot == 0 or max(stack.ranks[i][slot] for i in range(3)) == 0:
                 assert torch.equal(got[start : start + length], base[start : start + length])
-    assert len(triton_backend._intermediates) == 1, "the fp32 intermediate is allocated once"
+    assert len(triton_backend._intermediates) == (0 if fused else 1), "the fp32 intermediate is allocated once"
 
 
 def test_triton_backend_skips_steps_without_adapters():
@@ -266,8 +283,10 @@ def test_triton_backend_skips_steps_without_adapters():
     meta.prepare([0, 0, 0])
     out = torch.randn(3, 8, device=DEVICE)
     before = out.clone()
-    a, b = torch.randn(2, 4, 8, device=DEVICE), torch.randn(2, 8, 4, device=DEVICE)
-    TritonBackend().add_lora(torch.randn(3, 8, device=DEVICE), out, a, b, [0, 4], meta)
+    stack = _stack(8, (8,), 2, 4, torch.float32)
+    stack.set_slot(1, 0, torch.randn(4, 8, device=DEVICE), torch.randn(8, 4, device=DEVICE))
+    _publish(stack)
+    TritonBackend().add_lora(torch.randn(3, 8, device=DEVICE), out, stack, meta)
     assert torch.equal(out, before)
 
 
@@ -285,3 +304,100 @@ def test_launchers_reject_bad_inputs():
         kernels.lora_shrink(x, a, ranks.long(), *seg, y)
     with pytest.raises(ValueError, match="output features"):
         kernels.lora_expand(y, torch.randn(2, 8, 16, device=DEVICE), ranks, *seg, x)
+    with pytest.raises(ValueError, match="slices"):
+        kernels.lora_expand(y, torch.randn(2, 16, 16, device=DEVICE), ranks, *seg, x, slices=(8, 7))
+    with pytest.raises(ValueError, match="rank 256 > 128"):
+        kernels.lora_shrink_expand(x, torch.randn(2, 256, 16, device=DEVICE), torch.randn(2, 16, 256, device=DEVICE),
+                                   ranks, *seg, x)  # fmt: skip
+
+
+# ---- slices (q/k/v, gate/up) and the fused decode launch --------------------------------------
+
+# Per slot, the rank of each of three slices: 0 where the adapter does not target that slice
+# (slot 0 and the empty slot 6 are all 0); ranks 1 and 128 share every multi-adapter batch.
+SLICE_RANKS = [(0, 0, 0), (1, 0, 7), (128, 128, 128), (12, 12, 0), (48, 16, 32), (16, 16, 16), (0, 0, 0),
+               (7, 3, 1)]  # fmt: skip
+SLICE_SHAPES = [(33,), (40, 17), (64, 16, 16), (130, 33, 33)]
+
+
+def sliced_weights(k: int, slices: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [S, NS, R, k] and B [S, N, R]; NaN past every (slot, slice) rank."""
+    num_slots, ns = len(SLICE_RANKS), len(slices)
+    a = torch.randn(num_slots, ns, R_MAX, k, device=DEVICE, dtype=torch.float64) / math.sqrt(k)
+    b = torch.randn(num_slots, sum(slices), R_MAX, device=DEVICE, dtype=torch.float64)
+    offsets = [sum(slices[:i]) for i in range(ns + 1)]
+    for slot, ranks in enumerate(SLICE_RANKS):
+        for i, r in enumerate(ranks[:ns]):
+            a[slot, i, r:] = math.nan
+            b[slot, offsets[i] : offsets[i + 1], r:] = math.nan
+            if r:
+                b[slot, offsets[i] : offsets[i + 1]] /= math.sqrt(r)
+    return a.to(dtype), b.to(dtype)
+
+
+def check_sliced_case(dtype: torch.dtype, k: int, slices: tuple[int, ...], popularity: str, num_tokens: int,
+                      seed: int, split: int = 1) -> None:
+    """Sliced shrink+expand and the fused launch on one random case, every row against fp64."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    ns, n = len(slices), sum(slices)
+    segs = segments_of(token_slots(popularity, num_tokens, rng), rng)
+    seg_start, seg_len, seg_slot = segment_buffers(segs)
+    ranks = torch.tensor([r[:ns] for r in SLICE_RANKS], dtype=torch.int32, device=DEVICE)  # [S, NS]
+    x, _ = strided(num_tokens, k, dtype, 5)  # [T, k]
+    lora_a, lora_b = sliced_weights(k, slices, dtype)
+    out_two, out_full = strided(num_tokens, n, dtype, 5)  # [T, n]
+    base = out_full.clone()
+    y = torch.full((ns, split, num_tokens, R_MAX), math.nan, device=DEVICE)  # poisoned
+    kernels.lora_shrink(x, lora_a, ranks, seg_start, seg_len, seg_slot, y)
+    kernels.lora_expand(y, lora_b, ranks, seg_start, seg_len, seg_slot, out_two, slices=slices)
+    fused_full = base.clone()
+    out_fused = fused_full[:, :n]
+    kernels.lora_shrink_expand(x, lora_a, lora_b, ranks, seg_start, seg_len, seg_slot, out_fused, slices=slices)
+
+    offsets = [sum(slices[:i]) for i in range(ns + 1)]
+    touched = torch.zeros(num_tokens, n, dtype=torch.bool, device=DEVICE)
+    for start, length, slot in segs:
+        rows = slice(start, start + length)
+        for i, r in enumerate(SLICE_RANKS[slot][:ns]):
+            if slot == 0 or r == 0 or length == 0:
+                continue
+            cols = slice(offsets[i], offsets[i + 1])
+            touched[rows, cols] = True
+            xs, a_r, b_r = x[rows].double(), lora_a[slot, i, :r].double(), lora_b[slot, cols, :r].double()
+            out_ref = base[rows, cols].double() + (xs @ a_r.T) @ b_r.T  # [len, n_i]
+            out_abs = base[rows, cols].double().abs() + (xs.abs() @ a_r.abs().T) @ b_r.abs().T
+            for name, out in (("two launches", out_two), ("fused", out_fused)):
+                err = row_errors(out[rows, cols], out_ref, out_abs).max().item()
+                assert err < EXPAND_TOL[dtype], f"seed {seed}: {name} rows {rows} slot {slot} slice {i}: {err:.2e}"
+    for name, full in (("two launches", out_full), ("fused", fused_full)):
+        assert torch.equal(full[:, :n][~touched], base[:, :n][~touched]), f"seed {seed}: {name} wrote outside"
+        assert torch.equal(full[:, n:], base[:, n:]), f"seed {seed}: {name} wrote outside the output view"
+
+
+def sliced_matrix(hidden: list[int], tokens: list[int], shapes: list[tuple[int, ...]], per_pair: int) -> list:
+    """dtype x popularity, each pair with ``per_pair`` token counts, hidden sizes, slice shapes
+    and splits cycling through their lists."""
+    cases = []
+    pairs = [(d, p) for d in DTYPES for p in POPULARITY]
+    for i, (dtype, pop) in enumerate(pair for pair in pairs for _ in range(per_pair)):
+        t, k = tokens[i % len(tokens)], hidden[(i // 2) % len(hidden)]
+        sl, split = shapes[(i // 3) % len(shapes)], SPLITS[i % len(SPLITS)]
+        cases.append(pytest.param(dtype, k, sl, pop, t, split,
+                                  id=f"{str(dtype)[6:]}-{pop}-T{t}-k{k}-slices{'x'.join(map(str, sl))}-s{split}"))
+    return cases
+
+
+@pytest.mark.parametrize(("dtype", "k", "slices", "popularity", "num_tokens", "split"),
+                         sliced_matrix(CPU_HIDDEN, [1, 7, 12, 3], SLICE_SHAPES, 1))  # fmt: skip
+def test_sliced_and_fused_small(dtype, k, slices, popularity, num_tokens, split, seed):
+    check_sliced_case(dtype, k, slices, popularity, num_tokens, seed=seed, split=split)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize(("dtype", "k", "slices", "popularity", "num_tokens", "split"),
+                         sliced_matrix(GPU_HIDDEN, [1, 3, 7, 64, 133, 1024],
+                                       [(4096,), (4096, 1024, 1024), (14336, 14336), (2049, 257, 257)], 2))  # fmt: skip
+def test_sliced_and_fused_gpu(dtype, k, slices, popularity, num_tokens, split, seed):
+    check_sliced_case(dtype, k, slices, popularity, num_tokens, seed=seed, split=split)

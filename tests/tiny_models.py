@@ -40,10 +40,39 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def make_tiny_model(tmp_path: Path, family: str = "llama", seed: int = 0, **overrides) -> Path:
-    """Save a random 2-layer model of ``family`` with its tokenizer; return the directory."""
+def make_byte_bpe_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (as Llama 3 and Qwen2 have), trained on a few sentences."""
+    from tokenizers import decoders, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=SPECIALS,
+        show_progress=False,
+    )
+    corpus = ["the quick brown fox jumps over the lazy dog", "reverse: hello world", *CHARS]
+    tok.train_from_iterator(corpus * 20, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def make_tiny_model(
+    tmp_path: Path,
+    family: str = "llama",
+    seed: int = 0,
+    tokenizer: PreTrainedTokenizerFast | None = None,
+    **overrides,
+) -> Path:
+    """Save a random 2-layer model of ``family`` with its tokenizer (by default the
+    character-level ``make_tokenizer()``); return the directory."""
     torch.manual_seed(seed)
-    tokenizer = make_tokenizer()
+    tokenizer = tokenizer if tokenizer is not None else make_tokenizer()
     kwargs = dict(
         vocab_size=len(tokenizer),
         hidden_size=64,

@@ -49,7 +49,23 @@ async def show_adapter(task: str, version: str, request: Request) -> dict[str, A
     return await _service(request).get(task, version)
 
 
-@router.put("/adapters/{task}/{version}")
+_UPLOAD_BODY = {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object",
+    "required": ["adapter_config.json", "adapter_model.safetensors"],
+    "properties": {
+        "adapter_config.json": {"type": "string", "format": "binary"},
+        "adapter_model.safetensors": {"type": "string", "format": "binary"},
+        "base_fingerprint": {"type": "string", "description": "Refuse unless the server's base model has it."},
+    },
+}}}}  # fmt: skip
+"""The upload's parts, in this order (``peftserve.server.multipart`` reads them as they stream)."""
+
+
+@router.put(
+    "/adapters/{task}/{version}",
+    responses={201: {"description": "Stored: a new version."}},
+    openapi_extra={"requestBody": _UPLOAD_BODY},
+)
 async def upload_adapter(task: str, version: str, request: Request) -> JSONResponse:
     """Store ``task@version`` from a multipart body (adapter_config.json, then
     adapter_model.safetensors; optional field base_fingerprint): 201 if new, 200 if this

@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, Response
 
 from peftserve.api import prompts
 from peftserve.api.auth import is_admin, require_api_key
+from peftserve.api.body import JSONRoute
 from peftserve.api.generation import (
     EngineFailed,
     Generation,
@@ -29,6 +30,7 @@ from peftserve.api.generation import (
     collect,
     open_stream,
 )
+from peftserve.api.openapi import INFERENCE_ERRORS, SSE_200, errors
 from peftserve.api.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -53,13 +55,20 @@ from peftserve.api.streaming import (
     sse_body,
 )
 from peftserve.engine.sampling_params import SamplingParams
-from peftserve.server.errors import APIError
+from peftserve.server.errors import APIError, queue_full
 from peftserve.server.metrics import RequestTracker, failure_outcome, request_arm
 from peftserve.server.model_table import Target
 
 logger = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+
+class _InferenceRoute(JSONRoute):
+    before_body = (require_api_key,)  # 401 before the body is read
+
+
+router = APIRouter(
+    prefix="/v1", dependencies=[Depends(require_api_key)], route_class=_InferenceRoute
+)
 
 
 @dataclass
@@ -88,23 +97,29 @@ class Job:
         )
 
 
-@router.get("/models")
+@router.get("/models", response_model=ModelList, responses=errors(401, 500))
 async def list_models(state: ServingState = Depends(get_state)) -> dict:
     cards = [ModelCard(**dataclasses.asdict(entry)) for entry in state.models.cards()]
     return ModelList(data=cards).model_dump()
 
 
-@router.get("/models/{model:path}")
+@router.get("/models/{model:path}", response_model=ModelCard, responses=errors(401, 404, 500))
 async def retrieve_model(model: str, state: ServingState = Depends(get_state)) -> dict:
     return ModelCard(**dataclasses.asdict(state.models.card(model))).model_dump()
 
 
-@router.post("/completions")
+@router.post(
+    "/completions",
+    response_model=CompletionResponse,
+    responses={**SSE_200, **errors(*INFERENCE_ERRORS)},
+)
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
     state = get_state(request)
     request_id = _new_id(request, "cmpl")
     target = _resolve(state, body, request, request_id)
-    job = _prepare(state, target, lambda: _completion_job(body, state, request_id, target.lora_id))
+    job = await _prepare(
+        state, target, lambda: _completion_job(body, state, request_id, target.lora_id)
+    )
     if job.stream:  # the stream records the request when it closes
         return await _stream(request, state, job, target, CompletionChunker)
     generation, served = await _generate(request, state, job, target)
@@ -124,12 +139,16 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     return JSONResponse(response.model_dump(), headers=served.headers())
 
 
-@router.post("/chat/completions")
+@router.post(
+    "/chat/completions",
+    response_model=ChatCompletionResponse,
+    responses={**SSE_200, **errors(*INFERENCE_ERRORS)},
+)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     state = get_state(request)
     request_id = _new_id(request, "chatcmpl")
     target = _resolve(state, body, request, request_id)
-    job = _prepare(state, target, lambda: _chat_job(body, state, request_id, target.lora_id))
+    job = await _prepare(state, target, lambda: _chat_job(body, state, request_id, target.lora_id))
     if job.stream:  # the stream records the request when it closes
         return await _stream(request, state, job, target, ChatChunker)
     generation, served = await _generate(request, state, job, target)
@@ -161,14 +180,26 @@ def _resolve(
     )  # fmt: skip
 
 
-def _prepare(state: ServingState, target: Target, build: Callable[[], Job]) -> Job:
-    """Validate the request into a Job; a refusal counts as an error of the target's series."""
+async def _prepare(state: ServingState, target: Target, build: Callable[[], Job]) -> Job:
+    """Validate the request into a Job; a refusal counts as an error of the target's series.
+
+    A full queue answers 429 before any work; the rest (tokenizing, the chat template) runs on
+    a worker thread, so a large prompt never holds up the event loop.
+    """
     try:
-        return build()
+        _admit(state)
+        return await state.offload(build)
     except BaseException as exc:
         state.metrics.track(target.task, target.version, request_arm(target)).finish(failure_outcome(exc))
         _name(exc, target)
         raise
+
+
+def _admit(state: ServingState) -> None:
+    """429 at once when the engine's waiting queue is full (the engine checks again on submit)."""
+    llm = state.llm
+    if llm.num_waiting >= llm.config.scheduler.max_waiting:
+        raise queue_full()
 
 
 def _new_id(request: Request, prefix: str) -> str:
@@ -182,7 +213,9 @@ def _completion_job(
 ) -> Job:
     prompts.reject_unsupported(body)
     llm = state.llm
-    ids = prompts.completion_prompt_ids(llm.tokenizer, body.prompt, _vocab_size(state))
+    ids = prompts.completion_prompt_ids(
+        llm.tokenizer, body.prompt, _vocab_size(state), state.prompt_limits
+    )
     max_tokens = prompts.context_max_tokens(len(ids), body.max_tokens, llm.max_model_len)
     params = prompts.sampling_params(body, max_tokens, body.logprobs)
     return _job(body, request_id, lora_id, ids, params)
@@ -194,7 +227,7 @@ def _chat_job(
     prompts.reject_unsupported(body)
     logprobs = prompts.chat_logprobs(body)
     llm = state.llm
-    ids = prompts.chat_prompt_ids(llm.tokenizer, body.messages)
+    ids = prompts.chat_prompt_ids(llm.tokenizer, body.messages, state.prompt_limits)
     requested, tokens_param = prompts.chat_max_tokens(body)
     max_tokens = prompts.context_max_tokens(
         len(ids), requested, llm.max_model_len, "messages", tokens_param

@@ -2,19 +2,29 @@
 
 Requests ignore unknown fields (as vLLM does). Fields we know but cannot honour (n > 1,
 echo, penalties, ...) are rejected with a 400 naming them rather than silently dropped;
-range checks live in ``SamplingParams`` so there is one source for them.
+range checks live in ``SamplingParams`` so there is one source for them. ``_doc`` writes
+those ranges into the OpenAPI document as well (``/openapi.json`` tells a client what is
+accepted) without validating them a second time.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+
+def _doc(default: Any = ..., **schema: Any) -> Any:
+    """A field whose JSON schema states ``schema`` (checked by the server elsewhere)."""
+    return Field(default, json_schema_extra=schema)
+
+
+_TOP = {"minimum": 0, "maximum": 20}
 
 
 class StreamOptions(_Request):
@@ -24,14 +34,17 @@ class StreamOptions(_Request):
 class SamplingFields(_Request):
     """Fields shared by completions and chat completions."""
 
-    model: str
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
+    model: str = _doc(examples=["base"])
+    """The base model, a task, or a pinned ``task@version`` (GET /v1/models lists them)."""
+    temperature: float | None = _doc(None, minimum=0, maximum=2)
+    top_p: float | None = _doc(None, exclusiveMinimum=0, maximum=1)
+    top_k: int | None = _doc(None, minimum=-1)
     """Extension (vLLM): keep the k most likely tokens; -1 or 0 keeps all."""
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    n: int | None = 1
+    seed: int | None = _doc(None, minimum=-(2**63), maximum=2**64 - 1)
+    stop: str | list[str] | None = _doc(None, minLength=1, maxItems=4, items={"minLength": 1})
+    """Up to 4 non-empty strings."""
+    n: int | None = _doc(1, minimum=1, maximum=1)
+    """Only 1 (one choice per request)."""
     user: str | None = None
     metadata: dict[str, str] | None = None
     """Labels of the request (OpenAI: up to 16 string pairs); canary rollouts judge each value as a
@@ -40,9 +53,12 @@ class SamplingFields(_Request):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     """Extension (vLLM): keep generating past the end-of-sequence token."""
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = _doc(None, minimum=0, maximum=0)
+    """Not supported: only 0."""
+    frequency_penalty: float | None = _doc(None, minimum=0, maximum=0)
+    """Not supported: only 0."""
+    logit_bias: dict[str, float] | None = _doc(None, maxProperties=0)
+    """Not supported: only ``{}``."""
 
     @property
     def stop_list(self) -> list[str]:
@@ -56,31 +72,37 @@ class SamplingFields(_Request):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
-    logprobs: int | None = None
-    echo: bool | None = False
-    best_of: int | None = None
-    suffix: str | None = None
+    prompt: str | list[str] | list[int] | list[list[int]] = _doc(minLength=1, minItems=1)
+    """One prompt: a string, token ids, or a list holding one of them."""
+    max_tokens: int | None = _doc(16, minimum=1)
+    logprobs: int | None = _doc(None, **_TOP)
+    echo: bool | None = _doc(False, enum=[False, None])
+    """Not supported: only false."""
+    best_of: int | None = _doc(None, minimum=1, maximum=1)
+    """Not supported: only 1."""
+    suffix: str | None = _doc(None, maxLength=0)
+    """Not supported: only empty."""
 
 
 class TextPart(_Request):
-    type: str
+    type: str = _doc(enum=["text"])
+    """Only text parts."""
     text: str | None = None
 
 
 class ChatMessage(_Request):
-    role: str
+    role: str = _doc(enum=["system", "developer", "user", "assistant", "tool"])
     content: str | list[TextPart] | None = None
     name: str | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage]
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    messages: list[ChatMessage] = _doc(minItems=1)
+    max_tokens: int | None = _doc(None, minimum=1)
+    max_completion_tokens: int | None = _doc(None, minimum=1)
     logprobs: bool | None = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = _doc(None, **_TOP)
+    """Needs ``logprobs: true``."""
 
 
 # ---- responses ----------------------------------------------------------------------------
@@ -211,3 +233,45 @@ class ModelList(BaseModel):
 def dump(model: BaseModel, include_usage: bool = True) -> dict[str, Any]:
     """JSON-ready dict; ``usage`` is left out of stream chunks unless the client asked for it."""
     return model.model_dump(exclude={"usage"} if not include_usage else None)
+
+
+# ---- errors and other answers (documented in /openapi.json) -------------------------------
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    """The request field at fault (``messages[0].content``), when one is."""
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every error, in OpenAI's shape."""
+
+    error: ErrorDetail
+
+
+class FeedbackRequest(BaseModel):
+    """POST /v1/feedback: a user's score of a completion (read by the route itself)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1)
+    """The completion's id (``cmpl-...`` or ``chatcmpl-...``)."""
+    score: bool | Annotated[float, Field(ge=0.0, le=1.0)]
+    """true, false or a number in [0, 1]."""
+
+
+class FeedbackResponse(BaseModel):
+    object: Literal["feedback"] = "feedback"
+    id: str
+    score: float
+
+
+class HealthResponse(BaseModel):
+    status: str
+    """``ok`` while the engine's step loop runs (200), else ``engine stopped`` (503)."""
+    model: str
+    adapters: list[str]
+    engine: dict[str, int | float | str | bool | None]

@@ -1,19 +1,34 @@
-"""Paged KV-cache blocks: a free list and each sequence's block table."""
+"""Paged KV-cache blocks: a free list and each sequence's block table.
+
+The cache holds ``RESERVED_BLOCKS`` more blocks than are handed out: block ``PAD_BLOCK``
+stays zero and pads block tables (padding with a live block could read its NaN under a
+mask), block ``SCRATCH_BLOCK`` takes the K/V writes of padding rows and is never read.
+"""
 
 from __future__ import annotations
 
 from peftserve.engine.sequence import Sequence
 
+PAD_BLOCK = 0
+SCRATCH_BLOCK = 1
+RESERVED_BLOCKS = 2
+"""Blocks 0 .. RESERVED_BLOCKS - 1 are never handed out to sequences."""
+
 
 class BlockManager:
-    """Hands out fixed-size KV blocks; a sequence holds ``ceil(tokens / block_size)`` of them."""
+    """Hands out fixed-size KV blocks; a sequence holds ``ceil(tokens / block_size)`` of them.
+
+    ``num_blocks`` blocks are handed out, with ids ``RESERVED_BLOCKS .. RESERVED_BLOCKS +
+    num_blocks - 1`` (the cache holds ``num_blocks + RESERVED_BLOCKS`` blocks).
+    """
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
         if num_blocks < 1:
             raise ValueError("the KV cache needs at least one block")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
+        # pop() hands out low ids first
+        self._free = list(range(num_blocks + RESERVED_BLOCKS - 1, RESERVED_BLOCKS - 1, -1))
         self._fresh: list[int] = []
 
     @property

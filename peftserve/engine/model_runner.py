@@ -20,13 +20,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 
 from peftserve.config import CacheConfig, EngineConfig
 from peftserve.engine.attention import (
-    ATTN_IMPLEMENTATION,
     METADATA_KWARG,
-    DecodeBatch,
     PagedAttentionMetadata,
-    PrefillChunk,
-    gather_numel,
+    attention_implementation,
 )
+from peftserve.engine.block_manager import PAD_BLOCK, RESERVED_BLOCKS
 from peftserve.engine.scheduler import SchedulerOutput
 from peftserve.engine.sequence import Sequence
 from peftserve.lora.manager import LoRAManager
@@ -77,11 +75,12 @@ def read_model_config(model_dir: str) -> PretrainedConfig:
     return AutoConfig.from_pretrained(path)
 
 
-def load_model(model_dir: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
+def load_model(model_dir: str, device: torch.device, dtype: torch.dtype, attention_backend: str = "auto") -> nn.Module:
     """Load the causal LM, resident in eval mode, with the paged attention switched on."""
+    implementation = attention_implementation(attention_backend, device)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     model = model.to(device).eval().requires_grad_(False)
-    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    model.set_attn_implementation(implementation)
     return model
 
 
@@ -121,7 +120,7 @@ class ModelRunner:
         self.hf_config = read_model_config(config.model.model)
         self.max_model_len = resolve_max_model_len(config.cache, self.hf_config)
         self.tokenizer = load_tokenizer(config.model.model)
-        self.model = load_model(config.model.model, self.device, self.dtype)
+        self.model = load_model(config.model.model, self.device, self.dtype, config.model.attention_backend)
         sched = config.scheduler
         self.lora_manager = LoRAManager(
             self.model, config.lora, sched.max_num_batched_tokens, sched.max_num_seqs, self.device, self.dtype
@@ -129,14 +128,11 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         self.num_blocks = self._num_blocks()
         layers, kv_heads, head_dim = kv_geometry(self.hf_config)
+        total_blocks = self.num_blocks + RESERVED_BLOCKS  # the PAD and SCRATCH blocks on top
         self.kv_caches = [
-            torch.zeros(2, kv_heads, (self.num_blocks + 1) * self.block_size, head_dim, dtype=self.dtype, device=self.device)
+            torch.zeros(2, kv_heads, total_blocks * self.block_size, head_dim, dtype=self.dtype, device=self.device)
             for _ in range(layers)
-        ]  # per layer [2, Hkv, (num_blocks + 1) * block_size, D]
-        self.pad_block = self.num_blocks
-        """One more block than the block manager hands out: never written, always zero, it pads
-        decode block tables (padding with a live block could read its NaN under the mask)."""
-        self._workspace = torch.empty(0, dtype=self.dtype, device=self.device)
+        ]  # per layer [2, Hkv, (num_blocks + RESERVED_BLOCKS) * block_size, D]
         logger.info(
             "model %s (%s) on %s/%s; KV cache %d blocks x %d tokens; max_model_len %d",
             config.model.model, self.hf_config.model_type, self.device, self.dtype,
@@ -174,7 +170,7 @@ class ModelRunner:
         idx = self._tensor(blocks)
         for cache in self.kv_caches:
             two, kv_heads, _, head_dim = cache.shape
-            cache.view(two, kv_heads, self.num_blocks + 1, self.block_size, head_dim).index_fill_(2, idx, 0)
+            cache.view(two, kv_heads, -1, self.block_size, head_dim).index_fill_(2, idx, 0)
 
     def execute(self, sched: SchedulerOutput) -> tuple[torch.Tensor, list[Sequence]]:
         """Run one step; return the fp32 logits [S, V] of the sampled rows and their sequences.
@@ -206,8 +202,9 @@ class ModelRunner:
         token_slots: list[int] = []
         sample_idx: list[int] = []
         sample_seqs: list[Sequence] = []
-        decodes: list[tuple[int, Sequence]] = []
-        prefills: list[tuple[int, int, Sequence]] = []
+        query_start: list[int] = [0]
+        seq_lens: list[int] = []
+        tables: list[list[int]] = []
         score_idx: list[int] = []
         score_rows: list[tuple[Sequence, int]] = []
         for seq, n in zip(sched.seqs, sched.num_tokens, strict=True):
@@ -216,26 +213,29 @@ class ModelRunner:
             positions.extend(range(start, start + n))
             self._slot_mapping(seq.block_table, start, start + n, slots)
             token_slots.extend([seq.slot] * n)
-            if n == 1:
-                decodes.append((row, seq))
-            else:
-                prefills.append((row, n, seq))
+            query_start.append(row + n)
+            seq_lens.append(start + n)
+            tables.append(seq.block_table[: -(-(start + n) // self.block_size)])
             if start + n == seq.num_tokens:
                 sample_idx.append(row + n - 1)
                 sample_seqs.append(seq)
             if seq.params.score_from is not None:
                 _score_rows(seq, row, start, n, score_idx, score_rows)
-        decode = self._decode_batch(decodes, len(ids))
-        chunks = [self._prefill_chunk(row, n, seq) for row, n, seq in prefills]
+        width = max(map(len, tables))
         attn = PagedAttentionMetadata(
             kv_caches=self.kv_caches,
             block_size=self.block_size,
-            slot_mapping=self._tensor(slots),
             num_tokens=len(ids),
-            device=self.device,
-            decode=decode,
-            prefills=chunks,
-            workspace=self._gather_workspace(decode, chunks),
+            num_seqs=len(seq_lens),
+            slot_mapping=self._tensor(slots),
+            query_start_loc=self._tensor(query_start, torch.int32),
+            seq_lens=self._tensor(seq_lens, torch.int32),
+            block_tables=self._tensor([t + [PAD_BLOCK] * (width - len(t)) for t in tables], torch.int32),
+            query_start_loc_host=query_start,
+            seq_lens_host=seq_lens,
+            max_query_len=max(sched.num_tokens),
+            max_seq_len=max(seq_lens),
+            decode_only=len(ids) == len(seq_lens),
         )
         return StepInputs(
             input_ids=self._tensor(ids)[None],
@@ -246,16 +246,6 @@ class ModelRunner:
             sample_seqs=sample_seqs,
             score_rows=score_rows,
         )
-
-    def _gather_workspace(self, decode: DecodeBatch | None, chunks: list[PrefillChunk]) -> torch.Tensor:
-        """The gather buffer, grown (never shrunk) to the most blocks one attention call reads."""
-        blocks = [decode.num_seqs * decode.max_blocks] if decode else []
-        blocks += [c.block_table.numel() for c in chunks if c.block_table is not None]
-        _, kv_heads, head_dim = kv_geometry(self.hf_config)
-        need = gather_numel(kv_heads, max(blocks, default=0), self.block_size, head_dim)
-        if need > self._workspace.numel():
-            self._workspace = torch.empty(need + need // 2, dtype=self.dtype, device=self.device)
-        return self._workspace
 
     def _slot_mapping(self, block_table: list[int], start: int, end: int, out: list[int]) -> None:
         """Append the cache slots of positions ``start .. end`` (one range per block)."""
@@ -268,35 +258,8 @@ class ModelRunner:
             out.extend(range(base, base + take))
             pos += take
 
-    def _decode_batch(self, decodes: list[tuple[int, Sequence]], num_tokens: int) -> DecodeBatch | None:
-        if not decodes:
-            return None
-        bs = self.block_size
-        context = [seq.num_computed_tokens + 1 for _, seq in decodes]
-        max_blocks = -(-max(context) // bs)
-        flat: list[int] = []
-        for (_, seq), ctx in zip(decodes, context, strict=True):
-            used = seq.block_table[: -(-ctx // bs)]
-            flat.extend(used)
-            flat.extend([self.pad_block] * (max_blocks - len(used)))  # padding, masked out
-        rows = [row for row, _ in decodes]
-        in_order = len(rows) == num_tokens  # a pure decode step: rows are 0 .. T-1
-        return DecodeBatch(
-            token_idx=None if in_order else self._tensor(rows),
-            block_flat=self._tensor(flat),
-            context_lens=self._tensor(context),
-            num_seqs=len(decodes),
-            max_blocks=max_blocks,
-        )
-
-    def _prefill_chunk(self, row: int, n: int, seq: Sequence) -> PrefillChunk:
-        context = seq.num_computed_tokens
-        num_blocks = -(-(context + n) // self.block_size)
-        table = self._tensor(seq.block_table[:num_blocks]) if context else None
-        return PrefillChunk(start=row, length=n, context=context, block_table=table)
-
-    def _tensor(self, values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
+    def _tensor(self, values: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
 
 
 def _score_rows(

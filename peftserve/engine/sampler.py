@@ -56,7 +56,10 @@ class Sampler:
             scaled = _apply_top_p(scaled, torch.tensor(top_p, device=device))
         probs = scaled.softmax(dim=-1)  # [S, V]
         sampled = (probs / self._noise(probs, seqs)).argmax(dim=-1)  # [S]
-        return torch.where(greedy, greedy_ids, sampled)
+        # Sample only from a distribution: a row whose probabilities are not finite or hold no
+        # mass (an overflow, not only non-finite logits) falls back to its greedy token.
+        usable = torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)  # [S]
+        return torch.where(greedy | ~usable, greedy_ids, sampled)
 
     def _noise(self, probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """Exp(1) noise [S, V]; seeded rows from their own generators."""
@@ -102,5 +105,7 @@ def _apply_top_p(scaled: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     sorted_logits, order = scaled.sort(dim=-1, descending=True)  # [S, V]
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # [S, V]
-    sorted_logits = sorted_logits.masked_fill(mass_before >= top_p[:, None], -float("inf"))
+    drop = mass_before >= top_p[:, None]
+    drop[:, 0] = False  # the most likely token always stays (top_p may round to 0 in fp32)
+    sorted_logits = sorted_logits.masked_fill(drop, -float("inf"))
     return torch.empty_like(scaled).scatter_(-1, order, sorted_logits)

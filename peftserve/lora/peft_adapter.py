@@ -126,6 +126,17 @@ def load_adapter(path: str | Path, model: nn.Module, max_rank: int, name: str = 
     )
 
 
+def _lone_surrogate_field(raw: dict[str, object]) -> str | None:
+    """The field (key or value) holding a lone surrogate, shown in ASCII; json.loads lets
+    ``"\\ud800"`` through, and such a string cannot be stored, compared or answered as text."""
+    for key, value in raw.items():
+        try:
+            json.dumps([key, value], ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            return key.encode("ascii", "backslashreplace").decode()
+    return None
+
+
 def _read_config(path: Path) -> tuple[dict, AdapterConfig]:
     if not path.is_dir():
         raise AdapterError(f"adapter directory {path} does not exist")
@@ -140,6 +151,10 @@ def _read_config(path: Path) -> tuple[dict, AdapterConfig]:
         raise AdapterError(f"{CONFIG_NAME} is not valid JSON: {exc}") from None
     if not isinstance(raw, dict):
         raise AdapterError(f"{CONFIG_NAME} must hold a JSON object")
+    field = _lone_surrogate_field(raw)
+    if field is not None:
+        raise AdapterError(f"{CONFIG_NAME}: {field} holds a lone UTF-16 surrogate (such as \\ud800), "
+                           "which is not Unicode text", field)  # fmt: skip
     if raw.get("peft_type", "LORA") != "LORA":
         peft_type = show(raw.get("peft_type"))
         raise AdapterError(f"peft_type {peft_type} is not supported; only LORA adapters are")

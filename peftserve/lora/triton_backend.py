@@ -1,20 +1,32 @@
-"""The Triton LoRA backend: segmented-gather shrink then expand, two launches per call.
+"""The Triton LoRA backend: every slice of a projection group in one set of launches.
 
 Computes exactly what ``TorchBackend.add_lora`` computes (see ``peftserve.lora.backend``).
-The launch grid depends only on the token count and the size of the metadata buffers, so
-a call can be captured in a CUDA graph once the shape has been run eagerly (the kernels
+Steps of up to ``FUSED_MAX_TOKENS`` tokens (decode) take one launch that keeps the fp32
+``x @ A^T`` on chip (``lora_shrink_expand``); longer ones take the segmented shrink then
+expand, with an fp32 intermediate in a buffer allocated once. Either way the launch grid
+depends only on the token count and the size of the metadata buffers, so a call can be
+captured in a CUDA graph once the shape has been run eagerly (the two-launch kernels
 autotune on first use of a shape). Runs on CPU tensors under ``TRITON_INTERPRET=1``.
+
+Operands are validated when a stack is built and when a step's metadata is first seen,
+not on every launch; the device ranks are the stack's view of the ``LoRAManager``'s rank
+table, refreshed at adapter load and unload.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from peftserve import kernels
+from peftserve.kernels._segments import INTERPRETING, MAX_SLICES
+from peftserve.kernels.lora_fused import FUSED_MAX_TOKENS
 from peftserve.lora.metadata import LoRAStepMetadata
+
+if TYPE_CHECKING:
+    from peftserve.lora.layers import LoRAStack
 
 logger = logging.getLogger(__name__)
 
@@ -22,68 +34,96 @@ logger = logging.getLogger(__name__)
 # are split across more programs (each writes a partial sum; the expand adds them).
 # It depends on the token count only, so a captured CUDA graph stays valid.
 SPLIT_BOUNDS = (64, 1024)  # T <= 64: 8 ways, T <= 1024: 4 ways, else 1
+FUSED_MAX_RANK = 128  # the fused launch keeps a [16, rank] fp32 tile in registers
 
 
 def split_k(num_tokens: int) -> int:
-    """How many ways the shrink splits its input features for a step of ``num_tokens``."""
+    """How many ways the shrink splits its input features for a step of ``num_tokens`` (1 in
+    Triton's interpreter, where more programs only cost time; the kernel tests cover splits)."""
+    if INTERPRETING:
+        return 1
     return 8 if num_tokens <= SPLIT_BOUNDS[0] else 4 if num_tokens <= SPLIT_BOUNDS[1] else 1
 
 
 class TritonBackend:
-    """LoRA through ``peftserve.kernels.lora_shrink`` / ``lora_expand``."""
+    """LoRA through ``peftserve.kernels``: one fused launch for decode sizes, else two."""
 
     name = "triton"
 
-    def __init__(self) -> None:
-        # fp32 x·A intermediates (split-K partials), one per (device, max_tokens, r_max),
-        # reused by every call.
+    def __init__(self, fused_max_tokens: int = FUSED_MAX_TOKENS) -> None:
+        self.fused_max_tokens = fused_max_tokens
+        """Steps up to this many tokens take the single fused launch (0: never)."""
+        # fp32 x·A intermediates [NS, split, T, r_max], one flat buffer per (device, max_tokens,
+        # r_max), reused by every call.
         self._intermediates: dict[tuple[torch.device, int, int], torch.Tensor] = {}
-        # Device copies of host rank lists, keyed by the list's identity; each entry keeps the
-        # list alive (so its id stays unique), its last-seen contents and the device tensor,
-        # which is updated in place so its address never changes.
-        self._ranks: dict[tuple[int, torch.device], tuple[Sequence[int], list[int], torch.Tensor]] = {}
+        self._checked: LoRAStepMetadata | None = None
 
     def add_lora(
         self,
         x: torch.Tensor,  # [T, in]
-        out: torch.Tensor,  # [T, out], updated in place
-        lora_a: torch.Tensor,  # [num_slots, r_max, in]
-        lora_b: torch.Tensor,  # [num_slots, out, r_max], scaling folded in
-        ranks: Sequence[int],  # true rank per slot (host), 0 for empty slots
+        out: torch.Tensor,  # [T, N], updated in place
+        stack: LoRAStack,
         meta: LoRAStepMetadata,
     ) -> None:
         if not meta.has_lora:
             return
+        if meta is not self._checked:
+            _check_metadata(meta, x.device)
+            self._checked = meta
         num_tokens = x.shape[0]
-        split = split_k(num_tokens)
-        y = self._intermediate(x.device, max(meta.max_tokens, num_tokens), lora_a.shape[1])
-        y = y[: split * num_tokens * lora_a.shape[1]].view(split, num_tokens, lora_a.shape[1])
-        slot_ranks = self._slot_ranks(ranks, x.device)  # [num_slots] int32
         segs = (meta.seg_start, meta.seg_len, meta.seg_slot)
-        kernels.lora_shrink(x, lora_a, slot_ranks, *segs, y)  # y: [split, T, r_max] partials
-        kernels.lora_expand(y, lora_b, slot_ranks, *segs, out)
+        r_max = stack.max_rank
+        if num_tokens <= self.fused_max_tokens and r_max <= FUSED_MAX_RANK:
+            kernels.lora_shrink_expand(
+                x,
+                stack.lora_a,
+                stack.lora_b,
+                stack.slot_ranks,
+                *segs,
+                out,
+                slices=stack.slices,
+                check=False,
+            )
+            return
+        split = split_k(num_tokens)
+        y = self._intermediate(x.device, max(meta.max_tokens, num_tokens), r_max)
+        y = y[: stack.num_slices * split * num_tokens * r_max].view(
+            stack.num_slices, split, num_tokens, r_max
+        )
+        kernels.lora_shrink(x, stack.lora_a, stack.slot_ranks, *segs, y, check=False)  # partials
+        kernels.lora_expand(
+            y, stack.lora_b, stack.slot_ranks, *segs, out, slices=stack.slices, check=False
+        )
 
     def _intermediate(self, device: torch.device, max_tokens: int, r_max: int) -> torch.Tensor:
-        """Flat fp32 buffer that holds ``[split_k(T), T, r_max]`` for every T <= max_tokens."""
+        """Flat fp32 buffer that holds ``[NS, split_k(T), T, r_max]`` for every T <= max_tokens."""
         key = (device, max_tokens, r_max)
         buf = self._intermediates.get(key)
         if buf is None:
-            rows = max(split_k(t) * t for t in {min(max_tokens, b) for b in SPLIT_BOUNDS} | {max_tokens})
-            buf = torch.empty(rows * r_max, dtype=torch.float32, device=device)
+            rows = max(
+                split_k(t) * t for t in {min(max_tokens, b) for b in SPLIT_BOUNDS} | {max_tokens}
+            )
+            buf = torch.empty(MAX_SLICES * rows * r_max, dtype=torch.float32, device=device)
             self._intermediates[key] = buf
-            logger.debug("LoRA intermediate: %d x %d fp32 on %s", rows, r_max, device)
+            logger.debug(
+                "LoRA intermediate: %d x %d x %d fp32 on %s", MAX_SLICES, rows, r_max, device
+            )
         return buf
 
-    def _slot_ranks(self, ranks: Sequence[int], device: torch.device) -> torch.Tensor:
-        entry = self._ranks.get((id(ranks), device))
-        if entry is not None:
-            _, seen, dev = entry
-            if seen != ranks and seen != list(ranks):  # first test is enough for a list
-                if len(ranks) != len(seen):
-                    raise ValueError(f"rank list changed length from {len(seen)} to {len(ranks)}")
-                dev.copy_(torch.tensor(ranks, dtype=torch.int32))
-                seen[:] = ranks
-            return dev
-        dev = torch.tensor(ranks, dtype=torch.int32).to(device)  # [num_slots]
-        self._ranks[(id(ranks), device)] = (ranks, list(ranks), dev)
-        return dev
+
+def _check_metadata(meta: LoRAStepMetadata, device: torch.device) -> None:
+    """The segment buffers the kernels read (once per metadata object: their dtype, layout
+    and size never change; their contents are checked by ``LoRAStepMetadata.prepare``)."""
+    from peftserve.kernels._segments import MAX_SEGMENTS
+
+    for name in ("seg_start", "seg_len", "seg_slot"):
+        t = getattr(meta, name)
+        if t.dtype != torch.int32 or t.dim() != 1 or not t.is_contiguous() or t.device != device:
+            raise ValueError(
+                f"LoRA metadata {name} must be a contiguous 1-d int32 tensor on {device}"
+            )
+    if meta.seg_start.numel() > MAX_SEGMENTS:
+        raise ValueError(
+            f"{meta.seg_start.numel()} segment slots, more than the kernels' {MAX_SEGMENTS}:"
+            " size the step metadata by the scheduler's max_num_seqs"
+        )
