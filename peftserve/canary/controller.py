@@ -454,11 +454,11 @@ class RolloutController:
         self._count(self._decision_counts, task, decision.action)
         self._last.setdefault(task, {}).update(last_progress=judgment.progress, last_result=judgment.result,
                                                last_judgment_at=now)
-        events = [
-            Event("judgment", judgment.to_dict(), now),
-            Event("decision", {"action": decision.action, "reason": decision.reason, "actor": CONTROLLER,
-                               "result": judgment.result, "progress": judgment.progress, "metric": metric}, now),
-        ]
+        payload = {"action": decision.action, "reason": decision.reason, "actor": CONTROLLER,
+                   "result": judgment.result, "progress": judgment.progress, "metric": metric}
+        if decision.action != "hold":  # what the move rests on: every metric's test, margin and evidence
+            payload["evidence"] = [m.detail for m in judgment.metrics]
+        events = [Event("judgment", judgment.to_dict(), now), Event("decision", payload, now)]
         if decision.action == "hold":
             logger.debug("task %s: hold: %s", task, decision.reason)
             await asyncio.to_thread(self.store.append_events, live.id, events)
@@ -824,7 +824,9 @@ class RolloutController:
         Each event: ``at`` and ``time`` (ISO 8601, UTC), ``kind`` (state, judgment, decision,
         evaluator_error, unload, restored, restore_skipped), ``actor``, ``reason`` in words, ``rollout_id`` and
         the stored ``payload`` (a judgment's full evidence). Judgments and decisions also carry
-        ``result``/``progress``/``metric`` (the deciding metric) at the top level.
+        ``result``/``progress``/``metric`` (the deciding metric) at the top level. A decision
+        other than hold names the deciding metric's test, margin and evidence in its ``reason``
+        and every metric's (segments shown included) in ``payload["evidence"]``.
         """
         events = self.store.history(task, limit, rollout_id=rollout_id, kinds=kinds)
         if not events and self.store.get(task) is None:
