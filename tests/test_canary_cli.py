@@ -4,6 +4,7 @@ eval set, and failures that exit non-zero with the server's message."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -15,7 +16,7 @@ import httpx
 import pytest
 
 from peftserve.cli import main
-from peftserve.client import Client, PeftserveError
+from peftserve.client import AsyncClient, Client, PeftserveError
 from tests.server_utils import running_server, wait_for
 from tests.tiny_models import make_peft_adapter, make_tiny_model
 
@@ -156,11 +157,12 @@ def test_shadow_percent_starts_a_shadow_phase(url: str, capsys: pytest.CaptureFi
 def test_per_metric_tolerances_and_watch(url: str, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = cli(url, capsys, "start", "shade", "--candidate", "v2", "--interval", "3600",
                          "--tolerance", "error_rate=0.01", "--mde", "non_finite=0.2", "--mde", "error_rate=0.05",
-                         "--json")  # fmt: skip
+                         "--probe-temperature", "0.7", "--json")  # fmt: skip
     assert code == 0, err
-    metrics = {m["name"]: m for m in json.loads(out)["spec"]["analysis"]["metrics"]}
+    spec = json.loads(out)["spec"]
+    metrics = {m["name"]: m for m in spec["analysis"]["metrics"]}
     assert metrics["error_rate"]["tolerance"] == 0.01 and metrics["error_rate"]["mde"] == 0.05
-    assert metrics["non_finite"]["mde"] == 0.2
+    assert metrics["non_finite"]["mde"] == 0.2 and spec["probe_temperature"] == 0.7
     code, out, _ = cli(url, capsys, "status", "shade")
     assert code == 0 and "next: advance" in out.splitlines()[0]
     assert cli(url, capsys, "rollback", "shade")[0] == 0
@@ -171,6 +173,34 @@ def test_per_metric_tolerances_and_watch(url: str, capsys: pytest.CaptureFixture
     with pytest.raises(SystemExit):
         main(["rollout", "start", "shade", "--candidate", "v2", "--mde", "latency"])
     assert "expected METRIC=NUMBER" in capsys.readouterr().err
+
+
+def test_the_clients_carry_tolerances_mdes_and_the_probe_temperature(url: str) -> None:
+    """Client and AsyncClient (one request builder) send per-metric margins in either spelling
+    (a mapping, ``METRIC=X`` strings) and the probe temperature; the server's spec holds them."""
+
+    def judged(rollout) -> dict[str, tuple[float, float]]:
+        return {m["name"]: (m["tolerance"], m["mde"]) for m in rollout.spec["analysis"]["metrics"]}
+
+    with Client(url) as client:
+        rollout = client.start_rollout("shade", "v2", interval=3600, tolerance={"error_rate": 0.02},
+                                       mde=["non_finite=0.3", "error_rate=0.1"], probe_temperature=0.5)  # fmt: skip
+        client.rollback_rollout("shade")
+    assert judged(rollout)["error_rate"] == (0.02, 0.1) and judged(rollout)["non_finite"][1] == 0.3
+    assert rollout.spec["probe_temperature"] == 0.5
+
+    async def start_async():
+        async with AsyncClient(url) as client:
+            started = await client.start_rollout("shade", "v2", interval=3600, tolerance="non_finite=0.001",
+                                                 mde={"non_finite": 0.05})  # fmt: skip
+            await client.rollback_rollout("shade")
+            return started
+
+    rollout = asyncio.run(start_async())
+    assert judged(rollout)["non_finite"] == (0.001, 0.05) and rollout.spec["probe_temperature"] == 0.0
+    with Client(url) as client, pytest.raises(PeftserveError, match="no metric bleu") as refused:
+        client.start_rollout("shade", "v2", mde={"bleu": 0.1})
+    assert refused.value.status == 400
 
 
 def test_failures_exit_non_zero_with_the_servers_message(
