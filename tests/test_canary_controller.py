@@ -601,16 +601,31 @@ def test_feedback_for_an_unknown_completion_is_refused(tmp_path):
     assert w.controller.metrics.record_feedback("cmpl-1", 0.5) is True
 
 
-def test_run_loop_ticks_until_stopped(tmp_path):
+def test_run_loop_ticks_until_stopped_and_survives_a_failed_round(tmp_path):
+    """run() rounds until stop(), a round that raises included; synchronised on the rounds
+    themselves (an event set by the fourth), not on a sleep."""
     w = World(tmp_path, interval_s=0.01)
+    real_tick, rounds = w.controller.tick, []
 
     async def main():
+        fourth = asyncio.Event()
+
+        async def tick():
+            rounds.append(w.clock())
+            if len(rounds) == 1:
+                raise RuntimeError("a round that fails")
+            await real_tick()
+            if len(rounds) == 4:
+                fourth.set()
+
+        w.controller.tick = tick
         await w.controller.start(_spec(analysis=ERROR_ONLY))
         task = asyncio.create_task(w.controller.run())
-        await asyncio.sleep(0.2)
+        await asyncio.wait_for(fourth.wait(), timeout=60)
         w.controller.stop()
-        await asyncio.wait_for(task, timeout=5)
+        await asyncio.wait_for(task, timeout=60)
+        assert len(rounds) == 4  # stop() ends the loop after the round in progress
         judgments = [e for e in w.controller.history("reverse") if e["kind"] == "judgment"]
-        assert len(judgments) >= 3
+        assert len(judgments) == 3  # rounds 2-4; the failed one judged nothing and did not end the loop
 
     run(main())
