@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from peftserve.canary.judge import (
     Decision,
@@ -174,6 +175,35 @@ def test_probes_are_paired_and_a_greedy_set_ends_exhausted():
     probes(w2, rng, 400, right={"v2": 0.5})
     m = by_name(judge(AnalysisSpec(metrics=(ACC,)), evidence(w2), eval_set_size=1000), "probe_accuracy")
     assert m.status == "fail" and "McNemar" in m.test and "lost" in m.test
+
+
+def fixed_probes(lost: int, won: int, same_right: int = 200, same_wrong: int = 40) -> tuple[MetricWindows, int]:
+    """Greedy probes with exactly ``lost`` prompts stable got right and the candidate wrong, and
+    ``won`` the reverse; returns the windows and the number of prompts."""
+    w = MetricWindows()
+    pairs = [(1, 0)] * lost + [(0, 1)] * won + [(1, 1)] * same_right + [(0, 0)] * same_wrong
+    for i, outcomes in enumerate(pairs):
+        for version, ok in zip(("v1", "v2"), outcomes, strict=True):
+            req = RequestRecord("t", version, 0, "probe", 0.0, finish_reason="stop", batch=BatchShare(10, 0.2, 40))
+            w.record_probe(ProbeRecord("t", version, i, float(ok), 0.0, req))
+    return w, len(pairs)
+
+
+def test_a_greedy_set_answered_in_full_gets_one_exact_mcnemar_look():
+    """Half the metric's alpha goes to one fixed-sample exact test once the set is answered in full:
+    45 lost / 20 won discordant prompts is p = 0.0013 (binomial tail), beyond what the always-valid
+    e-process shows (e-value 37 against 2 / alpha = 400), so the full set fails where a partly
+    answered one still waits; equal versions end exhausted."""
+    w, n = fixed_probes(45, 20)
+    for size, status in ((10 * n, "pending"), (n, "fail")):
+        m = by_name(judge(AnalysisSpec(metrics=(ACC,)), evidence(w), eval_set_size=size), "probe_accuracy")
+        assert m.status == status, m.detail
+        assert m.evalue == pytest.approx(37.4, abs=0.1) and m.evalue < 2 / m.alpha
+    assert f"exact McNemar p {stats.binom.sf(44, 65, 0.5):.3g}, fail at {m.alpha / 2:.2g}" in m.test
+    assert f"fail at {2 / m.alpha:.4g}" in m.test
+    w, n = fixed_probes(30, 30)
+    m = by_name(judge(AnalysisSpec(metrics=(ACC,)), evidence(w), eval_set_size=n), "probe_accuracy")
+    assert m.status == "exhausted" and "exact McNemar p 0.551" in m.test
 
 
 def test_latency_compares_the_twin_probes_step_times():

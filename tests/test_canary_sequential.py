@@ -151,3 +151,10 @@ def test_paired_difference_floors_identical_answers():
     est = seq.paired_difference(same, same)
     assert est.estimate == 0 and est.variance >= 1 / 42 / 40  # not certainty after 40 equal answers
     assert seq.paired_difference(np.zeros(0), np.zeros(0)) is None
+
+
+def test_binomial_tail_is_exact():
+    """The fixed-sample McNemar p-value (a fully answered eval set) against scipy's binomial."""
+    for k, n, p in ((0, 10, 0.5), (7, 10, 0.5), (11, 10, 0.5), (45, 65, 0.5), (600, 1000, 0.5),
+                    (5, 100_000, 1e-4), (51_000, 100_000, 0.5), (3, 20, 0.3)):
+        assert seq.binomial_tail(k, n, p) == pytest.approx(stats.binom.sf(k - 1, n, p), rel=1e-9, abs=1e-300)

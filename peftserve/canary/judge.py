@@ -107,7 +107,8 @@ class MetricResult:
     alpha: float = 0.0
     beta: float = 0.0
     evalue: float | None = None
-    """E-value of an exact test (fail at ``1 / alpha``)."""
+    """E-value of an exact test (fail at ``1 / alpha``; ``2 / alpha`` for the greedy McNemar test, which
+    keeps half its alpha for the look at a fully answered eval set)."""
     needed: float | None = None
     """Candidate samples the pass is expected to need at the current variance (None: unknown)."""
     detail: str = ""
@@ -474,21 +475,34 @@ class _Judge:
         harm, lower, upper = _harm(m, est, plan, False)
         enough = n >= self.analysis.min_samples
         greedy = not self.probe_sampled
+        full = greedy and self.eval_set_size is not None and n >= self.eval_set_size
         evalue = None
         if greedy and m.tolerance == 0 and m.direction == "decrease":
+            # alpha in two halves: the e-process at every look, and one fixed-sample exact test
+            # when the finite set is answered in full (its data no longer change: a single look).
+            # Their union errs with chance at most alpha; the last test has the power a finite set
+            # gives, which the always-valid test alone spends on looking.
             lost = float(np.sum((stable > cand) * (stable - cand)))
             won = float(np.sum((cand > stable) * (cand - stable)))
             evalue = seq.rate_ratio_evalue([lost], [won], [1.0], [1.0], 1.0)
-            status: Status = "fail" if evalue >= 1 / alpha else "pending"
+            status: Status = "fail" if evalue >= 2 / alpha else "pending"
+            test = (f"exact sequential McNemar (e-process on {lost:g} lost / {won:g} won discordant prompts; "
+                    f"e-value {evalue:.3g}, fail at {2 / alpha:.4g})")
+            if full:
+                n_lost, n_won = int(np.sum(stable > cand)), int(np.sum(cand > stable))
+                p_value = seq.binomial_tail(n_lost, n_lost + n_won)
+                if p_value <= alpha / 2:
+                    status = "fail"
+                test += f"; answered in full: exact McNemar p {p_value:.3g}, fail at {alpha / 2:.2g}"
+            else:
+                test += f"; once answered in full, exact McNemar at {alpha / 2:.2g}"
             if status != "fail" and enough and upper < m.detectable:
                 status = "pass"
-            test = (f"exact sequential McNemar (e-process on {lost:g} lost / {won:g} won discordant prompts; "
-                    f"e-value {evalue:.3g}, fail at {1 / alpha:.4g}); pass: paired confidence sequence")
+            test += "; pass: paired confidence sequence"
         else:
             status = _classify(lower, upper, m) if enough else "nodata"
             kind = "greedy" if greedy else "sampled, per-prompt means"
             test = f"paired confidence sequence over prompts ({kind}; alpha {alpha:.2g})"
-        full = greedy and self.eval_set_size is not None and n >= self.eval_set_size
         if full and status in ("pending", "nodata"):
             status = "exhausted"
             test += f"; the {self.eval_set_size}-prompt eval set is answered in full and cannot show more"

@@ -13,7 +13,8 @@ sequence* or an *e-process*, whose error guarantee holds simultaneously over all
   ``R0`` times stable's", conditional on where the events fell (the conditional binomial test of
   two Poisson rates, made sequential by a fixed mixture over alternatives). For rare events
   (errors, non-finite outputs) whose normal approximations fail; with equal exposures it is the
-  exact sequential McNemar test of paired outcomes.
+  exact sequential McNemar test of paired outcomes. :func:`binomial_tail` is its fixed-sample
+  form, for the one look at a finite eval set once it is answered in full.
 * :func:`stratified_difference`: the candidate-minus-stable difference of means (or of log
   means), stratified by the allocation period (so traffic drift cannot masquerade as a
   difference while the weight changes) with a variance clustered by unit (the user or session
@@ -167,6 +168,30 @@ def rate_ratio_evalue(
         logs.append(float(np.sum(kc * np.log(pi1 / pi0) + ks * np.log((1 - pi1) / (1 - pi0)))))
     top = max(logs)
     return float(math.exp(min(top, 700.0)) * np.mean([math.exp(x - top) for x in logs]))
+
+
+def binomial_tail(k: int, n: int, p: float = 0.5) -> float:
+    """Exact ``P(X >= k)`` for ``X ~ Binomial(n, p)``: the one-sided p-value of a fixed-sample
+    exact test (McNemar's, on ``n`` discordant pairs of which ``k`` went against the candidate).
+
+    Summed in log space from ``k`` up, stopping once the terms no longer count (they fall
+    geometrically past the mode), so it is exact to double precision and cheap for any ``n``.
+    """
+    if k <= 0:
+        return 1.0
+    if k > n:
+        return 0.0
+    if not 0.0 < p < 1.0:
+        return float(p >= 1.0)
+    lp, lq, lnf = math.log(p), math.log1p(-p), math.lgamma(n + 1)
+    logs: list[float] = []
+    for j in range(k, n + 1):
+        term = lnf - math.lgamma(j + 1) - math.lgamma(n - j + 1) + j * lp + (n - j) * lq
+        logs.append(term)
+        if j > n * p and term < max(logs) - 745.0:
+            break
+    top = max(logs)
+    return min(1.0, math.exp(top) * math.fsum(math.exp(x - top) for x in logs))
 
 
 def rate_ratio_evalues(
