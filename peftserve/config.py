@@ -33,6 +33,8 @@ class ModelConfig:
     """Seed for requests that give none."""
     attention_backend: str = "auto"
     """Paged attention: auto (triton on cuda, torch elsewhere), torch or triton."""
+    cuda_graphs: bool = True
+    """Replay decode steps from CUDA graphs captured at batch-size buckets (cuda only, with the triton attention and LoRA backends; ignored on cpu)."""
 
     def __post_init__(self) -> None:
         if self.attention_backend not in ("auto", "torch", "triton"):

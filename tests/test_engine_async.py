@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -128,3 +129,46 @@ def test_shutdown_ends_open_requests(model_dir):
 
     asyncio.run(main())
     assert engine.stats.kv_blocks_used == 0 and not engine.engine.has_unfinished_requests()
+
+
+def test_detokenization_runs_on_the_output_thread_only(model_dir):
+    """Text, stop strings and logprob texts are made off the engine thread and off the event
+    loop, and the outputs equal the synchronous engine's (which detokenizes inline)."""
+    prompts = random_prompts((6, 13, 21, 9), seed=14)
+    full = generate_all(make_engine(model_dir), prompts, greedy(16))
+    stops = [full[str(i)].text[5:7] for i in range(len(prompts))]
+    params = [greedy(16, stop=[s], logprobs=2) if i % 2 else greedy(16, logprobs=1) for i, s in enumerate(stops)]
+    want = generate_all(make_engine(model_dir), prompts, params)
+    sync = make_engine(model_dir)
+    threads: set[str] = set()
+    decode = sync.tokenizer.decode
+
+    def recording_decode(*args, **kwargs):
+        threads.add(threading.current_thread().name)
+        return decode(*args, **kwargs)
+
+    sync.tokenizer.decode = recording_decode
+    engine = AsyncLLMEngine(sync)
+    engine.start()
+    try:
+
+        async def main():
+            runs = (_collect(engine, str(i), p, params[i]) for i, p in enumerate(prompts))
+            return await asyncio.gather(*runs)
+
+        got = asyncio.run(main())
+        _wait_until(lambda: not sync.has_unfinished_requests())  # stopped requests leave the engine
+    finally:
+        engine.shutdown()
+    assert threads == {"peftserve-output"}
+    for i, (ids, text, outs) in enumerate(got):
+        res = want[str(i)]
+        assert (ids, text) == (res.token_ids, res.text)
+        assert outs[-1].finish_reason == res.last.finish_reason
+        assert outs[-1].completion_tokens == len(ids)
+        lps = [lp for o in outs for lp in o.logprobs]
+        want_lps = [lp for o in res.outputs for lp in o.logprobs]
+        assert [(lp.token, list(lp.top)) for lp in lps] == [(lp.token, list(lp.top)) for lp in want_lps]
+        assert [lp.logprob for lp in lps] == pytest.approx([lp.logprob for lp in want_lps], abs=1e-5)
+    assert any(o[2][-1].finish_reason == "stop" for o in got)
+    assert engine.stats.kv_blocks_used == 0

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
 
 from peftserve.engine.detokenizer import Detokenizer
 from peftserve.engine.engine import NON_FINITE_ERROR
-from peftserve.engine.sampler import Sampler
+from peftserve.engine.sampler import Sampler, SamplingTensors
 from peftserve.engine.sampling_params import SamplingParams
-from peftserve.engine.sequence import Sequence
 from tests.engine_helpers import (
     generate_all,
     greedy,
@@ -31,9 +32,8 @@ def engine(model_dir):
     return make_engine(model_dir)
 
 
-def _seqs(params: list[SamplingParams], generators=None) -> list[Sequence]:
-    gens = generators or [None] * len(params)
-    return [Sequence(str(i), [5], 1, p, generator=g) for i, (p, g) in enumerate(zip(params, gens, strict=True))]
+def _rows(params: list[SamplingParams], draw_index: list[int] | None = None) -> SamplingTensors:
+    return SamplingTensors.build(params, draw_index or [0] * len(params), torch.device("cpu"))
 
 
 # ---- the sampler alone ----------------------------------------------------------------------
@@ -43,7 +43,7 @@ def test_sampler_follows_the_distribution():
     sampler = Sampler(torch.Generator().manual_seed(0))
     n = 4000
     logits = torch.log(torch.tensor([[0.25, 0.75]])).repeat(n, 1)
-    ids = torch.tensor(sampler(logits, _seqs([SamplingParams(temperature=1.0)] * n)).token_ids)
+    ids = torch.tensor(sampler(logits, _rows([SamplingParams(temperature=1.0)] * n)).token_ids)
     assert abs(ids.float().mean().item() - 0.75) < 0.03
 
 
@@ -54,14 +54,16 @@ def test_sampler_top_k_and_top_p():
     top_p = SamplingParams(temperature=1.0, top_p=0.7)  # p(3) = 0.64, p(2) = 0.24: keeps {3, 2}
     plain = SamplingParams(temperature=2.0)
     params = [top_k] * 200 + [top_p] * 200 + [plain] * 200
-    ids = sampler(logits, _seqs(params)).token_ids
-    assert set(ids[:200]) == {2, 3} and set(ids[200:400]) == {2, 3} and set(ids[400:]) == {0, 1, 2, 3}
+    ids = sampler(logits, _rows(params)).token_ids
+    assert (
+        set(ids[:200]) == {2, 3} and set(ids[200:400]) == {2, 3} and set(ids[400:]) == {0, 1, 2, 3}
+    )
 
 
 def test_sampler_greedy_logprobs_and_non_finite_rows():
     sampler = Sampler(torch.Generator().manual_seed(0))
     logits = torch.tensor([[0.0, 2.0, 1.0], [float("nan"), 0.0, 1.0], [3.0, 0.0, 1.0]])
-    out = sampler(logits, _seqs([SamplingParams(temperature=0, logprobs=2)] * 3))
+    out = sampler(logits, _rows([SamplingParams(temperature=0, logprobs=2)] * 3))
     assert out.token_ids[0] == 1 and out.token_ids[2] == 0
     assert out.finite == [True, False, True]
     lp0, top_ids, top_lps = out.logprobs[0]
@@ -73,13 +75,34 @@ def test_sampler_greedy_logprobs_and_non_finite_rows():
 def test_sampler_seeded_row_ignores_the_batch():
     logits = torch.randn(5, 50)
     seeded = SamplingParams(temperature=1.0, seed=7)
-    alone = Sampler(torch.Generator().manual_seed(0))(
-        logits[2:3], _seqs([seeded], [torch.Generator().manual_seed(7)])
+    alone = [
+        Sampler(torch.Generator().manual_seed(0))(logits[2:3], _rows([seeded], [i])).token_ids[0]
+        for i in range(8)
+    ]
+    params = (
+        [SamplingParams(temperature=0.5)] * 2
+        + [seeded]
+        + [SamplingParams(temperature=0, seed=7), seeded]
     )
-    params = [SamplingParams(temperature=0.5)] * 2 + [seeded] + [SamplingParams(temperature=0)] * 2
-    gens = [None, None, torch.Generator().manual_seed(7), None, None]
-    batched = Sampler(torch.Generator().manual_seed(123))(logits, _seqs(params, gens))
-    assert batched.token_ids[2] == alone.token_ids[0]
+    for i in range(8):
+        batched = Sampler(torch.Generator().manual_seed(123 + i))(
+            logits, _rows(params, [0, 0, i, i, i])
+        )
+        assert batched.token_ids[2] == alone[i]
+    assert len(set(alone)) > 1  # the draw index moves the noise
+
+
+def test_seeded_rows_follow_the_distribution():
+    sampler = Sampler(torch.Generator().manual_seed(0))
+    n = 4000
+    logits = torch.log(torch.tensor([[0.25, 0.75]])).repeat(n, 1)
+    # one request's successive draws, and the first draws of many seeds
+    one_seed = _rows([SamplingParams(temperature=1.0, seed=5)] * n, list(range(n)))
+    many_seeds = _rows([SamplingParams(temperature=1.0, seed=i) for i in range(n)])
+    for rows in (one_seed, many_seeds):
+        assert (
+            abs(torch.tensor(sampler(logits, rows).token_ids).float().mean().item() - 0.75) < 0.03
+        )
 
 
 # ---- the detokenizer alone --------------------------------------------------------------------
@@ -88,22 +111,22 @@ def test_sampler_seeded_row_ignores_the_batch():
 def test_stop_string_text_is_held_back_then_released(engine):
     detok = Detokenizer(engine.tokenizer)
     tok = engine.tokenizer
-    seq = Sequence("s", tok.encode("x", add_special_tokens=False), 1, SamplingParams(stop=["abc", "zz"]))
-    detok.start(seq)
+
+    def token(ch: str) -> int:
+        (tid,) = tok.encode(ch, add_special_tokens=False)
+        return tid
+
+    state = detok.start(tok.encode("x", add_special_tokens=False), ["abc", "zz"])
     emitted = []
     for ch in "qab":
-        seq.token_ids += tok.encode(ch, add_special_tokens=False)
-        assert not detok.update(seq)
-        emitted.append(detok.take_text(seq, final=False))
+        assert not detok.update(state, token(ch))
+        emitted.append(detok.take_text(state, final=False))
     assert emitted == ["q", "", ""]  # "ab" could begin "abc"
-    seq.token_ids += tok.encode("d", add_special_tokens=False)
-    assert not detok.update(seq) and detok.take_text(seq, final=False) == "abd"
+    assert not detok.update(state, token("d")) and detok.take_text(state, final=False) == "abd"
     for ch in "zab":
-        seq.token_ids += tok.encode(ch, add_special_tokens=False)
-        detok.update(seq)
-    seq.token_ids += tok.encode("c", add_special_tokens=False)
-    assert detok.update(seq)  # stop string completed
-    assert seq.output_text == "qabdz" and detok.take_text(seq, final=True) == "z"
+        detok.update(state, token(ch))
+    assert detok.update(state, token("c"))  # stop string completed
+    assert state.output_text == "qabdz" and detok.take_text(state, final=True) == "z"
 
 
 # ---- through the engine ----------------------------------------------------------------------
@@ -117,7 +140,9 @@ def test_seed_gives_same_output_alone_and_batched(engine):
              SamplingParams(max_tokens=20, temperature=0.7, seed=99, ignore_eos=True), seeded]  # fmt: skip
     batched = generate_all(engine, prompts, mixed)
     assert batched["0"].token_ids == alone
-    other_seed = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, seed=4321, ignore_eos=True)
+    other_seed = SamplingParams(
+        max_tokens=20, temperature=1.0, top_p=0.9, seed=4321, ignore_eos=True
+    )
     assert generate_all(engine, [prompts[0]], other_seed)["0"].token_ids != alone
 
 
@@ -183,11 +208,11 @@ def test_non_finite_logits_end_only_that_request(engine):
 
     def poisoned(sched):
         nonlocal calls
-        logits, seqs = execute(sched)
+        logits, seqs, sampling = execute(sched)
         calls += 1
         if calls == 3:
             logits[[s.request_id for s in seqs].index("1")] = float("nan")
-        return logits, seqs
+        return logits, seqs, sampling
 
     engine.runner.execute = poisoned
     try:
@@ -199,3 +224,45 @@ def test_non_finite_logits_end_only_that_request(engine):
     assert got["1"].last.finish_reason == "error" and got["1"].last.error == NON_FINITE_ERROR
     assert got["1"].token_ids == want["1"].token_ids[:2]
     assert got["0"].token_ids == want["0"].token_ids and got["2"].token_ids == want["2"].token_ids
+
+
+def test_batched_detokenization_equals_one_token_at_a_time():
+    """update_many (one Rust decode_batch for many requests) gives the text and stop cuts of
+    the plain per-token algorithm, through multi-byte characters split across byte tokens."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<s>", "</s>"],
+    )
+    bpe.train_from_iterator(["héllo wörld, 日本語のテキスト 🙂 ça va? naïve café"] * 20, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>")
+    gen = torch.Generator().manual_seed(0)
+    streams = [torch.randint(0, len(tok), (40,), generator=gen).tolist() for _ in range(6)]
+    stops = [[], ["é"], ["ö", "日"], [" "], ["🙂"], []]
+
+    def reference(stream, stop):  # the per-token algorithm, with the tokenizer's own decode
+        ids, prefix, read, text = stream[:5], 0, 5, ""
+        for token in stream[5:]:
+            ids.append(token)
+            before = text
+            old = tok.decode(ids[prefix:read], skip_special_tokens=True)
+            new = tok.decode(ids[prefix:], skip_special_tokens=True)
+            if len(new) > len(old) and not new.endswith("\ufffd"):
+                text += new[len(old) :]
+                prefix, read = read, len(ids)
+            cuts = [i for s in stop if (i := text.find(s, max(0, len(before) - len(s) + 1))) != -1]
+            if cuts:
+                return text[: min(cuts)]
+        return text
+
+    detok = Detokenizer(tok)
+    states = [detok.start(s[:5], stop) for s, stop in zip(streams, stops, strict=True)]
+    for k in range(5, 40):
+        live = [i for i, st in enumerate(states) if not st.stopped]
+        detok.update_many([(states[i], streams[i][k]) for i in live])
+    for stream, stop, state in zip(streams, stops, states, strict=True):
+        assert state.output_text == reference(stream, stop)
+    assert any(state.stopped for state in states) and not all(state.stopped for state in states)

@@ -27,3 +27,12 @@ def test_every_request_reports_its_steps_time_and_company(tmp_path):
     # all five ran together: "b" shared steps with "a" and with the base model
     b = results["3"].outputs[-1].batch
     assert b.adapters["a"][0] >= 1 and b.adapters[None][0] >= 1
+
+    # a stop string ends a request on the output side (after the engine's step): still reported
+    text = results["4"].text
+    stop = text[: len(text) // 2][-2:]
+    assert stop.strip(), text
+    again = generate_all(engine, [prompts[4]], greedy(max_tokens=6, stop=[stop]), [None])["0"]
+    assert again.last.finish_reason == "stop" and len(again.token_ids) < 6, (text, stop, again.text)
+    assert again.last.batch is not None and again.last.batch.steps >= 1
+    assert again.last.batch.adapters[None][0] == again.last.batch.steps

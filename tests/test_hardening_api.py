@@ -28,9 +28,8 @@ import torch
 
 from peftserve.api import prompts
 from peftserve.api.body import MAX_JSON_DEPTH, default_body_limit
-from peftserve.engine.sampler import Sampler, _apply_top_p
+from peftserve.engine.sampler import Sampler, SamplingTensors, apply_top_p
 from peftserve.engine.sampling_params import SamplingParams
-from peftserve.engine.sequence import Sequence
 from tests.server_utils import (
     adapter_parts,
     engine_stats,
@@ -596,22 +595,18 @@ def test_chat_with_underflowing_temperature_is_greedy(url: str) -> None:
         assert answer.choices[0].message.content == greedy
 
 
-def _seq(params: SamplingParams) -> Sequence:
-    return Sequence(request_id="r", token_ids=[1], num_prompt_tokens=1, params=params)
-
-
 def test_sampler_samples_only_from_usable_probabilities() -> None:
     """A row whose scaled logits overflow (finite logits, probabilities NaN) gets its argmax."""
     logits = torch.tensor([[1e30, 3e38, -1e30, 0.0], [0.5, 0.1, 0.2, 2.0]])  # [2, V]
     params = [SamplingParams(temperature=1e-5), SamplingParams(temperature=1.0, seed=0)]
-    seqs = [_seq(p) for p in params]
-    out = Sampler(torch.Generator().manual_seed(0))(logits, seqs)
+    tensors = SamplingTensors.build(params, [0, 0], logits.device)
+    out = Sampler(torch.Generator().manual_seed(0))(logits, tensors)
     assert out.token_ids[0] == 1 and out.finite == [True, True]
 
 
 def test_top_p_keeps_the_most_likely_token_whatever_rounds_to_zero() -> None:
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))  # [3, V]
-    kept = _apply_top_p(logits, torch.tensor([0.0, 1e-45, 1.0]))
+    kept = apply_top_p(logits, torch.tensor([0.0, 1e-45, 1.0]))
     assert torch.isfinite(kept[0]).sum() == 1 and kept[0].argmax() == logits[0].argmax()
     assert torch.isfinite(kept[1]).sum() == 1
     assert torch.isfinite(kept[2]).sum() > 1

@@ -1,9 +1,13 @@
-"""The step loop: schedule -> run -> sample -> postprocess; and its asyncio front.
+"""The step loop: schedule -> run -> sample -> token outputs; and its asyncio front.
 
 ``LLMEngine`` is single-threaded: call ``step()`` until ``has_unfinished_requests()`` is
-False. ``AsyncLLMEngine`` runs that loop in one background thread; requests, aborts and
-adapter changes reach it through a command list applied between steps, and outputs travel
-back to each request's asyncio queue with ``call_soon_threadsafe``.
+False. The step loop itself (``step_tokens``) produces token ids only; ``step()`` turns
+them into text with an ``OutputProcessor`` (detokenization, stop strings) inline.
+``AsyncLLMEngine`` runs the step loop in one background thread and the output processing
+in another (``OutputThread``), so neither the engine thread nor the asyncio event loop
+detokenizes. Requests, aborts and adapter changes reach the engine thread through a command
+list applied between steps; outputs travel from the output thread to each request's asyncio
+queue with ``call_soon_threadsafe``. The async front uses the engine's public methods only.
 
 Adapters live in three tiers (``peftserve.lora.cache``): GPU slots, a CPU cache and disk.
 A registered adapter is servable at once; a request for one that is not resident waits
@@ -31,10 +35,10 @@ import torch
 
 from peftserve.config import EngineConfig
 from peftserve.engine.block_manager import BlockManager
-from peftserve.engine.detokenizer import Detokenizer
 from peftserve.engine.model_runner import ModelRunner
-from peftserve.engine.outputs import RequestOutput, StepShare, TokenLogprob
-from peftserve.engine.sampler import Sampler
+from peftserve.engine.output_processor import OutputProcessor, OutputThread
+from peftserve.engine.outputs import RawLogprob, RequestOutput, StepRecord, TokenOutput
+from peftserve.engine.sampler import Sampler, SamplerOutput
 from peftserve.engine.sampling_params import InvalidParameter, SamplingParams
 from peftserve.engine.scheduler import Scheduler, SchedulerOutput
 from peftserve.engine.sequence import Sequence
@@ -113,7 +117,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.tiers)
         generator = torch.Generator(device=self.device).manual_seed(config.model.seed)
         self.sampler = Sampler(generator)
-        self.detokenizer = Detokenizer(self.tokenizer)
+        self._outputs = OutputProcessor(self.tokenizer)  # the text side of add_request/step
         self.eos_token_ids = _eos_token_ids(self.runner)
         self._stats = EngineStats(kv_blocks_total=self.block_manager.num_blocks)
         self._lora_users: dict[str, int] = defaultdict(int)  # queued + running requests per adapter
@@ -249,19 +253,32 @@ class LLMEngine:
             self.tiers.drop(lora_id)
             logger.info("adapter %s unregistered", lora_id)
 
-    def _adapter_fetched(self, result: Fetched) -> list[RequestOutput]:
-        """Take a background disk load's result; the outputs of requests it failed."""
+    def set_adapter_fetcher(self, fetcher: Callable[[Callable[[], Fetched]], None] | None) -> None:
+        """Run adapter disk loads through ``fetcher`` (it gets a job to run elsewhere, whose
+        result must come back through ``apply_fetched`` between steps); None: load inline
+        again and forget the loads in flight."""
+        self.tiers.fetcher = fetcher
+        if fetcher is None:
+            self.tiers.forget_loads()
+
+    def adapter_fetch_job(self, lora_id: str) -> Callable[[], Fetched] | None:
+        """The disk read ``load_lora`` needs first, to run off the engine thread (None: none)."""
+        self._check_servable(lora_id)
+        return self.tiers.admin_fetch_job(lora_id)
+
+    def apply_fetched(self, result: Fetched) -> list[TokenOutput]:
+        """Take a background disk load's result; the final outputs of requests it failed."""
         self.tiers.fetched(result)
         return self._fail_unloadable()
 
-    def _fail_unloadable(self) -> list[RequestOutput]:
+    def _fail_unloadable(self) -> list[TokenOutput]:
         """End the waiting requests of adapters whose disk load failed."""
         failed = self.tiers.take_failures()
         if not failed:
             return []
         seqs = [seq for seq in self.scheduler.waiting if seq.lora_id in failed]
         return [
-            self._finish_output(seq, [], "error", f"adapter {seq.lora_id!r} could not be loaded: {failed[seq.lora_id]}")
+            self._finish_output(seq, "error", f"adapter {seq.lora_id!r} could not be loaded: {failed[seq.lora_id]}")
             for seq in seqs
         ]
 
@@ -274,36 +291,41 @@ class LLMEngine:
         params: SamplingParams,
         lora_id: str | None = None,
     ) -> None:
-        """Queue a request; raises QueueFull, InvalidParameter or UnknownAdapter (ValueErrors)."""
-        seq = self._new_sequence(request_id, prompt_token_ids, params, lora_id)
-        if self.num_waiting >= self.config.scheduler.max_waiting:
+        """Queue a request; raises QueueFull, InvalidParameter or UnknownAdapter (ValueErrors).
+        ``step()`` returns its outputs."""
+        seq = self.make_request(request_id, prompt_token_ids, params, lora_id)
+        if self.num_waiting >= self.max_waiting:
             raise QueueFull(f"{self.num_waiting} requests are waiting already")
-        self._enqueue(seq)
+        self.enqueue(seq)
+        self._outputs.add_request(request_id, list(seq.token_ids), params, seq.steps)
 
     @property
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)
 
-    def _new_sequence(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, lora_id: str | None
+    @property
+    def max_waiting(self) -> int:
+        """Bound of the waiting queue (``SchedulerConfig.max_waiting``)."""
+        return self.config.scheduler.max_waiting
+
+    def make_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, lora_id: str | None = None
     ) -> Sequence:
-        """Validate a request (touches no engine state) and build its sequence."""
+        """Validate a request and build its sequence, touching no engine state (so another
+        thread may call it); ``enqueue`` it on the engine thread. Raises like ``add_request``
+        except QueueFull, which is the caller's check."""
         if self.scheduler.get(request_id) is not None:
             raise ValueError(f"request id {request_id!r} is already in use")
         if lora_id is not None:
             self._check_servable(lora_id)
         prompt = list(prompt_token_ids)
         self._check_prompt(prompt, params)
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(params.seed)
         return Sequence(
             request_id=request_id,
             token_ids=prompt,
             num_prompt_tokens=len(prompt),
             params=params,
             lora_id=lora_id,
-            generator=generator,
         )
 
     def _check_prompt(self, prompt: list[int], params: SamplingParams) -> None:
@@ -322,11 +344,11 @@ class LLMEngine:
                 f" {limit} tokens; ask for at most {limit - n}",
             )
 
-    def _enqueue(self, seq: Sequence) -> None:
+    def enqueue(self, seq: Sequence) -> None:
+        """Queue a sequence from ``make_request``; UnknownAdapter if its adapter went since."""
         if seq.lora_id is not None:
             self._check_servable(seq.lora_id)  # again: the adapter may have gone since
         self.scheduler.add(seq)
-        self.detokenizer.start(seq)
         if seq.lora_id is not None:
             self._lora_users[seq.lora_id] += 1
             self.tiers.prefetch(seq.lora_id)
@@ -336,11 +358,19 @@ class LLMEngine:
         seq = self.scheduler.get(request_id)
         if seq is not None:
             self._finish(seq, "abort")
+        self._outputs.drop(request_id)
 
-    def finish_all(self, reason: str, error: str | None = None) -> list[RequestOutput]:
-        """End every unfinished request with ``reason``; their final outputs."""
+    def stop_request(self, request_id: str) -> None:
+        """End a request its output side stopped (a stop string matched): free its blocks,
+        no output (unknown ids are ignored)."""
+        seq = self.scheduler.get(request_id)
+        if seq is not None:
+            self._finish(seq, "stop")
+
+    def finish_all(self, reason: str, error: str | None = None) -> list[TokenOutput]:
+        """End every unfinished request with ``reason``; their final token outputs."""
         seqs = list(self.scheduler.running) + list(self.scheduler.waiting)
-        return [self._finish_output(seq, [], reason, error) for seq in seqs]
+        return [self._finish_output(seq, reason, error) for seq in seqs]
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0
@@ -364,16 +394,28 @@ class LLMEngine:
         return final.prompt_logprobs
 
     def step(self) -> list[RequestOutput]:
-        """One iteration: schedule, run the packed batch, sample, postprocess."""
-        return self._step()[0]
+        """One iteration: schedule, run the packed batch, sample, then detokenize."""
+        return self._process_outputs(self.step_tokens())
 
     def step_with_logits(self) -> tuple[list[RequestOutput], dict[str, torch.Tensor]]:
         """``step()``, plus the fp32 logits [V] each sampled request's token was drawn from."""
         outputs, logits, seqs = self._step()
-        return outputs, {seq.request_id: logits[i] for i, seq in enumerate(seqs)}
+        return self._process_outputs(outputs), {seq.request_id: logits[i] for i, seq in enumerate(seqs)}
+
+    def step_tokens(self) -> list[TokenOutput]:
+        """One iteration of the step loop: schedule, run the packed batch, sample; token ids
+        only (an ``OutputProcessor`` makes text of them). Requests added with ``add_request``
+        get their text from ``step()`` instead."""
+        return self._step()[0]
+
+    def _process_outputs(self, outputs: list[TokenOutput]) -> list[RequestOutput]:
+        results, stopped = self._outputs.process(outputs)
+        for request_id in stopped:
+            self.stop_request(request_id)
+        return results
 
     @torch.inference_mode()
-    def _step(self) -> tuple[list[RequestOutput], torch.Tensor, list[Sequence]]:
+    def _step(self) -> tuple[list[TokenOutput], torch.Tensor, list[Sequence]]:
         self.tiers.apply_pending_unloads(self.scheduler.busy_adapters())
         sched = self.scheduler.schedule()  # may make adapters resident (between steps)
         failed = self._fail_unloadable()
@@ -382,7 +424,7 @@ class LLMEngine:
         self.runner.zero_blocks(self.block_manager.take_fresh())
         started = time.perf_counter()
         try:
-            logits, seqs = self.runner.execute(sched)  # [S, V]
+            logits, seqs, sampling = self.runner.execute(sched)  # [S, V]
         except Exception as exc:  # a broken forward ends the step's requests, not the engine
             logger.exception("model forward failed")
             return failed + self.finish_all("error", f"engine step failed: {exc}"), torch.empty(0), []
@@ -392,13 +434,9 @@ class LLMEngine:
         if not seqs:
             _share_step(sched, time.perf_counter() - started)
             return failed, logits, seqs
-        sampled = self.sampler(logits, seqs)
+        sampled = self.sampler(logits, sampling)
         _share_step(sched, time.perf_counter() - started)  # sampling synchronizes: the step is done
-        outputs = [
-            self._postprocess(seq, tok, ok, lp)
-            for seq, tok, ok, lp in zip(seqs, sampled.token_ids, sampled.finite, sampled.logprobs, strict=True)
-        ]
-        return failed + outputs, logits, seqs
+        return failed + self._token_outputs(seqs, sampled), logits, seqs
 
     def _record(self, sched: SchedulerOutput) -> None:
         stats = self._stats
@@ -411,22 +449,25 @@ class LLMEngine:
         for lora_id in {seq.lora_id for seq in sched.seqs} - {None}:
             self.tiers.touch(lora_id)
 
-    def _postprocess(
-        self, seq: Sequence, token: int, finite: bool, logprob: tuple[float, list[int], list[float]] | None
-    ) -> RequestOutput:
+    def _token_outputs(self, seqs: list[Sequence], sampled: SamplerOutput) -> list[TokenOutput]:
+        """Append each sampled token to its sequence, end the sequences that are done."""
+        return [
+            self._append_token(seq, tok, ok, lp)
+            for seq, tok, ok, lp in zip(seqs, sampled.token_ids, sampled.finite, sampled.logprobs, strict=True)
+        ]
+
+    def _append_token(self, seq: Sequence, token: int, finite: bool, logprob: RawLogprob | None) -> TokenOutput:
         if not finite:
             self.runner.zero_blocks(seq.block_table)  # its KV may hold NaN: never let it leak
-            return self._finish_output(seq, [], "error", NON_FINITE_ERROR)
+            return self._finish_output(seq, "error", NON_FINITE_ERROR)
         seq.token_ids.append(token)
         self._stats.generated_tokens += 1
-        if logprob is not None:
-            seq.pending_logprobs.append(self._token_logprob(token, logprob))
         reason = self._stop_reason(seq, token)
-        if self.detokenizer.update(seq):
-            reason = "stop"
-        if reason is not None:
-            return self._finish_output(seq, [token], reason)
-        return self._output(seq, [token])
+        logprobs = [logprob] if logprob is not None else None
+        if reason is None:
+            return TokenOutput(seq.request_id, [token], logprobs=logprobs)
+        self._finish(seq, reason)
+        return TokenOutput(seq.request_id, [token], reason, logprobs=logprobs, prompt_logprobs=_prompt_logprobs(seq))
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         params = seq.params
@@ -435,11 +476,6 @@ class LLMEngine:
         if seq.num_generated >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             return "length"
         return None
-
-    def _token_logprob(self, token: int, logprob: tuple[float, list[int], list[float]]) -> TokenLogprob:
-        value, top_ids, top_lps = logprob
-        text = self.detokenizer.token_text
-        return TokenLogprob(text(token), value, {text(i): lp for i, lp in zip(top_ids, top_lps, strict=True)})
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         seq.finish_reason = reason
@@ -450,62 +486,21 @@ class LLMEngine:
             self._lora_users[seq.lora_id] -= 1
             self._drop_if_idle(seq.lora_id)
 
-    def _finish_output(self, seq: Sequence, new_ids: list[int], reason: str, error: str | None = None) -> RequestOutput:
+    def _finish_output(self, seq: Sequence, reason: str, error: str | None = None) -> TokenOutput:
+        """End ``seq`` without a new token; its final output."""
         self._finish(seq, reason, error)
-        return self._output(seq, new_ids)
-
-    def _output(self, seq: Sequence, new_ids: list[int]) -> RequestOutput:
-        finished = seq.finish_reason is not None
-        logprobs = None
-        if seq.params.logprobs is not None:
-            logprobs, seq.pending_logprobs = seq.pending_logprobs, []
-        seq.num_emitted_tokens += len(new_ids)
-        return RequestOutput(
-            request_id=seq.request_id,
-            text=self.detokenizer.take_text(seq, final=finished),
-            token_ids=new_ids,
-            logprobs=logprobs,
-            finished=finished,
-            finish_reason=seq.finish_reason,
-            prompt_tokens=seq.num_prompt_tokens,
-            completion_tokens=seq.num_generated,
-            error=seq.error,
-            prompt_logprobs=_prompt_logprobs(seq) if finished else None,
-            batch=_step_share(seq) if finished else None,
-        )
-
-
-@dataclass(slots=True)
-class StepRecord:
-    """One engine step as the requests in it saw it: duration, tokens, tokens per adapter."""
-
-    seconds: float
-    tokens: int
-    adapters: dict[str | None, int]
+        return TokenOutput(seq.request_id, [], reason, error, prompt_logprobs=_prompt_logprobs(seq))
 
 
 def _share_step(sched: SchedulerOutput, seconds: float) -> None:
-    """Give every sequence of the step a reference to the step's record (O(1) per sequence)."""
+    """Give every sequence of the step a reference to the step's record (O(1) per sequence);
+    the output side sums a request's records once, when it finishes (``outputs.step_share``)."""
     adapters: dict[str | None, int] = {}
     for seq, n in zip(sched.seqs, sched.num_tokens, strict=True):
         adapters[seq.lora_id] = adapters.get(seq.lora_id, 0) + n
     record = StepRecord(seconds, sched.total_tokens, adapters)
     for seq in sched.seqs:
         seq.steps.append(record)
-
-
-def _step_share(seq: Sequence) -> StepShare:
-    """Sum a finished sequence's step records (once per request)."""
-    share = StepShare(steps=len(seq.steps))
-    for record in seq.steps:
-        share.step_s += record.seconds
-        share.tokens += record.tokens
-        for lora_id, n in record.adapters.items():
-            cell = share.adapters.setdefault(lora_id, [0, 0])
-            cell[0] += 1
-            cell[1] += n
-    seq.steps = []
-    return share
 
 
 def _score_request(prompt_ids: list[int], target_ids: list[int]) -> tuple[str, list[int], SamplingParams]:
@@ -541,7 +536,8 @@ class _Stream:
 
 
 class AsyncLLMEngine:
-    """Runs an ``LLMEngine`` step loop in one background thread, for asyncio callers."""
+    """Runs an ``LLMEngine`` step loop in one background thread and the output processing
+    (detokenization, stop strings) in another, for asyncio callers."""
 
     def __init__(self, engine: LLMEngine) -> None:
         self._engine = engine
@@ -553,6 +549,7 @@ class AsyncLLMEngine:
         self._thread: threading.Thread | None = None
         self._loads: ThreadPoolExecutor | None = None  # disk reads of adapters
         self._stopping = False
+        self._output = OutputThread(engine.tokenizer, self._publish, self._stop_in_engine)
 
     @property
     def engine(self) -> LLMEngine:
@@ -586,7 +583,8 @@ class AsyncLLMEngine:
             return
         self._stopping = False
         self._loads = ThreadPoolExecutor(ADAPTER_LOAD_WORKERS, thread_name_prefix="peftserve-adapter-load")
-        self._engine.tiers.fetcher = self._fetch_in_background
+        self._engine.set_adapter_fetcher(self._fetch_in_background)
+        self._output.start()
         self._thread = threading.Thread(target=self._loop, name="peftserve-engine", daemon=True)
         self._thread.start()
 
@@ -599,11 +597,11 @@ class AsyncLLMEngine:
             self._thread = None
         self._stop_loads()
         self._run_commands()
-        self._publish(self._engine.finish_all("abort"))
+        self._output.put(self._engine.finish_all("abort"))
+        self._output.stop(timeout)
 
     def _stop_loads(self) -> None:
-        self._engine.tiers.fetcher = None
-        self._engine.tiers.forget_loads()
+        self._engine.set_adapter_fetcher(None)
         if self._loads is not None:
             self._loads.shutdown(wait=False, cancel_futures=True)
             self._loads = None
@@ -675,11 +673,12 @@ class AsyncLLMEngine:
         with self._lock:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
-            seq = self._engine._new_sequence(request_id, prompt_token_ids, params, lora_id)
+            seq = self._engine.make_request(request_id, prompt_token_ids, params, lora_id)
             waiting = self._engine.num_waiting + self._num_pending_adds
-            if waiting >= self._engine.config.scheduler.max_waiting:
+            if waiting >= self._engine.max_waiting:
                 raise QueueFull(f"{waiting} requests are waiting already")
             self._streams[request_id] = stream
+            self._output.add_request(request_id, list(seq.token_ids), params, seq.steps)  # before its outputs
             self._num_pending_adds += 1
             self._commands.append(partial(self._apply_add, seq))
         self._wake.set()
@@ -687,6 +686,7 @@ class AsyncLLMEngine:
     def _abort(self, request_id: str) -> None:
         with self._lock:
             self._streams.pop(request_id, None)
+        self._output.drop(request_id)
         self._post(partial(self._engine.abort_request, request_id))
 
     def _post(self, command: Callable[[], None]) -> None:
@@ -725,11 +725,11 @@ class AsyncLLMEngine:
                 continue
             steps = self._engine.stats.steps
             try:
-                outputs = self._engine.step()
+                outputs = self._engine.step_tokens()
             except Exception as exc:  # a broken step must not kill the loop
                 logger.exception("engine step failed")
                 outputs = self._engine.finish_all("error", f"engine step failed: {exc}")
-            self._publish(outputs)
+            self._output.put(outputs)
             if not outputs and self._engine.stats.steps == steps:  # all waiting for adapter loads
                 self._wake.wait(IDLE_WAIT_S)
                 self._wake.clear()
@@ -741,8 +741,7 @@ class AsyncLLMEngine:
             command()
 
     def _admin_fetch_job(self, lora_id: str) -> Callable[[], Fetched] | None:
-        self._engine._check_servable(lora_id)
-        return self._engine.tiers.admin_fetch_job(lora_id)
+        return self._engine.adapter_fetch_job(lora_id)
 
     def _fetch_in_background(self, job: Callable[[], Fetched]) -> None:
         """The tiers' fetcher: run a disk load on a loader thread, apply it between steps."""
@@ -755,18 +754,26 @@ class AsyncLLMEngine:
         self._post(partial(self._apply_fetched, job()))
 
     def _apply_fetched(self, result: Fetched) -> None:
-        self._publish(self._engine._adapter_fetched(result))
+        self._output.put(self._engine.apply_fetched(result))
 
     def _apply_add(self, seq: Sequence) -> None:
         with self._lock:
             self._num_pending_adds -= 1
         try:
-            self._engine._enqueue(seq)
+            self._engine.enqueue(seq)
         except ValueError as exc:  # its adapter was removed after validation
-            seq.finish_reason, seq.error = "error", str(exc)
-            self._publish([self._engine._output(seq, [])])
+            self._output.put([TokenOutput(seq.request_id, [], "error", str(exc))])
+
+    def _stop_in_engine(self, request_ids: list[str]) -> None:
+        """Called on the output thread: stop requests a stop string ended (between steps)."""
+        self._post(partial(self._stop_requests, request_ids))
+
+    def _stop_requests(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            self._engine.stop_request(request_id)
 
     def _publish(self, outputs: list[RequestOutput]) -> None:
+        """Called on the output thread (or inline at shutdown): deliver to the streams."""
         batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = defaultdict(list)
         with self._lock:
             for out in outputs:

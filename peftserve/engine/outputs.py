@@ -30,6 +30,31 @@ class StepShare:
     adapters: dict[str | None, list[int]] = field(default_factory=dict)
 
 
+@dataclass(slots=True)
+class StepRecord:
+    """One engine step as the requests in it saw it: duration, tokens, tokens per adapter."""
+
+    seconds: float
+    tokens: int
+    adapters: dict[str | None, int]
+
+
+def step_share(records: list[StepRecord]) -> StepShare:
+    """Sum a finished request's step records (once per request). ``records`` is the engine's
+    list for the request (``Sequence.steps``), which the engine thread may still append to
+    until the request is stopped there: a snapshot is summed."""
+    records = list(records)
+    share = StepShare(steps=len(records))
+    for record in records:
+        share.step_s += record.seconds
+        share.tokens += record.tokens
+        for lora_id, n in record.adapters.items():
+            cell = share.adapters.setdefault(lora_id, [0, 0])
+            cell[0] += 1
+            cell[1] += n
+    return share
+
+
 @dataclass
 class RequestOutput:
     """One increment of a request's output; the last one has ``finished`` set."""
@@ -50,3 +75,27 @@ class RequestOutput:
     index on, on the last output."""
     batch: StepShare | None = None
     """On the last output: what the request's engine steps were shared with."""
+
+
+RawLogprob = tuple[float, list[int], list[float]]
+"""(logprob of the sampled token, top-k token ids, their logprobs), before detokenization."""
+
+
+@dataclass(slots=True)
+class TokenOutput:
+    """What the step loop produces for one request: token ids, never text.
+
+    ``peftserve.engine.output_processor.OutputProcessor`` turns a stream of these into
+    ``RequestOutput``s (detokenization, stop strings, logprob texts), off the engine thread.
+    """
+
+    request_id: str
+    token_ids: list[int]
+    """Tokens generated since the previous output (empty for a finish without a token)."""
+    finish_reason: str | None = None
+    """Set when the engine ended the request: 'stop' (EOS), 'length', 'abort' or 'error'."""
+    error: str | None = None
+    logprobs: list[RawLogprob] | None = None
+    """One entry per token of ``token_ids`` when the request asked for logprobs."""
+    prompt_logprobs: list[float] | None = None
+    """On the final output of a request with ``SamplingParams.score_from``."""

@@ -1,19 +1,158 @@
-"""Next-token sampling for one step, vectorized over the step's sequences.
+"""Next-token sampling for one step, vectorized over the step's rows.
 
-Greedy rows take the argmax of the raw logits. Sampled rows apply temperature, then
-top-k, then top-p, and draw with the exponential race ``argmax(p / q), q ~ Exp(1)``
-(the same distribution as ``multinomial``): a seeded request draws its noise row from its
-own generator, so its output depends on its seed and prompt only, never on the batch.
-Logprobs come from ``log_softmax`` of the raw fp32 logits.
+The per-row parameters arrive as tensors (``SamplingTensors``: temperature, top-k, top-p,
+seeds, the rows that want logprobs), filled once per step by the model runner's step
+buffers; the sampler is a short pipeline over them, so a new per-row parameter (penalties,
+logit bias) is one more tensor and one more stage.
+
+Greedy rows (temperature 0) take the argmax of the raw logits. Sampled rows apply
+temperature, then top-k, then top-p, and draw with the exponential race
+``argmax(p / q), q ~ Exp(1)`` (the same distribution as ``multinomial``). Rows without a
+seed take their noise from the engine's generator, in one call. Seeded rows take theirs
+from a counter-based hash of (seed, index of the token being drawn, vocabulary id), all
+seeded rows in one batched call: a seeded request's output depends on its seed and prompt
+only, never on the batch it runs in, nor on the device's random state.
+Logprobs come from ``log_softmax`` of the raw fp32 logits. Every result of the step comes
+back to the host in one transfer (one device sync).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 
-from peftserve.engine.sequence import Sequence
+from peftserve.engine.sampling_params import SamplingParams
+
+_MASK32 = 0xFFFFFFFF
+_MIX_A = 0x7FEB352D
+_MIX_B = 0x846CA68B
+_GOLDEN = 0x9E3779B9
+
+
+_INT32_MAX = 2**31 - 1  # the step buffers hold top_k as int32
+
+@dataclass
+class SamplingTensors:
+    """Per-row sampling parameters of one step (``S`` rows) on the logits' device, and their
+    host side (``host``). The runner fills the tensors in its step buffers."""
+
+    temperature: torch.Tensor  # [S] f32, 0 for greedy rows
+    top_k: torch.Tensor  # [S] int32, 0 keeps all
+    top_p: torch.Tensor  # [S] f32, 1 keeps all
+    seed_key: torch.Tensor  # [R] int64 stream key of each seeded row (< 2**32)
+    seeded_rows: torch.Tensor  # [R] int64 rows that draw from their seed
+    logprob_rows: torch.Tensor  # [L] int64 rows that want logprobs
+    host: RowParams
+
+    @classmethod
+    def build(
+        cls, params: list[SamplingParams], draw_index: list[int], device: torch.device
+    ) -> SamplingTensors:
+        """Tensors for ``params`` (one per row), built from Python lists (tests, tools)."""
+        rows = RowParams()
+        for p, idx in zip(params, draw_index, strict=True):
+            rows.add(p, idx)
+        return cls(
+            temperature=torch.tensor(rows.temps, dtype=torch.float32, device=device),
+            top_k=torch.tensor(rows.top_k, dtype=torch.int32, device=device),
+            top_p=torch.tensor(rows.top_p, dtype=torch.float32, device=device),
+            seed_key=torch.tensor(rows.seed_keys, dtype=torch.int64, device=device),
+            seeded_rows=torch.tensor(rows.seeded_rows, dtype=torch.int64, device=device),
+            logprob_rows=torch.tensor(rows.logprob_rows, dtype=torch.int64, device=device),
+            host=rows,
+        )
+
+
+class RowParams:
+    """Host side of a step's per-row sampling parameters, accumulated by one ``add`` per row."""
+
+    __slots__ = ("temps", "top_k", "top_p", "seed_keys", "seeded_rows", "logprob_rows", "num_logprobs",
+                 "all_greedy", "max_top_k", "any_top_p", "num_unseeded")  # fmt: skip
+
+    def __init__(self) -> None:
+        self.temps: list[float] = []
+        self.top_k: list[int] = []
+        self.top_p: list[float] = []
+        self.seed_keys: list[int] = []
+        self.seeded_rows: list[int] = []
+        self.logprob_rows: list[int] = []
+        self.num_logprobs: list[int] = []
+        """Top-k logprobs asked for by each of ``logprob_rows``."""
+        self.all_greedy = True
+        self.max_top_k = 0
+        """Largest top-k of a sampled row (0: no row limits it)."""
+        self.any_top_p = False
+        self.num_unseeded = 0
+        """Sampled (non-greedy) rows without a seed."""
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.temps)
+
+    def add(self, p: SamplingParams, draw_index: int) -> None:
+        """Row ``num_rows``: ``p``'s parameters; ``draw_index`` counts the tokens it drew before."""
+        row = len(self.temps)
+        if p.logprobs is not None:
+            self.logprob_rows.append(row)
+            self.num_logprobs.append(p.logprobs)
+        if p.greedy:  # the other parameters do not apply (a tiny temperature counts as 0)
+            self.temps.append(0.0)
+            self.top_k.append(0)
+            self.top_p.append(1.0)
+            return
+        self.temps.append(p.temperature)
+        k = min(p.top_k, _INT32_MAX) if p.top_k > 0 else 0  # any k >= the vocabulary keeps all
+        self.top_k.append(k)
+        self.top_p.append(p.top_p)
+        self.all_greedy = False
+        self.max_top_k = max(self.max_top_k, k)
+        self.any_top_p = self.any_top_p or p.top_p < 1.0
+        if p.seed is None:
+            self.num_unseeded += 1
+        else:
+            self.seeded_rows.append(row)
+            self.seed_keys.append(seed_key(p.seed, draw_index))
+
+
+def _mix32(x: int) -> int:
+    """A 32-bit integer hash (the 'lowbias32' finalizer), on Python ints."""
+    x ^= x >> 16
+    x = (x * _MIX_A) & _MASK32
+    x ^= x >> 15
+    x = (x * _MIX_B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def seed_key(seed: int, draw_index: int) -> int:
+    """The 32-bit stream key of the ``draw_index``-th token drawn under ``seed`` (any int)."""
+    seed %= 1 << 64
+    return _mix32(_mix32(_mix32(seed & _MASK32) ^ (seed >> 32)) ^ draw_index)
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """``x * c mod 2**32`` for int64 ``x`` in [0, 2**32), without overflowing int64."""
+    lo = (x & 0xFFFF) * c
+    hi = ((x >> 16) * c) & 0xFFFF
+    return (lo + (hi << 16)) & _MASK32
+
+
+def _mix32_t(x: torch.Tensor) -> torch.Tensor:
+    """``_mix32`` on an int64 tensor of values in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, _MIX_A)
+    x = x ^ (x >> 15)
+    x = _mul32(x, _MIX_B)
+    return x ^ (x >> 16)
+
+
+def seeded_exponential(keys: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Exp(1) noise [R, V] (fp32): row i is a pure function of ``keys[i]`` (one batched call)."""
+    cols = torch.arange(vocab, dtype=torch.int64, device=keys.device)  # [V]
+    h = _mix32_t((keys[:, None] ^ _mul32(cols, _GOLDEN)[None]) & _MASK32)  # [R, V] in [0, 2**32)
+    u = ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # (0, 1), 24 random bits
+    return -torch.log(u)
 
 
 @dataclass
@@ -28,79 +167,94 @@ class SamplerOutput:
 class Sampler:
     def __init__(self, generator: torch.Generator) -> None:
         self.generator = generator
-        """Noise for requests without a seed."""
+        """Noise for sampled rows without a seed."""
+        self.wait_seconds = 0.0
+        """Time spent in the step's one device sync (waiting for the device), summed."""
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
-        """``logits`` [S, V] fp32, one row per sequence in ``seqs``."""
-        params = [seq.params for seq in seqs]
+    def __call__(self, logits: torch.Tensor, st: SamplingTensors) -> SamplerOutput:
+        """``logits`` [S, V] fp32, one row per row of ``st``."""
         # One pass: the row max is NaN or +inf iff the row holds NaN or +inf (or is all -inf).
         row_max, token_ids = logits.max(dim=-1)  # [S], [S]
         finite = torch.isfinite(row_max)
-        if not all(p.greedy for p in params):
-            token_ids = self._sample(logits, seqs, token_ids)
-        logprobs = self._logprobs(logits, seqs, token_ids)
-        ids, ok = torch.stack([token_ids, finite.long()]).tolist()  # one device sync
-        return SamplerOutput(ids, [bool(x) for x in ok], logprobs)
+        if not st.host.all_greedy:
+            token_ids = self._sample(logits, st, token_ids)
+        parts = [token_ids.to(torch.float64), finite.to(torch.float64)]  # ids are exact in float64
+        k = max(st.host.num_logprobs, default=0)
+        if st.host.num_logprobs:
+            parts += _logprob_parts(logits, st.logprob_rows, token_ids, k)
+        start = time.perf_counter()
+        host = torch.cat(parts).tolist()  # the step's one device sync
+        self.wait_seconds += time.perf_counter() - start
+        return _unpack(host, st.host, k)
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], greedy_ids: torch.Tensor) -> torch.Tensor:
-        params = [seq.params for seq in seqs]
-        device = logits.device
-        greedy = torch.tensor([p.greedy for p in params], device=device)  # [S]
-        temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)
-        scaled = logits / temps[:, None]  # [S, V]
-        top_k = [p.top_k if p.top_k > 0 else 0 for p in params]
-        if any(top_k):
-            scaled = _apply_top_k(scaled, top_k)
-        top_p = [p.top_p for p in params]
-        if any(p < 1.0 for p in top_p):
-            scaled = _apply_top_p(scaled, torch.tensor(top_p, device=device))
+    def _sample(
+        self, logits: torch.Tensor, st: SamplingTensors, greedy_ids: torch.Tensor
+    ) -> torch.Tensor:
+        greedy = st.temperature == 0  # [S]
+        scaled = logits / torch.where(greedy, 1.0, st.temperature)[:, None]  # [S, V]
+        if st.host.max_top_k:
+            scaled = apply_top_k(scaled, st.top_k, st.host.max_top_k)
+        if st.host.any_top_p:
+            scaled = apply_top_p(scaled, st.top_p)
         probs = scaled.softmax(dim=-1)  # [S, V]
-        sampled = (probs / self._noise(probs, seqs)).argmax(dim=-1)  # [S]
+        sampled = (probs / self._noise(probs, st)).argmax(dim=-1)  # [S]
         # Sample only from a distribution: a row whose probabilities are not finite or hold no
         # mass (an overflow, not only non-finite logits) falls back to its greedy token.
         usable = torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)  # [S]
         return torch.where(greedy | ~usable, greedy_ids, sampled)
 
-    def _noise(self, probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """Exp(1) noise [S, V]; seeded rows from their own generators."""
+    def _noise(self, probs: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
+        """Exp(1) noise [S, V]: unseeded rows in one call, seeded rows in one more."""
         noise = torch.empty_like(probs)
-        seeded = [i for i, seq in enumerate(seqs) if seq.generator is not None]
-        if len(seeded) < len(seqs):
+        if st.host.num_unseeded:
             noise.exponential_(generator=self.generator)
-        for i in seeded:
-            noise[i].exponential_(generator=seqs[i].generator)
+        else:
+            noise.fill_(1.0)  # greedy rows ignore it
+        if st.host.seeded_rows:
+            noise.index_copy_(0, st.seeded_rows, seeded_exponential(st.seed_key, probs.shape[-1]))
         return noise
 
-    def _logprobs(
-        self, logits: torch.Tensor, seqs: list[Sequence], token_ids: torch.Tensor
-    ) -> list[tuple[float, list[int], list[float]] | None]:
-        rows = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None]
-        result: list[tuple[float, list[int], list[float]] | None] = [None] * len(seqs)
-        if not rows:
-            return result
-        idx = torch.tensor(rows, device=logits.device)
-        lp = logits.index_select(0, idx).float().log_softmax(dim=-1)  # [R, V]
-        chosen = lp.gather(1, token_ids.index_select(0, idx)[:, None])[:, 0].tolist()  # [R]
-        k = max(seqs[i].params.logprobs for i in rows)
-        top_lp, top_ids = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())  # [R, k]
-        top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
-        for j, i in enumerate(rows):
-            n = seqs[i].params.logprobs
-            result[i] = (chosen[j], top_ids[j][:n], top_lp[j][:n])
-        return result
+
+def _logprob_parts(
+    logits: torch.Tensor, rows: torch.Tensor, token_ids: torch.Tensor, k: int
+) -> list[torch.Tensor]:
+    lp = logits.index_select(0, rows).log_softmax(dim=-1)  # [L, V]
+    chosen = lp.gather(1, token_ids.index_select(0, rows)[:, None])[:, 0]  # [L]
+    top_lp, top_ids = lp.topk(k, dim=-1)  # [L, k]
+    return [
+        chosen.to(torch.float64),
+        top_ids.to(torch.float64).flatten(),
+        top_lp.to(torch.float64).flatten(),
+    ]
 
 
-def _apply_top_k(scaled: torch.Tensor, top_k: list[int]) -> torch.Tensor:
-    """Keep each row's k largest logits (k = 0: all)."""
+def _unpack(host: list[float], rows: RowParams, k: int) -> SamplerOutput:
+    """Split the one host transfer back into ids, finite flags and logprobs."""
+    n = rows.num_rows
+    ids = [int(x) for x in host[:n]]
+    finite = [x != 0.0 for x in host[n : 2 * n]]
+    logprobs: list[tuple[float, list[int], list[float]] | None] = [None] * n
+    num_lp = len(rows.num_logprobs)
+    chosen = host[2 * n : 2 * n + num_lp]
+    top_ids = host[2 * n + num_lp : 2 * n + num_lp + num_lp * k]
+    top_lp = host[2 * n + num_lp + num_lp * k :]
+    for j, (row, want) in enumerate(zip(rows.logprob_rows, rows.num_logprobs, strict=True)):
+        top = slice(j * k, j * k + want)
+        logprobs[row] = (chosen[j], [int(x) for x in top_ids[top]], top_lp[top])
+    return SamplerOutput(ids, finite, logprobs)
+
+
+def apply_top_k(scaled: torch.Tensor, top_k: torch.Tensor, max_top_k: int) -> torch.Tensor:
+    """Keep each row's k largest logits (k = 0: all); ``top_k`` [S] int32."""
     vocab = scaled.shape[-1]
-    ks = torch.tensor([min(k, vocab) for k in top_k], device=scaled.device)  # [S]
-    kth = scaled.topk(min(max(top_k), vocab), dim=-1).values  # [S, kmax]
+    ks = top_k.clamp(max=vocab).long()  # [S]
+    kth = scaled.topk(min(max_top_k, vocab), dim=-1).values  # [S, kmax]
     threshold = kth.gather(1, (ks.clamp(min=1) - 1)[:, None])  # [S, 1]
     threshold = torch.where(ks[:, None] > 0, threshold, torch.full_like(threshold, -float("inf")))
     return scaled.masked_fill(scaled < threshold, -float("inf"))
 
 
-def _apply_top_p(scaled: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+def apply_top_p(scaled: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose mass reaches ``top_p`` (per row)."""
     sorted_logits, order = scaled.sort(dim=-1, descending=True)  # [S, V]
     probs = sorted_logits.softmax(dim=-1)

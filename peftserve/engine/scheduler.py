@@ -148,6 +148,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.pop()
         self.block_manager.free(seq)
+        seq.num_preemptions += 1
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)

@@ -5,9 +5,6 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-import torch
-
-from peftserve.engine.outputs import TokenLogprob
 from peftserve.engine.sampling_params import SamplingParams
 
 
@@ -19,7 +16,8 @@ class SequenceStatus(enum.Enum):
 
 @dataclass(slots=True, eq=False)
 class Sequence:
-    """One request: its tokens (prompt, then generated), KV blocks and output bookkeeping.
+    """One request: its tokens (prompt, then generated) and KV blocks (no text: see
+    ``peftserve.engine.output_processor``).
 
     ``num_computed_tokens`` counts the tokens whose keys and values are in the KV cache;
     the tokens after it are what the next steps must run (a prefill chunk, or the one
@@ -40,16 +38,8 @@ class Sequence:
     num_computed_tokens: int = 0
     num_slot_waits: int = 0
     """Steps this sequence was passed over because its adapter had no free slot."""
-    generator: torch.Generator | None = None
-    """Per-request generator for seeded sampling (None: the engine's shared one)."""
-    # Output bookkeeping (engine/detokenizer).
-    output_text: str = ""
-    """Generated text so far, stop string cut."""
-    num_emitted_chars: int = 0
-    num_emitted_tokens: int = 0
-    prefix_offset: int = 0
-    read_offset: int = 0
-    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    num_preemptions: int = 0
+    """Times it was preempted (its blocks freed, to be recomputed)."""
     prompt_logprobs: dict[int, float] = field(default_factory=dict)
     """Teacher-forced log-probability of prompt token i (i >= params.score_from)."""
     finish_reason: str | None = None

@@ -39,8 +39,12 @@ from peftserve.lora.adapter_config import (
     show,
 )
 
-TARGET_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-"""Projections the engine can carry LoRA on (embeddings and lm_head are not among them)."""
+TARGET_NAMES = (
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj",
+)  # fmt: skip
+"""Projections the engine can carry LoRA on (embeddings and lm_head are not among them).
+Phi-3 fuses q/k/v into ``qkv_proj`` and gate/up into ``gate_up_proj``: its adapters target
+those fused modules, one LoRA pair each, like any other projection."""
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -235,7 +239,11 @@ def _pair_tensors(
             leaf = module.rsplit(".", 1)[-1]
             if leaf in ("embed_tokens", "lm_head"):
                 raise AdapterError(f"target module {leaf!r} is not supported (embedding and lm_head targets)")
-            raise AdapterError(f"weight {key!r} targets {module!r}, which is not a supported projection of this base model")
+            have = ", ".join(sorted({name.rsplit(".", 1)[-1] for name in shapes}))
+            raise AdapterError(
+                f"weight {key!r} targets {module!r}, which is not a supported projection of this base "
+                f"model (its projections: {have}); was the adapter made for another model?"
+            )
         halves.setdefault(module, {})[match["ab"]] = tensor
     pairs = {}
     for module, ab in halves.items():
