@@ -115,7 +115,9 @@ def _spec_with(**changes: MetricSpec) -> AnalysisSpec:
     return AnalysisSpec(metrics=tuple(changes.get(m.name, m) for m in default_metrics()))
 
 
-AT_TOLERANCE = _spec_with(error_rate=MetricSpec("error_rate", "proportion", "increase", 0.5, mde=1.0, relative=True))
+AT_TOLERANCE = _spec_with(
+    error_rate=MetricSpec("error_rate", "proportion", "increase", 0.5, mde=1.0, relative=True)
+)
 
 CASES: tuple[Case, ...] = (
     Case("identical-1", rate=1.0),
@@ -124,10 +126,21 @@ CASES: tuple[Case, ...] = (
     Case("identical-surge", rate=10.0, surge=True),
     Case("identical-diurnal", rate=10.0, diurnal=True),
     Case("identical-heavy-users", rate=10.0, zipf=1.1, users=5000),
-    Case("identical-rare-events", rate=10.0, stable=Arm(error=0.005, non_finite=0.002),
-         candidate=Arm(error=0.005, non_finite=0.002), note="0.5 % errors, 0.2 % non-finite in both"),
-    Case("errors-at-tolerance", rate=10.0, stable=Arm(error=0.01), candidate=Arm(error=0.015),
-         analysis=AT_TOLERANCE, note="relative tolerance 50 %, candidate 1.5x"),
+    Case(
+        "identical-rare-events",
+        rate=10.0,
+        stable=Arm(error=0.005, non_finite=0.002),
+        candidate=Arm(error=0.005, non_finite=0.002),
+        note="0.5 % errors, 0.2 % non-finite in both",
+    ),
+    Case(
+        "errors-at-tolerance",
+        rate=10.0,
+        stable=Arm(error=0.01),
+        candidate=Arm(error=0.015),
+        analysis=AT_TOLERANCE,
+        note="relative tolerance 50 %, candidate 1.5x",
+    ),
     Case("eval-set-100", rate=10.0, eval_set=100, note="identical quality, 100-prompt greedy set"),
     Case("probes-10pt", rate=10.0, candidate=Arm(accuracy_drop=0.10)),
     Case("probes-5pt", rate=10.0, candidate=Arm(accuracy_drop=0.05)),
@@ -136,9 +149,17 @@ CASES: tuple[Case, ...] = (
     Case("feedback-5pt-binary", rate=10.0, candidate=Arm(feedback=0.75)),
     Case("errors-0.5-to-2pct", rate=10.0, candidate=Arm(error=0.02)),
     Case("latency+50", rate=10.0, candidate=Arm(step_cost=1.5)),
-    Case("segment-10pct-users", rate=10.0, candidate=Arm(feedback_segment=0.5),
-         note="users of one region (10 %) -30 points of feedback"),
-    Case("better", rate=10.0, candidate=Arm(error=0.003, step_cost=0.8, feedback=0.85, accuracy_drop=-0.05)),
+    Case(
+        "segment-10pct-users",
+        rate=10.0,
+        candidate=Arm(feedback_segment=0.5),
+        note="users of one region (10 %) -30 points of feedback",
+    ),
+    Case(
+        "better",
+        rate=10.0,
+        candidate=Arm(error=0.003, step_cost=0.8, feedback=0.85, accuracy_drop=-0.05),
+    ),
 )
 QUICK = ("identical-10", "latency+50", "probes-10pt", "errors-0.5-to-2pct")
 
@@ -178,7 +199,9 @@ class World:
         self.surge_at = rng.uniform(300, 1500)
         q = rng.beta(1.6, 0.4, case.eval_set)
         self.stable_right = rng.random(case.eval_set) < q
-        own = rng.random(case.eval_set) < np.clip(q * (1 - case.candidate.accuracy_drop / (0.8 * (1 - AGREE))), 0, 1)
+        own = rng.random(case.eval_set) < np.clip(
+            q * (1 - case.candidate.accuracy_drop / (0.8 * (1 - AGREE))), 0, 1
+        )
         self.candidate_right = np.where(rng.random(case.eval_set) < AGREE, self.stable_right, own)
 
     def rate(self, t: float) -> float:
@@ -190,10 +213,16 @@ class World:
         return r
 
     def drift(self, t: float) -> float:
-        return 1 + 0.3 * math.sin(self.phase + 2 * math.pi * t / 86400) if self.case.diurnal else 1.0
+        return (
+            1 + 0.3 * math.sin(self.phase + 2 * math.pi * t / 86400) if self.case.diurnal else 1.0
+        )
 
     def error_drift(self, t: float) -> float:
-        return 1 + 0.4 * math.sin(self.phase + 1 + 2 * math.pi * t / 86400) if self.case.diurnal else 1.0
+        return (
+            1 + 0.4 * math.sin(self.phase + 1 + 2 * math.pi * t / 86400)
+            if self.case.diurnal
+            else 1.0
+        )
 
     def concurrency(self, t: float) -> float:
         """Requests in flight (Little's law: rate x mean engine time, ~0.6 s)."""
@@ -212,15 +241,18 @@ class World:
         w = weight / 100.0
         n_c = rng.poisson(busy * w, steps)
         n_s = rng.poisson(busy * (1 - w), steps)
-        tokens = n_c + n_s + rng.poisson(busy * 3, steps) + 1.0  # decode tokens, prefill chunks, the probe
+        tokens = (
+            n_c + n_s + rng.poisson(busy * 3, steps) + 1.0
+        )  # decode tokens, prefill chunks, the probe
         tokens[0] += 16  # the probe's prompt
         segs_c = (n_c > 0) + (own == "candidate")
         segs_s = (n_s > 0) + (own == "stable")
         adapters = segs_c + segs_s
         base = self.BASE_S * self.drift(t) + self.TOKEN_S * tokens**0.9 * 8**0.1
         d = base + self.SEGMENT_S * adapters + self.MIX_S * (adapters >= 2)
-        d += self.TYPICAL_STEP_S * ((self.case.candidate.step_cost - 1) * segs_c
-                                    + (self.case.stable.step_cost - 1) * segs_s)
+        d += self.TYPICAL_STEP_S * (
+            (self.case.candidate.step_cost - 1) * segs_c + (self.case.stable.step_cost - 1) * segs_s
+        )
         return d * (1 + self.NOISE * rng.standard_normal(steps))
 
     # ---- one round of traffic -------------------------------------------------------------
@@ -271,8 +303,19 @@ class World:
             values[:, COL["feedback_n"]] = fb
             values[:, COL["feedback"]] = np.where(fb, score, 0)
             lengths = np.array([length_bucket(int(p)) for p in prompt[sel]])
-            out.append(Columns(TASK, version, "candidate" if code else "stable", stratum, self.units[u], values,
-                               np.ones(m, dtype=bool), at[sel], [self.region_label[self.region[u]], lengths]))
+            out.append(
+                Columns(
+                    TASK,
+                    version,
+                    "candidate" if code else "stable",
+                    stratum,
+                    self.units[u],
+                    values,
+                    np.ones(m, dtype=bool),
+                    at[sel],
+                    [self.region_label[self.region[u]], lengths],
+                )
+            )
         return out
 
     def probe(self, t: float, version: str, index: int, weight: float) -> ProbeAnswer:
@@ -286,9 +329,20 @@ class World:
         nf = rng.random() < a.non_finite
         err = bool(nf or rng.random() < a.error * self.error_drift(t))
         batch = None if err else BatchShare(steps, float(d.sum()), 0)
-        record = RequestRecord(TASK, version, 0, "probe", t, error=err, non_finite=nf, finish_reason="stop",
-                               e2e=None if err else float(d.sum()), output_tokens=steps - 1, prompt_tokens=16,
-                               batch=batch)
+        record = RequestRecord(
+            TASK,
+            version,
+            0,
+            "probe",
+            t,
+            error=err,
+            non_finite=nf,
+            finish_reason="stop",
+            e2e=None if err else float(d.sum()),
+            output_tokens=steps - 1,
+            prompt_tokens=16,
+            batch=batch,
+        )
         return ProbeAnswer("right" if right and not err else "wrong", record)
 
 
@@ -326,7 +380,9 @@ async def _rollout(case: Case, seed: int, data_dir: str) -> Outcome:
         return world.probe(clock[0], version, int(prompt.split()[-1]), r.weight if r else 50.0)
 
     hooks = ControllerHooks(versions, noop, noop, noop, probe)
-    controller = RolloutController(store, windows, router, hooks, config=ControllerConfig(), clock=now)
+    controller = RolloutController(
+        store, windows, router, hooks, config=ControllerConfig(), clock=now
+    )
     spec = RolloutSpec(TASK, "v1", "v2", analysis=case.analysis or AnalysisSpec())
     eval_set = [{"prompt": f"probe {i}", "answer": "right"} for i in range(case.eval_set)]
     try:
@@ -389,7 +445,11 @@ class CaseResult:
     outcomes: list[Outcome]
 
     def share(self, state: str, within_s: float | None = None) -> float:
-        hits = [o for o in self.outcomes if o.state == state and (within_s is None or o.seconds <= within_s)]
+        hits = [
+            o
+            for o in self.outcomes
+            if o.state == state and (within_s is None or o.seconds <= within_s)
+        ]
         return len(hits) / len(self.outcomes)
 
     def median(self, attr: str, state: str | None = None) -> float:
@@ -398,7 +458,9 @@ class CaseResult:
         return float(np.median(xs)) if xs else math.nan
 
     def rolled_back_within(self, samples: float, attr: str) -> float:
-        hits = [o for o in self.outcomes if o.state == "rolled_back" and getattr(o, attr) <= samples]
+        hits = [
+            o for o in self.outcomes if o.state == "rolled_back" and getattr(o, attr) <= samples
+        ]
         return len(hits) / len(self.outcomes)
 
 
@@ -420,8 +482,10 @@ def _count(x: float) -> str:
     return "-" if x != x else f"{x:.0f}"
 
 
-HEADER = ("| case | rate | rollouts | rolled back | promoted | paused | undecided at 2 h | median min to decision | "
-          "median candidate requests / probes / feedback at decision | notes |")
+HEADER = (
+    "| case | rate | rollouts | rolled back | promoted | paused | undecided at 2 h | median min to decision | "
+    "median candidate requests / probes / feedback at decision | notes |"
+)
 
 
 def row(r: CaseResult) -> str:
@@ -429,20 +493,30 @@ def row(r: CaseResult) -> str:
     decided = [o for o in r.outcomes if o.state != "undecided"]
     med_t = float(np.median([o.seconds for o in decided])) if decided else math.nan
     state = "rolled_back" if r.share("rolled_back") >= r.share("promoted") else "promoted"
-    samples = " / ".join(_count(r.median(a, state)) for a in ("candidate_requests", "candidate_probes",
-                                                                "candidate_feedback"))
+    samples = " / ".join(
+        _count(r.median(a, state))
+        for a in ("candidate_requests", "candidate_probes", "candidate_feedback")
+    )
     notes = c.note
     if c.name.startswith("probes-5pt"):
-        notes = (notes + "; " if notes else "") + \
-            f"rolled back within 1,000 candidate probes: {r.rolled_back_within(1000, 'candidate_probes'):.1%}"
+        notes = (
+            (notes + "; " if notes else "")
+            + f"rolled back within 1,000 candidate probes: {r.rolled_back_within(1000, 'candidate_probes'):.1%}"
+        )
     if c.name.startswith("feedback-5pt"):
-        notes = (notes + "; " if notes else "") + \
-            f"rolled back within 1,000 candidate feedback: {r.rolled_back_within(1000, 'candidate_feedback'):.1%}"
-    return (f"| {c.name} | {c.rate:g}/s | {len(r.outcomes)} | {r.share('rolled_back'):.1%} | {r.share('promoted'):.1%} | "
-            f"{r.share('paused'):.1%} | {r.share('undecided'):.1%} | {_minutes(med_t)} | {samples} | {notes} |")
+        notes = (
+            (notes + "; " if notes else "")
+            + f"rolled back within 1,000 candidate feedback: {r.rolled_back_within(1000, 'candidate_feedback'):.1%}"
+        )
+    return (
+        f"| {c.name} | {c.rate:g}/s | {len(r.outcomes)} | {r.share('rolled_back'):.1%} | {r.share('promoted'):.1%} | "
+        f"{r.share('paused'):.1%} | {r.share('undecided'):.1%} | {_minutes(med_t)} | {samples} | {notes} |"
+    )
 
 
-def run_all(cases: list[Case], rollouts: int, seed: int, workers: int, deadline_s: float) -> list[CaseResult]:
+def run_all(
+    cases: list[Case], rollouts: int, seed: int, workers: int, deadline_s: float
+) -> list[CaseResult]:
     """Every case's rollouts in one pool, interleaved, so that a deadline leaves each case about
     the same number of finished rollouts (reported per case)."""
     jobs = [(c, (seed + i) * 1_000_003 + k) for k in range(rollouts) for i, c in enumerate(cases)]
@@ -468,14 +542,22 @@ def _tagged(job: tuple[Case, int]) -> tuple[str, Outcome]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rollouts", type=int, default=500)
     parser.add_argument("--cases", nargs="*", help="case names (default: all)")
-    parser.add_argument("--quick", action="store_true", help=f"cases {', '.join(QUICK)}, 20 rollouts each")
+    parser.add_argument(
+        "--quick", action="store_true", help=f"cases {', '.join(QUICK)}, 20 rollouts each"
+    )
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--deadline-s", type=float, default=0.0,
-                        help="run all cases in one pool, interleaved, and report what finished by then")
+    parser.add_argument(
+        "--deadline-s",
+        type=float,
+        default=0.0,
+        help="run all cases in one pool, interleaved, and report what finished by then",
+    )
     args = parser.parse_args(argv)
     names = QUICK if args.quick else (args.cases or [c.name for c in CASES])
     rollouts = 20 if args.quick and args.rollouts == 500 else args.rollouts
@@ -483,11 +565,15 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in by_name]
     if unknown:
         parser.error(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(by_name)}")
-    print(f"{rollouts} rollouts per case; controller every {ControllerConfig().interval_s:g} s, "
-          f"{ControllerConfig().probes_per_tick} probes per round; default analysis; horizon {HORIZON_S / 3600:g} h")
+    print(
+        f"{rollouts} rollouts per case; controller every {ControllerConfig().interval_s:g} s, "
+        f"{ControllerConfig().probes_per_tick} probes per round; default analysis; horizon {HORIZON_S / 3600:g} h"
+    )
     if args.deadline_s > 0:
         start = time.perf_counter()
-        done = run_all([by_name[n] for n in names], rollouts, args.seed, args.workers, args.deadline_s)
+        done = run_all(
+            [by_name[n] for n in names], rollouts, args.seed, args.workers, args.deadline_s
+        )
         print(HEADER)
         print("|---" * (HEADER.count("|") - 1) + "|")
         for result in done:

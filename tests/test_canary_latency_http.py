@@ -39,9 +39,21 @@ DECISION_TIMEOUT_S = 300.0
 ANALYSIS = {
     "min_samples": 10,
     "metrics": [
-        {"name": "error_rate", "kind": "proportion", "direction": "increase", "tolerance": 0.0, "mde": 0.5},
-        {"name": "latency", "kind": "continuous", "direction": "increase", "tolerance": 0.3, "mde": 1.0,
-         "relative": True},
+        {
+            "name": "error_rate",
+            "kind": "proportion",
+            "direction": "increase",
+            "tolerance": 0.0,
+            "mde": 0.5,
+        },
+        {
+            "name": "latency",
+            "kind": "continuous",
+            "direction": "increase",
+            "tolerance": 0.3,
+            "mde": 1.0,
+            "relative": True,
+        },
     ],
 }
 
@@ -61,14 +73,17 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     same = root / "same"
     same.mkdir()
     weights = load_file(stable / "adapter_model.safetensors")
-    save_file({k: v * (1 + 0.01 * (2 * (hash(k) % 2) - 1)) for k, v in weights.items()},
-              same / "adapter_model.safetensors")
+    save_file(
+        {k: v * (1 + 0.01 * (2 * (hash(k) % 2) - 1)) for k, v in weights.items()},
+        same / "adapter_model.safetensors",
+    )
     (same / "adapter_config.json").write_text((stable / "adapter_config.json").read_text())
     monkey = pytest.MonkeyPatch()
     execute, transition = ModelRunner.execute, RolloutController._transition
     ended: queue.Queue[tuple[str, str]] = queue.Queue()
 
-    def slow_execute(self, sched):  # the "slow" version (and its probe twin) triples every step it is in
+    # the "slow" version (and its probe twin) triples every step it is in
+    def slow_execute(self, sched):
         if not any(seq.lora_id and seq.lora_id.startswith("t@slow") for seq in sched.seqs):
             return execute(self, sched)
         start = time.perf_counter()
@@ -85,8 +100,14 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     monkey.setattr(ModelRunner, "execute", slow_execute)
     monkey.setattr(RolloutController, "_transition", noting_transition)
     try:
-        with running_server(model, canary_interval_s=0.3, probes_per_tick=3, probe_max_tokens=6,
-                            rollback_keep_warm_s=0, promote_keep_warm_s=0) as url:
+        with running_server(
+            model,
+            canary_interval_s=0.3,
+            probes_per_tick=3,
+            probe_max_tokens=6,
+            rollback_keep_warm_s=0,
+            promote_keep_warm_s=0,
+        ) as url:
             with Client(url) as client:
                 for version, path in (("v1", stable), ("v2", same), ("slow", same)):
                     client.upload(path, "t", version)
@@ -101,14 +122,21 @@ class Users:
     def __init__(self, url: str, workers: int = 4) -> None:
         self.url = url
         self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(workers)]
+        self.threads = [
+            threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(workers)
+        ]
 
     def _run(self, seed: int) -> None:
         rng = random.Random(seed)
         with httpx.Client(base_url=self.url, timeout=60) as http:
             while not self.stop.is_set():
-                body = {"model": "t", "prompt": "abc " * rng.randint(1, 6), "max_tokens": 6, "temperature": 0,
-                        "user": f"user-{rng.randrange(10_000)}"}
+                body = {
+                    "model": "t",
+                    "prompt": "abc " * rng.randint(1, 6),
+                    "max_tokens": 6,
+                    "temperature": 0,
+                    "user": f"user-{rng.randrange(10_000)}",
+                }
                 http.post("/v1/completions", json=body)
 
     def __enter__(self) -> Users:
@@ -136,29 +164,41 @@ def _decided(served: Served, client: Client, task: str):
 def _names_test_margin_and_evidence(decision, latency_status: str) -> None:
     """The audit of a move lists every metric's test, margin and evidence, not only the deciding one's."""
     lines = (line.split(": ", 1) for line in decision.payload["evidence"])
-    evidence = {name: words for name, words in lines if "[" not in name}  # segments (name[label]) aside
+    # segments (name[label]) aside
+    evidence = {name: words for name, words in lines if "[" not in name}
     assert set(evidence) == {"error_rate", "latency"}, decision.payload
     assert "exact conditional-binomial e-process" in evidence["error_rate"]
-    assert "tolerance +0, mde +0.5" in evidence["error_rate"] and "samples" in evidence["error_rate"]
-    assert "twin of stable" in evidence["latency"] and "tolerance +30.0%, mde +100.0%" in evidence["latency"]
+    assert (
+        "tolerance +0, mde +0.5" in evidence["error_rate"] and "samples" in evidence["error_rate"]
+    )
+    assert (
+        "twin of stable" in evidence["latency"]
+        and "tolerance +30.0%, mde +100.0%" in evidence["latency"]
+    )
     assert "engine time per step" in evidence["latency"] and "harm" in evidence["latency"]
     assert evidence["latency"].endswith(f"-> {latency_status}"), evidence["latency"]
 
 
-def test_same_quality_candidate_is_promoted_and_a_slower_one_rolled_back_on_latency(served: Served) -> None:
+def test_same_quality_candidate_is_promoted_and_a_slower_one_rolled_back_on_latency(
+    served: Served,
+) -> None:
     with Users(served.url), Client(served.url) as client:
         client.start_rollout("t", "v2", steps=[10], interval=1.0, analysis=ANALYSIS)
         rollout = _decided(served, client, "t")
         assert rollout.state == "promoted", [m["detail"] for m in rollout.last_judgment.metrics]
         latency = next(m for m in rollout.last_judgment.metrics if m["name"] == "latency")
         assert latency["status"] == "pass" and "twin" in latency["test"]
-        promote = [e for e in client.rollout_history("t", kinds=["decision"]) if e.action == "promote"][-1]
+        promote = [
+            e for e in client.rollout_history("t", kinds=["decision"]) if e.action == "promote"
+        ][-1]
         _names_test_margin_and_evidence(promote, "pass")
 
         client.start_rollout("t", "slow", steps=[10], interval=1.0, analysis=ANALYSIS)
         rollout = _decided(served, client, "t")
         assert rollout.state == "rolled_back", rollout.summary
-        decision = [e for e in client.rollout_history("t", kinds=["decision"]) if e.action == "rollback"][-1]
+        decision = [
+            e for e in client.rollout_history("t", kinds=["decision"]) if e.action == "rollback"
+        ][-1]
         assert decision.metric == "latency" and "critical metric failed" in decision.reason
         assert "engine time per step" in decision.reason and "tolerance +30.0%" in decision.reason
         _names_test_margin_and_evidence(decision, "fail")

@@ -29,7 +29,9 @@ def test_halfwidth_scalar_array_and_inverse_agree():
     rho = seq.mixing_precision(0.001, 0.05, 0.05)
     for variance in (1e-2, 1e-4, 1e-6):
         h = seq.mixture_halfwidth(variance, rho, 0.001)
-        assert h == pytest.approx(float(seq.mixture_halfwidths(np.array([variance]), rho, 0.001)[0]), rel=1e-5)
+        assert h == pytest.approx(
+            float(seq.mixture_halfwidths(np.array([variance]), rho, 0.001)[0]), rel=1e-5
+        )
         assert seq.information_for(h, rho, 0.001) == pytest.approx(1 / variance, rel=1e-6)
     assert math.isinf(seq.mixture_halfwidth(0.0, rho, 0.001))
     assert math.isinf(seq.mixture_halfwidth(float("inf"), rho, 0.001))
@@ -88,7 +90,14 @@ def _arms(rng: np.random.Generator, users: int, effect: float = 0.0, heavy: bool
         y = (rng.random(u.size) < np.clip(level[u] - effect * in_c, 0, 1)).astype(float)
         for arm, sel in ((cand, in_c), (stab, ~in_c)):
             uu, inv = np.unique(u[sel], return_inverse=True)
-            arm.append((np.full(uu.size, k), uu, np.bincount(inv, weights=y[sel]), np.bincount(inv).astype(float)))
+            arm.append(
+                (
+                    np.full(uu.size, k),
+                    uu,
+                    np.bincount(inv, weights=y[sel]),
+                    np.bincount(inv).astype(float),
+                )
+            )
 
     def make(parts):
         return seq.Arm(*[np.concatenate([p[i] for p in parts]) for i in range(4)])
@@ -101,7 +110,9 @@ def test_stratified_difference_variance_matches_the_spread_of_estimates(heavy):
     """The unit-clustered variance tracks the true spread, heavy users included (a request-level
     variance would miss most of it); the estimate is unbiased."""
     rng = np.random.default_rng(2)
-    draws = [seq.stratified_difference(*_arms(rng, 2000, heavy=heavy), binary=True) for _ in range(300)]
+    draws = [
+        seq.stratified_difference(*_arms(rng, 2000, heavy=heavy), binary=True) for _ in range(300)
+    ]
     est = np.array([d.estimate for d in draws])
     var = np.array([d.variance for d in draws])
     assert abs(est.mean()) < 3 * est.std() / np.sqrt(len(est))
@@ -116,19 +127,42 @@ def test_grouped_difference_equals_stratified_per_group():
         g_c = rng.integers(0, 3, c.unit.size)
         g_s = rng.integers(0, 3, s.unit.size)
         both = seq.grouped_difference(
-            seq.Grouped(np.concatenate([np.zeros_like(c.unit), g_c + 1]), np.tile(c.stratum, 2),
-                        np.tile(c.unit, 2), np.tile(c.total, 2), np.tile(c.count, 2)),
-            seq.Grouped(np.concatenate([np.zeros_like(s.unit), g_s + 1]), np.tile(s.stratum, 2),
-                        np.tile(s.unit, 2), np.tile(s.total, 2), np.tile(s.count, 2)),
-            4, binary=True, log_scale=log_scale,
+            seq.Grouped(
+                np.concatenate([np.zeros_like(c.unit), g_c + 1]),
+                np.tile(c.stratum, 2),
+                np.tile(c.unit, 2),
+                np.tile(c.total, 2),
+                np.tile(c.count, 2),
+            ),
+            seq.Grouped(
+                np.concatenate([np.zeros_like(s.unit), g_s + 1]),
+                np.tile(s.stratum, 2),
+                np.tile(s.unit, 2),
+                np.tile(s.total, 2),
+                np.tile(s.count, 2),
+            ),
+            4,
+            binary=True,
+            log_scale=log_scale,
         )
         assert both.estimate[0] == pytest.approx(whole.estimate)
         assert both.variance[0] == pytest.approx(whole.variance)
         for g in (1, 2, 3):
             sub = seq.stratified_difference(
-                seq.Arm(c.stratum[g_c == g - 1], c.unit[g_c == g - 1], c.total[g_c == g - 1], c.count[g_c == g - 1]),
-                seq.Arm(s.stratum[g_s == g - 1], s.unit[g_s == g - 1], s.total[g_s == g - 1], s.count[g_s == g - 1]),
-                binary=True, log_scale=log_scale,
+                seq.Arm(
+                    c.stratum[g_c == g - 1],
+                    c.unit[g_c == g - 1],
+                    c.total[g_c == g - 1],
+                    c.count[g_c == g - 1],
+                ),
+                seq.Arm(
+                    s.stratum[g_s == g - 1],
+                    s.unit[g_s == g - 1],
+                    s.total[g_s == g - 1],
+                    s.count[g_s == g - 1],
+                ),
+                binary=True,
+                log_scale=log_scale,
             )
             assert both.estimate[g] == pytest.approx(sub.estimate)
             assert both.variance[g] == pytest.approx(sub.variance)
@@ -138,8 +172,18 @@ def test_stratification_removes_drift_that_pooling_would_read_as_harm():
     """Both arms drift from 0.9 to 0.6 while the weight grows: pooled, the candidate (mostly late)
     looks 20 points worse; within strata it is not."""
     unit = np.arange(8)
-    c = seq.Arm(np.array([0, 1, 2, 3]), unit[:4], np.array([9.0, 80, 70, 600]), np.array([10.0, 100, 100, 1000]))
-    s = seq.Arm(np.array([0, 1, 2, 3]), unit[4:], np.array([900.0, 800, 70, 60]), np.array([1000.0, 1000, 100, 100]))
+    c = seq.Arm(
+        np.array([0, 1, 2, 3]),
+        unit[:4],
+        np.array([9.0, 80, 70, 600]),
+        np.array([10.0, 100, 100, 1000]),
+    )
+    s = seq.Arm(
+        np.array([0, 1, 2, 3]),
+        unit[4:],
+        np.array([900.0, 800, 70, 60]),
+        np.array([1000.0, 1000, 100, 100]),
+    )
     est = seq.stratified_difference(c, s)
     assert abs(est.estimate) < 0.01
     pooled = c.total.sum() / c.count.sum() - s.total.sum() / s.count.sum()
@@ -155,6 +199,16 @@ def test_paired_difference_floors_identical_answers():
 
 def test_binomial_tail_is_exact():
     """The fixed-sample McNemar p-value (a fully answered eval set) against scipy's binomial."""
-    for k, n, p in ((0, 10, 0.5), (7, 10, 0.5), (11, 10, 0.5), (45, 65, 0.5), (600, 1000, 0.5),
-                    (5, 100_000, 1e-4), (51_000, 100_000, 0.5), (3, 20, 0.3)):
-        assert seq.binomial_tail(k, n, p) == pytest.approx(stats.binom.sf(k - 1, n, p), rel=1e-9, abs=1e-300)
+    for k, n, p in (
+        (0, 10, 0.5),
+        (7, 10, 0.5),
+        (11, 10, 0.5),
+        (45, 65, 0.5),
+        (600, 1000, 0.5),
+        (5, 100_000, 1e-4),
+        (51_000, 100_000, 0.5),
+        (3, 20, 0.3),
+    ):
+        assert seq.binomial_tail(k, n, p) == pytest.approx(
+            stats.binom.sf(k - 1, n, p), rel=1e-9, abs=1e-300
+        )

@@ -40,8 +40,14 @@ def test_equal_versions_are_promoted_never_rolled_back(sim):
         assert result.share("promoted", within_s=sim.HORIZON_S) >= 5 / 6, sim.row(result)
 
 
-@pytest.mark.parametrize("name, metric", [("latency+50", "latency"), ("probes-10pt", "probe_accuracy"),
-                                          ("errors-0.5-to-2pct", "error_rate")])
+@pytest.mark.parametrize(
+    "name, metric",
+    [
+        ("latency+50", "latency"),
+        ("probes-10pt", "probe_accuracy"),
+        ("errors-0.5-to-2pct", "error_rate"),
+    ],
+)
 def test_clear_regressions_are_rolled_back_on_their_metric(sim, name, metric):
     result = _run(sim, name)
     assert result.share("rolled_back") == 1.0, sim.row(result)

@@ -12,7 +12,12 @@ def test_every_request_reports_its_steps_time_and_company(tmp_path):
     model_dir = make_tiny_model(tmp_path / "model", "llama")
     engine = make_engine(model_dir, max_loras=2)
     for name, seed in (("a", 1), ("b", 2)):
-        engine.add_lora(name, load_adapter(make_peft_adapter(model_dir, tmp_path / name, seed=seed), engine.model, 64))
+        engine.add_lora(
+            name,
+            load_adapter(
+                make_peft_adapter(model_dir, tmp_path / name, seed=seed), engine.model, 64
+            ),
+        )
     lora_ids = ["a", "a", "a", "b", None]
     prompts = random_prompts((5, 9, 3, 7, 4))
     results = generate_all(engine, prompts, greedy(max_tokens=6), lora_ids)

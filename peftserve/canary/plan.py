@@ -71,8 +71,9 @@ def _rates(metric: MetricSpec, weight: float, rate: float, probe_rate: float) ->
     return info
 
 
-def plan_rollout(spec: RolloutSpec, rate: float, probe_rate: float, eval_set_size: int | None,
-                 interval_s: float) -> dict[str, Any]:
+def plan_rollout(
+    spec: RolloutSpec, rate: float, probe_rate: float, eval_set_size: int | None, interval_s: float
+) -> dict[str, Any]:
     """Expected duration of ``spec`` at ``rate`` requests/s and ``probe_rate`` probe pairs/s.
 
     Returns ``{"expected_s", "steps": [{"weight", "expected_s"}], "metrics": [{"name",
@@ -83,8 +84,10 @@ def plan_rollout(spec: RolloutSpec, rate: float, probe_rate: float, eval_set_siz
     required = [m for m in spec.analysis.metrics if m.required]
     warnings: list[str] = []
     if rate <= 0 and probe_rate <= 0:
-        warnings.append(f"no traffic for task {spec.task!r} in the last 5 minutes and no probes: the rollout "
-                        "waits for traffic (give an eval set to let probes decide)")
+        warnings.append(
+            f"no traffic for task {spec.task!r} in the last 5 minutes and no probes: the rollout "
+            "waits for traffic (give an eval set to let probes decide)"
+        )
     gathered = {m.name: 0.0 for m in required}
     per_step = []
     total = 0.0
@@ -96,14 +99,20 @@ def plan_rollout(spec: RolloutSpec, rate: float, probe_rate: float, eval_set_siz
             sd = PRIOR_SD.get(m.name, 1.0)
             need = _information(m, spec, factor * m.detectable) * sd * sd
             info_rate = _rates(m, weight if weight > 0 else spec.shadow_percent, rate, probe_rate)
-            if m.name == "probe_accuracy" and eval_set_size is not None and spec.probe_temperature == 0:
+            if (
+                m.name == "probe_accuracy"
+                and eval_set_size is not None
+                and spec.probe_temperature == 0
+            ):
                 cap = float(eval_set_size)  # a greedy set holds this many pairs, no more
                 need = min(need, cap)
             short = need - gathered[m.name]
             if short > 0:
                 wait = max(wait, short / info_rate if info_rate > 0 else FOREVER)
         for m in required:
-            gathered[m.name] += _rates(m, weight if weight > 0 else spec.shadow_percent, rate, probe_rate) * wait
+            gathered[m.name] += (
+                _rates(m, weight if weight > 0 else spec.shadow_percent, rate, probe_rate) * wait
+            )
         wait = min(wait, FOREVER)
         per_step.append({"weight": weight, "expected_s": wait})
         total = min(total + wait, FOREVER)
@@ -112,22 +121,39 @@ def plan_rollout(spec: RolloutSpec, rate: float, probe_rate: float, eval_set_siz
         sd = PRIOR_SD.get(m.name, 1.0)
         samples = _information(m, spec, m.detectable) * sd * sd
         metrics.append({"name": m.name, "samples": samples})
-        if m.name == "probe_accuracy" and eval_set_size is not None and spec.probe_temperature == 0 \
-                and samples > eval_set_size:
+        if (
+            m.name == "probe_accuracy"
+            and eval_set_size is not None
+            and spec.probe_temperature == 0
+            and samples > eval_set_size
+        ):
             best = _best_halfwidth(m, spec, eval_set_size, sd)
-            warnings.append(f"the {eval_set_size}-prompt eval set can rule out a drop of about {best:.0%} at best "
-                            f"(mde {m.detectable:.0%}, needs ~{samples:.0f} prompts): probe_accuracy will end "
-                            "'exhausted' rather than pass; give a larger set or sampled probes")
+            warnings.append(
+                f"the {eval_set_size}-prompt eval set can rule out a drop of about {best:.0%} at best "
+                f"(mde {m.detectable:.0%}, needs ~{samples:.0f} prompts): probe_accuracy will end "
+                "'exhausted' rather than pass; give a larger set or sampled probes"
+            )
     limit = spec.policy.max_duration_s
     if limit > 0 and total > limit:
-        warnings.append(f"expected to take {_duration(total)}, more than max_duration_s ({_duration(limit)}): raise "
-                        "the mdes, send more traffic or probes, or use fewer steps")
-    traffic = f"{rate:.3g} req/s" + (f" and {probe_rate:.3g} probe pairs/s" if probe_rate > 0 else "")
+        warnings.append(
+            f"expected to take {_duration(total)}, more than max_duration_s ({_duration(limit)}): raise "
+            "the mdes, send more traffic or probes, or use fewer steps"
+        )
+    traffic = f"{rate:.3g} req/s" + (
+        f" and {probe_rate:.3g} probe pairs/s" if probe_rate > 0 else ""
+    )
     summary = f"about {_duration(total)} at {traffic}"
     if warnings:
         summary += f" ({len(warnings)} warning{'s' if len(warnings) > 1 else ''})"
-    return {"expected_s": total, "rate": rate, "probe_rate": probe_rate, "steps": per_step, "metrics": metrics,
-            "warnings": warnings, "summary": summary}
+    return {
+        "expected_s": total,
+        "rate": rate,
+        "probe_rate": probe_rate,
+        "steps": per_step,
+        "metrics": metrics,
+        "warnings": warnings,
+        "summary": summary,
+    }
 
 
 def _best_halfwidth(metric: MetricSpec, spec: RolloutSpec, n: int, sd: float) -> float:

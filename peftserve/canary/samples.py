@@ -51,8 +51,11 @@ def length_bucket(prompt_tokens: int) -> str:
     return f"length>={LENGTH_EDGES[-1]}"
 
 
-def segment_labels(prompt_tokens: int | None, headers: Mapping[str, str] | None = None,
-                   metadata: Mapping[str, Any] | None = None) -> tuple[str, ...]:
+def segment_labels(
+    prompt_tokens: int | None,
+    headers: Mapping[str, str] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> tuple[str, ...]:
     """Segment labels of one request: its prompt-length bucket, the given header values
     (``header:<name>=<value>``) and every ``metadata`` entry (``meta:<key>=<value>``)."""
     labels: list[str] = []
@@ -166,15 +169,27 @@ class ProbeRecord:
     engine time per step (``request.batch``) is the fair latency measurement."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"task": self.task, "version": self.version, "prompt": self.prompt, "score": self.score,
-                "at": self.at, "request": self.request.to_dict() if self.request is not None else None}
+        return {
+            "task": self.task,
+            "version": self.version,
+            "prompt": self.prompt,
+            "score": self.score,
+            "at": self.at,
+            "request": self.request.to_dict() if self.request is not None else None,
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ProbeRecord:
         request = data.get("request")
         score = data.get("score")
-        return cls(data["task"], data["version"], int(data["prompt"]), float(score) if score is not None else None,
-                   float(data["at"]), RequestRecord.from_dict(request) if request is not None else None)
+        return cls(
+            data["task"],
+            data["version"],
+            int(data["prompt"]),
+            float(score) if score is not None else None,
+            float(data["at"]),
+            RequestRecord.from_dict(request) if request is not None else None,
+        )
 
     @property
     def step_time(self) -> float | None:

@@ -90,7 +90,9 @@ def _normal_cdf(x: np.ndarray) -> np.ndarray:
     """Phi(x), vectorized (Abramowitz & Stegun 7.1.26 for erf, |error| < 1.5e-7)."""
     z = np.abs(x) / math.sqrt(2.0)
     t = 1.0 / (1.0 + 0.3275911 * z)
-    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+    poly = t * (
+        0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429)))
+    )
     erf = 1.0 - poly * np.exp(-z * z)
     return 0.5 * (1.0 + np.sign(x) * erf)
 
@@ -195,8 +197,12 @@ def binomial_tail(k: int, n: int, p: float = 0.5) -> float:
 
 
 def rate_ratio_evalues(
-    candidate_events: np.ndarray, stable_events: np.ndarray, candidate_exposure: np.ndarray,
-    stable_exposure: np.ndarray, null_ratio: float = 1.0, grid: Sequence[float] = ALTERNATIVE_GRID,
+    candidate_events: np.ndarray,
+    stable_events: np.ndarray,
+    candidate_exposure: np.ndarray,
+    stable_exposure: np.ndarray,
+    null_ratio: float = 1.0,
+    grid: Sequence[float] = ALTERNATIVE_GRID,
 ) -> np.ndarray:
     """:func:`rate_ratio_evalue` for several groups at once: arrays [G, K] of strata per group."""
     kc, ks = np.asarray(candidate_events, float), np.asarray(stable_events, float)
@@ -208,7 +214,12 @@ def rate_ratio_evalues(
     for g in grid:
         r1 = null_ratio * g
         pi1 = r1 * nc_ / (r1 * nc_ + ns_)
-        logs.append(np.sum(np.where(ok, kc * np.log(pi1 / pi0) + ks * np.log((1 - pi1) / (1 - pi0)), 0.0), axis=-1))
+        logs.append(
+            np.sum(
+                np.where(ok, kc * np.log(pi1 / pi0) + ks * np.log((1 - pi1) / (1 - pi0)), 0.0),
+                axis=-1,
+            )
+        )
     stack = np.stack(logs)  # [grid, G]
     top = stack.max(axis=0)
     return np.exp(np.minimum(top, 700.0)) * np.mean(np.exp(stack - top), axis=0)
@@ -315,8 +326,13 @@ class GroupedEstimates:
     def get(self, g: int) -> Estimate | None:
         if self.estimate[g] != self.estimate[g]:  # NaN: no stratum with both arms
             return None
-        return Estimate(float(self.estimate[g]), float(self.variance[g]), float(self.stable_value[g]),
-                        float(self.candidate_value[g]), int(self.strata[g]))
+        return Estimate(
+            float(self.estimate[g]),
+            float(self.variance[g]),
+            float(self.stable_value[g]),
+            float(self.candidate_value[g]),
+            int(self.strata[g]),
+        )
 
 
 UNIT_SATURATION = 10.0
@@ -333,8 +349,14 @@ def unit_weight(samples: np.ndarray) -> np.ndarray:
     return samples / (1.0 + samples / UNIT_SATURATION)
 
 
-def grouped_difference(candidate: Grouped, stable: Grouped, groups: int, *, log_scale: bool = False,
-                       binary: bool = False) -> GroupedEstimates:
+def grouped_difference(
+    candidate: Grouped,
+    stable: Grouped,
+    groups: int,
+    *,
+    log_scale: bool = False,
+    binary: bool = False,
+) -> GroupedEstimates:
     """:func:`stratified_difference` for every group at once (vectorized over groups).
 
     Bincounts over (group, stratum) and (group, unit) codes: judging all segments of a metric
@@ -344,17 +366,23 @@ def grouped_difference(candidate: Grouped, stable: Grouped, groups: int, *, log_
         nan = np.full(groups, np.nan)
         zero = np.zeros(groups)
         empty = np.zeros((groups, 1))
-        return GroupedEstimates(nan, nan, nan, nan, zero, zero, zero, zero, zero, (empty, empty, empty, empty))
+        return GroupedEstimates(
+            nan, nan, nan, nan, zero, zero, zero, zero, zero, (empty, empty, empty, empty)
+        )
     k = int(max(candidate.stratum.max(), stable.stratum.max())) + 1
     size = groups * k
 
     def sums(arm: Grouped) -> tuple[np.ndarray, ...]:
         idx = arm.group * k + arm.stratum
         weight = unit_weight(arm.count)
-        return (np.bincount(idx, weights=weight * arm.total / arm.count, minlength=size).reshape(groups, k),
-                np.bincount(idx, weights=weight, minlength=size).reshape(groups, k),  # effective units
-                np.bincount(idx, weights=arm.total, minlength=size).reshape(groups, k),  # events / sums
-                np.bincount(idx, weights=arm.count, minlength=size).reshape(groups, k))  # samples
+        return (
+            np.bincount(idx, weights=weight * arm.total / arm.count, minlength=size).reshape(
+                groups, k
+            ),
+            np.bincount(idx, weights=weight, minlength=size).reshape(groups, k),  # effective units
+            np.bincount(idx, weights=arm.total, minlength=size).reshape(groups, k),  # events / sums
+            np.bincount(idx, weights=arm.count, minlength=size).reshape(groups, k),
+        )  # samples
 
     mc_sum, uc, tc, nc = sums(candidate)
     ms_sum, us, ts, ns = sums(stable)
@@ -379,11 +407,15 @@ def grouped_difference(candidate: Grouped, stable: Grouped, groups: int, *, log_
     per_unit = np.zeros(groups * units)
     present_c = np.zeros(groups * units, dtype=bool)
     present_s = np.zeros(groups * units, dtype=bool)
-    for arm, sign, raw, sm, n, present in ((candidate, 1.0, raw_c, sm_c, safe_c, present_c),
-                                           (stable, -1.0, raw_s, sm_s, safe_s, present_s)):
+    for arm, sign, raw, sm, n, present in (
+        (candidate, 1.0, raw_c, sm_c, safe_c, present_c),
+        (stable, -1.0, raw_s, sm_s, safe_s, present_s),
+    ):
         g, s_ = arm.group, arm.stratum
         scale = n[g, s_] * (sm[g, s_] if log_scale else 1.0)
-        psi = sign * w[g, s_] * unit_weight(arm.count) * (arm.total / arm.count - raw[g, s_]) / scale
+        psi = (
+            sign * w[g, s_] * unit_weight(arm.count) * (arm.total / arm.count - raw[g, s_]) / scale
+        )
         cell = g * units + arm.unit
         per_unit += np.bincount(cell, weights=psi, minlength=groups * units)
         present[cell] = True
@@ -400,16 +432,29 @@ def grouped_difference(candidate: Grouped, stable: Grouped, groups: int, *, log_
             terms = pc * (1 - pc) / n_c + ps * (1 - ps) / n_s
         var = np.maximum(var, np.sum(w**2 * np.where(both, terms, 0.0), axis=1))
     with np.errstate(divide="ignore", invalid="ignore"):
-        c_value = np.sum(np.where(both, mc_sum, 0.0), axis=1) / np.sum(np.where(both, uc, 0.0), axis=1)
-        s_value = np.sum(np.where(both, ms_sum, 0.0), axis=1) / np.sum(np.where(both, us, 0.0), axis=1)
+        c_value = np.sum(np.where(both, mc_sum, 0.0), axis=1) / np.sum(
+            np.where(both, uc, 0.0), axis=1
+        )
+        s_value = np.sum(np.where(both, ms_sum, 0.0), axis=1) / np.sum(
+            np.where(both, us, 0.0), axis=1
+        )
     return GroupedEstimates(
-        est, var, s_value, c_value, ns.sum(axis=1), nc.sum(axis=1),
-        present_s.reshape(groups, units).sum(axis=1), present_c.reshape(groups, units).sum(axis=1),
-        both.sum(axis=1), (tc, nc, ts, ns),
+        est,
+        var,
+        s_value,
+        c_value,
+        ns.sum(axis=1),
+        nc.sum(axis=1),
+        present_s.reshape(groups, units).sum(axis=1),
+        present_c.reshape(groups, units).sum(axis=1),
+        both.sum(axis=1),
+        (tc, nc, ts, ns),
     )
 
 
-def paired_difference(candidate: np.ndarray, stable: np.ndarray, *, binary: bool = True) -> Estimate | None:
+def paired_difference(
+    candidate: np.ndarray, stable: np.ndarray, *, binary: bool = True
+) -> Estimate | None:
     """Mean of ``candidate - stable`` over paired units (prompts), with its variance.
 
     Each pair is one unit: a deterministic prompt answered once per version, or the mean of a
