@@ -15,7 +15,7 @@ import pytest
 from fastapi import FastAPI, Request
 
 from peftserve.canary.metrics import MetricWindows
-from peftserve.canary.router import RouteDecision
+from peftserve.canary.samples import BatchShare, RequestRecord
 from peftserve.canary.spec import Rollout, RolloutSpec
 from peftserve.canary.store import RolloutStore
 from peftserve.config import DEFAULT_ADAPTERS_DIR
@@ -37,33 +37,47 @@ ray_exceptions = pytest.importorskip("ray.exceptions")
 # ---- samples -------------------------------------------------------------------------------
 
 
-def test_samples_travel_as_the_calls_the_windows_take_stamped_when_recorded():
-    clock = iter([100.0, 101.0, 102.0])
+def _record(version: str, unit: int, replica: str, **outcome) -> RequestRecord:
+    return RequestRecord("reverse", version, unit, "50%", 100.0, arm="candidate" if version == "v2" else "stable",
+                         segments=("length=0-63", "meta:team=a"), replica=replica, **outcome)  # fmt: skip
+
+
+def test_samples_travel_as_the_judges_own_records_in_plain_form():
+    """What an ingress records reaches the controller's windows as the same records: unit,
+    stratum, segments, step share and replica, whatever process made them."""
+    clock = iter([101.0, 102.0, 103.0])
     buffer = SampleBuffer(clock=lambda: next(clock))
-    decision = RouteDecision("reverse", "v2", "candidate", "hash", False, 12)
-    buffer.record_route(
-        decision, error=False, e2e=0.5, output_tokens=7, finish_reason="stop", replica="r1"
-    )
-    buffer.record_request("reverse", "v1", in_experiment=True, error=True, replica="r2")
-    buffer.register_completion("cmpl-1", "reverse", "v2", arm="candidate")
+    share = BatchShare(steps=4, step_s=0.02, tokens=40, stable_steps=4, stable_tokens=20, candidate_steps=4,
+                       candidate_tokens=12)  # fmt: skip
+    answered = _record("v2", 7, "r1", e2e=0.5, output_tokens=7, finish_reason="stop", batch=share)
+    buffer.record(answered)
+    buffer.record(_record("v2", 8, "r2", error=True, finish_reason="error"))
+    buffer.record(_record("v1", 9, "r2", e2e=0.4, output_tokens=7, finish_reason="stop"))
+    buffer.register_completion("cmpl-1", answered)
+    buffer.record_shadow("reverse", "v2", exact_match=True, llr=0.01, e2e=0.3, error=False)
     with pytest.raises(AttributeError):
-        buffer.samples  # noqa: B018  (reading is the controller's business)
+        buffer.evidence  # noqa: B018  (reading is the controller's business)
     calls = buffer.take()
-    assert [c.method for c in calls] == ["record_route", "record_request", "register_completion"]
-    assert [c.kwargs["at"] for c in calls] == [100.0, 101.0, 102.0]
+    assert [c.method for c in calls] == [
+        "record", "record", "record", "register_completion", "record_shadow",
+    ]  # fmt: skip
+    assert calls[3].kwargs["at"] == 101.0 and calls[4].kwargs["at"] == 102.0
+    assert calls[0].args == ({"request_record": answered.to_dict()},)  # plain data on the wire
     assert len(buffer) == 0
 
     windows = MetricWindows(clock=lambda: 200.0)
-    assert (
-        apply(windows, [*calls, SampleCall("prune", ({}, 0.0))]) == 3
-    )  # prune is not a recording call
-    summary = windows.summary("reverse", "v2", since=0.0)
-    assert summary["in_experiment"] == 1 and summary["replicas"] == {"r1": 1}
-    assert (
-        windows.summary("reverse", "v2", since=100.5)["requests"] == 0
-    )  # the time it was recorded
-    assert windows.summary("reverse", "v1", since=0.0)["errors"] == 1
-    assert windows.record_feedback("cmpl-1", 1.0)
+    applied = apply(windows, [*calls, SampleCall("forget", ("reverse",))])
+    assert applied == 5  # forget is not a recording call
+    candidate = windows.summary("reverse", "v2")
+    assert candidate["in_experiment"] == 2 and candidate["errors"] == 1
+    assert candidate["replicas"] == {"r1": 1, "r2": 1}
+    assert windows.summary("reverse", "v1")["replicas"] == {"r2": 1}
+    evidence = windows.evidence("reverse", "v1", "v2")
+    assert set(evidence.strata) == {"50%"} and "meta:team=a" in evidence.segments
+    assert evidence.total("v2", "requests", evidence.segments["meta:team=a"]) == 2
+    assert windows.shadow_summary("reverse", "v2")["n"] == 1
+    assert windows.record_feedback("cmpl-1", 1.0)  # the completion came with its record
+    assert windows.evidence("reverse", "v1", "v2").total("v2", "feedback_n") == 1
 
 
 def test_a_failed_push_goes_first_next_time_and_a_full_buffer_drops_the_oldest():
@@ -216,14 +230,8 @@ def test_an_ingress_answers_429_early_only_when_every_engine_replica_is_full() -
     assert view.num_waiting == 0  # no snapshot yet: nothing known, nothing refused early
     snapshot[0] = Snapshot(1, 1, {}, {}, (), fleet=fleet)
     assert view.num_waiting == 3
-    snapshot[0] = Snapshot(
-        1,
-        2,
-        {},
-        {},
-        (),
-        fleet=replace(fleet, per_replica={"a": {"num_waiting": 64}, "b": {"num_waiting": 64}}),
-    )
+    full = replace(fleet, per_replica={"a": {"num_waiting": 64}, "b": {"num_waiting": 64}})
+    snapshot[0] = Snapshot(1, 2, {}, {}, (), fleet=full)
     assert view.num_waiting == 64
 
 
@@ -278,6 +286,45 @@ def test_a_second_lost_replica_answers_503_and_engine_errors_come_back_unwrapped
         asyncio.run(
             _remote(FakeHandle([])).generate("c", [1], SamplingParams(), "reverse@v9").__anext__()
         )
+
+
+def test_a_probe_twin_runs_on_its_versions_files_and_leaves_replicas_with_its_rollout():
+    """The controller's probes run on a version's twin (``reverse@v2#probe``): same task, so
+    the replicas holding the task, with v2's files; a replica drops the twin once no active
+    rollout compares v2, and keeps v2 itself."""
+    from peftserve.server.engine_host import EngineHost, TaskAdapters
+
+    handle = FakeHandle([([_out("probe-1", [7], True, 3, 1)], None)])
+    outs = asyncio.run(
+        _remote(handle)
+        .generate("probe-1", [1, 2, 3], SamplingParams(), "reverse@v2#probe")
+        .__anext__()
+    )
+    assert outs.finished and handle.calls[0][:3] == ("reverse", "v2#probe", "b" * 64)
+
+    class Engine:
+        def __init__(self) -> None:
+            self.registered = {"reverse@v2": "gpu", "reverse@v2#probe": "gpu"}
+
+        def lora_status(self) -> dict[str, str]:
+            return dict(self.registered)
+
+        async def unregister_lora(self, lora_id: str) -> None:
+            del self.registered[lora_id]
+
+    engine = Engine()
+    host = EngineHost(engine, None, "r1", 8)  # type: ignore[arg-type]
+    holder = TaskAdapters("reverse", host)
+    holder.versions = {"v2": "b" * 64, "v2#probe": "b" * 64}
+    host.tasks["reverse"] = holder
+    versions = {
+        "reverse": {"v1": VersionInfo("/a", 1, "a" * 64), "v2": VersionInfo("/b", 2, "b" * 64)}
+    }
+    rollout = Rollout.start(RolloutSpec("reverse", "v1", "v2", steps=(50.0,)), now=0.0)
+    asyncio.run(host.reconcile(Snapshot(1, 1, {"reverse": "v1"}, versions, (rollout,))))
+    assert set(engine.registered) == {"reverse@v2", "reverse@v2#probe"}  # compared: kept
+    asyncio.run(host.reconcile(Snapshot(1, 2, {"reverse": "v2"}, versions, ())))
+    assert set(engine.registered) == {"reverse@v2"} and set(holder.versions) == {"v2"}
 
 
 # ---- adapter files on the node --------------------------------------------------------------
@@ -337,7 +384,7 @@ def test_feedback_waits_for_a_recent_completion_pushed_by_another_process():
     async def scenario() -> tuple[bool, bool, float]:
         async def arrive() -> None:  # the other ingress's push, 0.3 s later
             await asyncio.sleep(0.3)
-            runtime.windows.register_completion(cid, "reverse", "v2", arm="candidate")
+            runtime.windows.register_completion(cid, _record("v2", 7, "r1", finish_reason="stop"))
 
         started = time.monotonic()
         pushed = asyncio.ensure_future(arrive())

@@ -34,6 +34,7 @@ import pytest
 from peftserve.canary.router import bucket, routing_key, threshold
 from peftserve.client import Client
 from peftserve.config import DEFAULT_ADAPTERS_DIR
+from peftserve.demo import ROLLOUT as DEMO_ROLLOUT
 from peftserve.registry import db
 
 ray = pytest.importorskip("ray", reason="peftserve[ray] is installed with the dev requirements")
@@ -57,7 +58,7 @@ FLAGS = [
     "--rollback-keep-warm-s", "5", "--log-level", "warning",
 ]  # fmt: skip
 EVAL = DEFAULT_ADAPTERS_DIR / "eval" / "reverse.jsonl"
-COMPRESSED = dict(steps=[50], interval=4.0, min_samples=60)
+COMPRESSED = {**DEMO_ROLLOUT, "steps": [50]}
 """The demo's rollout (``peftserve demo``) in one step."""
 HELD = dict(
     steps=[50], interval=3600.0,
@@ -197,6 +198,15 @@ def _running(deployment: str) -> int:
     return status.replica_states.get("RUNNING", 0)
 
 
+def _ended(fleet: Fleet, candidate: str, timeout: float = 240.0) -> dict[str, Any]:
+    """The rollout's status once it ended (or paused); on a timeout, the error says where it stood."""
+    try:
+        return _wait(lambda: (s := fleet.status())["state"] in ("promoted", "rolled_back", "paused") and s,
+                     timeout, f"the {candidate} rollout to end")  # fmt: skip
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; it stands at: {fleet.status()['summary']}") from None
+
+
 def _start(fleet: Fleet, candidate: str, **options: Any) -> None:
     with Client(fleet.url) as client:
         client.start_rollout("reverse", candidate, **options)
@@ -308,8 +318,7 @@ def test_a_compressed_rollout_promotes_v2_with_samples_from_both_engine_replicas
     _end_active(fleet)
     with Traffic(fleet.url) as traffic:
         _start(fleet, "v2", eval_set=EVAL, **COMPRESSED)
-        status = _wait(lambda: (s := fleet.status())["state"] in ("promoted", "rolled_back", "paused") and s,
-                       240, "the v2 rollout to end")  # fmt: skip
+        status = _ended(fleet, "v2")
     assert status["state"] == "promoted", status["summary"]
     assert not traffic.failures(), traffic.failures()[:3]
     assert all(a["exact"] for a in traffic.answers)
@@ -322,8 +331,7 @@ def test_a_compressed_rollout_rolls_back_the_regressed_version_with_samples_from
 ):
     with Traffic(fleet.url) as traffic:
         _start(fleet, "v2-regressed", eval_set=EVAL, **COMPRESSED)
-        status = _wait(lambda: (s := fleet.status())["state"] in ("promoted", "rolled_back", "paused") and s,
-                       240, "the v2-regressed rollout to end")  # fmt: skip
+        status = _ended(fleet, "v2-regressed")
     assert status["state"] == "rolled_back", status["summary"]
     assert "probe_accuracy" in status["last_decision"]["reason"], status["last_decision"]
     assert not traffic.failures(), traffic.failures()[:3]

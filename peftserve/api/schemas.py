@@ -46,6 +46,9 @@ class SamplingFields(_Request):
     n: int | None = _doc(1, minimum=1, maximum=1)
     """Only 1 (one choice per request)."""
     user: str | None = None
+    metadata: dict[str, str] | None = None
+    """Labels of the request (OpenAI: up to 16 string pairs); canary rollouts judge each value as a
+    segment, so a regression confined to one label's users is caught."""
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False

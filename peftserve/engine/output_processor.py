@@ -24,7 +24,14 @@ from functools import partial
 from transformers import PreTrainedTokenizerBase
 
 from peftserve.engine.detokenizer import Detokenizer, DetokState
-from peftserve.engine.outputs import RawLogprob, RequestOutput, TokenLogprob, TokenOutput
+from peftserve.engine.outputs import (
+    RawLogprob,
+    RequestOutput,
+    StepRecord,
+    TokenLogprob,
+    TokenOutput,
+    step_share,
+)
 from peftserve.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -37,6 +44,9 @@ class _Request:
     prompt_tokens: int
     completion_tokens: int = 0
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    steps: list[StepRecord] | None = None
+    """The engine's step records of the request (``Sequence.steps``), summed into the last
+    output's ``batch``; None: not tracked."""
 
 
 class OutputProcessor:
@@ -50,13 +60,19 @@ class OutputProcessor:
         return len(self._requests)
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        steps: list[StepRecord] | None = None,
     ) -> None:
-        """Start tracking a request; must come before its first token output."""
+        """Start tracking a request; must come before its first token output. ``steps``: the
+        engine's list of the request's step records, for the last output's ``batch``."""
         self._requests[request_id] = _Request(
             detok=self.detokenizer.start(prompt_token_ids, params.stop),
             want_logprobs=params.logprobs is not None,
             prompt_tokens=len(prompt_token_ids),
+            steps=steps,
         )
 
     def drop(self, request_id: str) -> None:
@@ -140,6 +156,7 @@ class OutputProcessor:
             completion_tokens=req.completion_tokens,
             error=out.error if finished else None,
             prompt_logprobs=out.prompt_logprobs if finished else None,
+            batch=step_share(req.steps) if finished and req.steps is not None else None,
         )
 
     def _token_logprob(self, token: int, raw: RawLogprob) -> TokenLogprob:
@@ -182,9 +199,15 @@ class OutputThread:
         self._thread: threading.Thread | None = None
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        steps: list[StepRecord] | None = None,
     ) -> None:
-        self._queue.put(partial(self.processor.add_request, request_id, prompt_token_ids, params))
+        self._queue.put(
+            partial(self.processor.add_request, request_id, prompt_token_ids, params, steps)
+        )
 
     def drop(self, request_id: str) -> None:
         self._queue.put(partial(self.processor.drop, request_id))

@@ -44,6 +44,8 @@ class Sequence:
     """Teacher-forced log-probability of prompt token i (i >= params.score_from)."""
     finish_reason: str | None = None
     error: str | None = None
+    steps: list = field(default_factory=list)
+    """The ``StepRecord`` of every engine step this sequence ran in (shared objects, one per step)."""
 
     @property
     def num_tokens(self) -> int:

@@ -36,7 +36,7 @@ from peftserve.engine.sampling_params import SamplingParams
 from peftserve.lora.peft_adapter import load_adapter
 from peftserve.registry.digest import content_sha256, file_sha256
 from peftserve.registry.store import STORED_FILES
-from peftserve.server.fleet import EngineReport, ModelInfo
+from peftserve.server.fleet import EngineReport, ModelInfo, files_version
 from peftserve.server.model_table import lora_id_of
 from peftserve.server.snapshot import Snapshot
 
@@ -219,15 +219,22 @@ class EngineHost:
         return await self.engine.load_lora(await holder.ensure(version, sha))
 
     async def reconcile(self, snapshot: Snapshot) -> None:
-        """Drop versions the snapshot no longer serves (or serves with other files); free the
-        slots it asks to free."""
+        """Drop versions the snapshot no longer serves (or serves with other files), and probe
+        twins of versions no active rollout compares any more; free the slots it asks to free."""
         served = snapshot.served()
+        compared = {
+            (r.spec.task, v) for r in snapshot.rollouts for v in (r.spec.stable, r.spec.candidate)
+        }
         for holder in list(self.tasks.values()):
             for version, sha in list(holder.versions.items()):
-                if served.get(lora_id_of(holder.task, version)) != sha:
+                original = files_version(version)
+                if served.get(lora_id_of(holder.task, original)) != sha:
                     logger.info(
                         "adapter %s@%s is no longer served; dropping it", holder.task, version
                     )
+                    await holder.drop(version)
+                elif original != version and (holder.task, original) not in compared:
+                    logger.info("probe twin %s@%s is done; dropping it", holder.task, version)
                     await holder.drop(version)
         for lora_id, at in snapshot.evict.items():
             if self._evicted.get(lora_id) == at:

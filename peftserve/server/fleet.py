@@ -7,7 +7,9 @@ routes, the canary accounting, the probes and the adapter service run on it unch
 
 - a request for ``task@version`` goes to the deployment with the *task* as Ray Serve's
   multiplexed model id and the version (and the sha256 of its files, from the snapshot) as
-  arguments, so both arms of a rollout land on the replicas that hold the task;
+  arguments, so both arms of a rollout land on the replicas that hold the task; a canary probe
+  on a version's *probe twin* (``task@version#probe``) goes the same way, with the files of
+  ``version``;
 - a replica that dies under a request (``RayActorError``: killed, its node removed) costs one
   retry on another replica: from the start if it had sent nothing, else as a *continuation*
   (the prompt plus the tokens already delivered, for the tokens left), so no client request is
@@ -43,6 +45,7 @@ from peftserve.engine.engine import EngineStats, UnknownAdapter
 from peftserve.engine.outputs import RequestOutput
 from peftserve.engine.sampling_params import SamplingParams
 from peftserve.server.errors import RETRY_AFTER_S, APIError
+from peftserve.server.model_table import lora_id_of, twin_id_of
 from peftserve.server.snapshot import FleetView, Snapshot
 
 if TYPE_CHECKING:
@@ -107,6 +110,15 @@ def unwrap(exc: BaseException) -> BaseException:
 
     cause = getattr(exc, "cause", None) if isinstance(exc, exceptions.RayTaskError) else None
     return cause if isinstance(cause, BaseException) else exc
+
+
+TWIN_MARK = twin_id_of("t", "v").removeprefix(lora_id_of("t", "v"))
+"""What a probe twin's version adds to the version it copies (``v2`` -> ``v2#probe``)."""
+
+
+def files_version(version: str) -> str:
+    """The version whose files ``version`` serves: itself, or the original of a probe twin."""
+    return version.removesuffix(TWIN_MARK)
 
 
 def split_lora_id(lora_id: str) -> tuple[str, str]:
@@ -219,7 +231,7 @@ class RemoteEngine:
             return "", "", ""
         task, version = split_lora_id(lora_id)
         snapshot = self._snapshot()
-        sha = snapshot.sha256(task, version) if snapshot is not None else None
+        sha = snapshot.sha256(task, files_version(version)) if snapshot is not None else None
         if not sha:
             raise UnknownAdapter(f"adapter {lora_id!r} is not registered")
         return task, version, sha
