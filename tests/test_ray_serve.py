@@ -66,6 +66,9 @@ HELD = dict(
                            "tolerance": 0.01, "critical": True}], "min_samples": 10},
 )  # fmt: skip
 """A rollout that stays at 50 % (its step never ends) while replicas come and go under it."""
+SATURATING = 16
+"""Client threads that keep every engine replica's slots full (2 x --engine-max-ongoing-requests,
+twice over): whichever replica is lost has requests in flight, so its loss is exercised."""
 SETTLE_S = 2.0
 """Four snapshot intervals: every ingress replica has the latest snapshot, every push arrived."""
 
@@ -358,7 +361,7 @@ def test_an_engine_replica_killed_mid_rollout_costs_no_request_and_leaves_the_ro
     before = _held_rollout(fleet)
     victims = _engine_actors()
     assert len(victims) == 2, victims
-    with Traffic(fleet.url) as traffic:
+    with Traffic(fleet.url, workers=SATURATING) as traffic:
         _wait(lambda: traffic.count() > 20, 60, "traffic")
         ray.kill(ray.get_actor(victims[0], namespace="serve"), no_restart=True)
         sent = traffic.count()
@@ -438,7 +441,7 @@ def _status_or_none(fleet: Fleet) -> dict[str, Any] | None:
 def test_removing_a_worker_node_mid_rollout_loses_no_acknowledged_request(fleet):
     before = _held_rollout(fleet)
     retried = _retries(fleet)
-    with Traffic(fleet.url) as traffic:
+    with Traffic(fleet.url, workers=SATURATING) as traffic:
         _wait(lambda: traffic.count() > 20, 60, "traffic")
         fleet.cluster.remove_node(fleet.workers[0])
         sent = traffic.count()
