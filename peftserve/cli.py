@@ -7,9 +7,10 @@ comma-separated). A flag beats its environment variable, which beats the field's
 
 ``peftserve adapters upload|list|show|delete|load|unload`` and ``peftserve rollout
 start|status|pause|resume|promote|rollback|retry|history`` talk to a running server
-through ``peftserve.client`` (``--server``, env ``PEFTSERVE_SERVER``; the admin token from
+through ``peftserve.client`` (``--server``, env ``PEFTSERVE_SERVER``; ``--token``, env
 ``PEFTSERVE_ADMIN_TOKEN``): readable tables, ``--json`` for scripts, the server's message
-on stderr and exit status 1 when a call fails.
+on stderr and exit status 1 when a call fails. Output cut short by the reader (``| head``)
+is not a failure: the command still exits 0 when what it asked the server succeeded.
 """
 
 from __future__ import annotations
@@ -87,18 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=_run_serve)
     add_adapters_parser(commands)
     add_rollout_parser(commands)
-    demo = commands.add_parser(
+    # Listed here for --help; main() hands "peftserve demo ..." to the demo's own parser.
+    commands.add_parser(
         "demo", help="watch a good and a regressed adapter rolled out on the bundled demo model", add_help=False
     )
-    demo.add_argument("demo_args", nargs=argparse.REMAINDER)
-    demo.set_defaults(handler=_run_demo)
     return parser
 
 
-def _run_demo(args: argparse.Namespace) -> int:
+def _run_demo(argv: Sequence[str]) -> int:
     from peftserve.demo import main as demo_main
 
-    return demo_main(args.demo_args)
+    return demo_main(list(argv), prog="peftserve demo")
 
 
 def _run_serve(args: argparse.Namespace) -> int:
@@ -122,16 +122,39 @@ ADAPTER_COLUMNS = ("TASK", "VERSION", "STABLE", "STATUS", "RANK", "SIZE", "SHA25
 
 
 def _client_options() -> argparse.ArgumentParser:
-    """--server and --json, shared by the commands that talk to a running server."""
+    """--server, --token and --json, shared by the commands that talk to a running server."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--server",
         default=os.environ.get("PEFTSERVE_SERVER", "http://127.0.0.1:8000"),
-        help="server URL (default: %(default)s; env PEFTSERVE_SERVER). The admin token comes "
-        "from PEFTSERVE_ADMIN_TOKEN.",
+        help="server URL; HOST:PORT means http (default: %(default)s; env PEFTSERVE_SERVER)",
+    )
+    common.add_argument(
+        "--token",
+        default=None,
+        help="the server's admin token, if it was started with one (default: env PEFTSERVE_ADMIN_TOKEN)",
     )
     common.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return common
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from peftserve.client import Client
+
+    return Client(args.server, admin_token=args.token)
+
+
+def _call_failed(what: str, error: Exception) -> int:
+    """Report a failed call on stderr (exit status 1)."""
+    from peftserve.client import MISSING_TOKEN_CODE, PeftserveError
+
+    if isinstance(error, PeftserveError):
+        message = error.message
+        if error.code == MISSING_TOKEN_CODE:
+            message = "this server needs its admin token: pass --token TOKEN or set PEFTSERVE_ADMIN_TOKEN"
+        status = f" (HTTP {error.status})" if error.status else ""
+        return _fail(f"peftserve {what}: error: {message}{status}", EXIT_STARTUP)
+    return _fail(f"peftserve {what}: error: {error}", EXIT_STARTUP)
 
 
 def add_adapters_parser(commands: Any) -> None:
@@ -147,43 +170,35 @@ def add_adapters_parser(commands: Any) -> None:
     upload.add_argument("--no-progress", action="store_true", help="no progress bar")
     listing = sub.add_parser("list", parents=[common], help="list registered adapter versions")
     listing.add_argument("--task", default=None, help="only this task's versions")
-    show = sub.add_parser("show", parents=[common], help="show a task (NAME) or a version (NAME@VERSION)")
-    show.add_argument("ref", metavar="NAME[@VERSION]")
+    show = sub.add_parser("show", parents=[common], help="show a task (TASK) or a version (TASK@VERSION)")
+    show.add_argument("ref", metavar="TASK[@VERSION]")
     for name, text in (("delete", "delete a version"), ("load", "load a version into an adapter slot"),
                        ("unload", "free a version's adapter slot")):  # fmt: skip
         action = sub.add_parser(name, parents=[common], help=text)
-        action.add_argument("ref", metavar="NAME@VERSION")
+        action.add_argument("ref", metavar="TASK@VERSION")
     adapters.set_defaults(handler=_run_adapters)
 
 
 def _run_adapters(args: argparse.Namespace) -> int:
-    from peftserve.client import Client, PeftserveError
+    from peftserve.client import PeftserveError
 
     command = args.adapters_command
     try:
-        with Client(args.server) as client:
+        with _client(args) as client:
             return _ADAPTER_COMMANDS[command](client, args)
-    except PeftserveError as e:
-        status = f" (HTTP {e.status})" if e.status else ""
-        return _fail(f"peftserve adapters {command}: error: {e.message}{status}", EXIT_STARTUP)
-    except (OSError, ValueError) as e:
-        return _fail(f"peftserve adapters {command}: error: {e}", EXIT_STARTUP)
-
-
-def _split_ref(ref: str, need_version: bool) -> tuple[str, str | None]:
-    task, sep, version = ref.partition("@")
-    if not task or (sep and not version) or (need_version and not sep):
-        shape = "NAME@VERSION" if need_version else "NAME or NAME@VERSION"
-        raise ValueError(f"expected {shape}, not {ref!r}")
-    return task, version or None
+    except BrokenPipeError:
+        raise
+    except (PeftserveError, OSError, ValueError) as e:
+        return _call_failed(f"adapters {command}", e)
 
 
 def _cmd_upload(client: Any, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from peftserve.client import UPLOAD_FILES
+    from peftserve.client import UPLOAD_FILES, check_adapter_dir
 
     directory = Path(args.dir)
+    check_adapter_dir(directory)
     total = sum((directory / n).stat().st_size for n in UPLOAD_FILES if (directory / n).is_file())
     ref = f"{args.name}@{args.version}"
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=ref,
@@ -207,7 +222,9 @@ def _cmd_list(client: Any, args: argparse.Namespace) -> int:
 
 
 def _cmd_show(client: Any, args: argparse.Namespace) -> int:
-    task, version = _split_ref(args.ref, need_version=False)
+    from peftserve.client import split_ref
+
+    task, version = split_ref(args.ref, need_version=False)
     if version is not None:
         return _print_adapter(client.show(task, version), args.json)
     info = client.task(task)
@@ -219,8 +236,7 @@ def _cmd_show(client: Any, args: argparse.Namespace) -> int:
 
 
 def _cmd_action(client: Any, args: argparse.Namespace) -> int:
-    task, version = _split_ref(args.ref, need_version=True)
-    adapter = getattr(client, args.adapters_command)(task, version)
+    adapter = getattr(client, args.adapters_command)(args.ref)
     if args.json:
         return _print_json(adapter)
     done = {"delete": "deleted", "load": "loaded", "unload": "unloaded"}[args.adapters_command]
@@ -241,20 +257,18 @@ ROLLOUT_ACTIONS = {"pause": "paused", "resume": "resumed", "promote": "promoted"
 HISTORY_COLUMNS = ("TIME", "EVENT", "WEIGHT", "RESULT", "SCORE", "REASON")
 
 
-def _steps(text: str) -> list[float]:
-    try:
-        return [float(item) for item in text.split(",") if item.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"steps must be comma-separated percentages, not {text!r}") from None
+def _argument(parser: str) -> Callable[[str], Any]:
+    """An argparse type from the client's parser of that name (ValueError -> a usage error)."""
 
+    def convert(text: str) -> Any:
+        from peftserve import client
 
-def _target_header(text: str) -> dict[str, Any]:
-    """'x-tier=internal,beta' -> a targeting rule (the header must hold one of the values)."""
-    header, sep, values = text.partition("=")
-    items = [v.strip() for v in values.split(",") if v.strip()]
-    if not sep or not header.strip() or not items:
-        raise argparse.ArgumentTypeError(f"expected HEADER=VALUE[,VALUE...], not {text!r}")
-    return {"header": header.strip(), "values": items, "op": "in"}
+        try:
+            return getattr(client, parser)(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return convert
 
 
 def add_rollout_parser(commands: Any) -> None:
@@ -266,12 +280,12 @@ def add_rollout_parser(commands: Any) -> None:
     start.add_argument("task", metavar="TASK")
     start.add_argument("--candidate", required=True, metavar="VERSION", help="the version to roll out")
     start.add_argument("--stable", default=None, metavar="VERSION", help="the version serving today (default: the task's stable version)")
-    start.add_argument("--steps", type=_steps, default=None, metavar="W1,W2,...", help="candidate weights in percent, increasing (default: 1,5,10,25,50)")
+    start.add_argument("--steps", type=_argument("parse_steps"), default=None, metavar="W1,W2,...", help="candidate weights in percent, increasing (default: 1,5,10,25,50)")
     start.add_argument("--interval", type=float, default=None, metavar="SECONDS", help="least time at each step (default: 60)")
     start.add_argument("--min-samples", type=int, default=None, metavar="N", help="fewest samples per arm for a metric to be judged (default: 200)")
     start.add_argument("--shadow-percent", type=float, default=None, metavar="P", help="share of stable requests also copied to the candidate; above 0 the rollout starts in a shadow phase")
     start.add_argument("--eval-set", type=Path, default=None, metavar="FILE.jsonl", help="known-answer probes, one {\"prompt\", \"answer\"} per line (judged as probe_accuracy)")
-    start.add_argument("--target-header", type=_target_header, action="append", default=None, metavar="HEADER=V1[,V2]", help="only requests whose header holds one of the values may reach the candidate (repeatable; all must match)")
+    start.add_argument("--target-header", type=_argument("parse_target_header"), action="append", default=None, metavar="HEADER=V1[,V2]", help="only requests whose header holds one of the values may reach the candidate (repeatable; all must match)")
     start.add_argument("--reason", default=None, help="why, for the history")
     status = sub.add_parser("status", parents=[common], help="where a task's rollout stands (all rollouts without TASK)")
     status.add_argument("task", metavar="TASK", nargs="?")
@@ -290,24 +304,23 @@ def add_rollout_parser(commands: Any) -> None:
 
 
 def _run_rollout(args: argparse.Namespace) -> int:
-    from peftserve.client import Client, PeftserveError
+    from peftserve.client import PeftserveError
 
     command = args.rollout_command
     try:
-        with Client(args.server) as client:
+        with _client(args) as client:
             return _ROLLOUT_COMMANDS.get(command, _cmd_rollout_action)(client, args)
-    except PeftserveError as e:
-        status = f" (HTTP {e.status})" if e.status else ""
-        return _fail(f"peftserve rollout {command}: error: {e.message}{status}", EXIT_STARTUP)
-    except (OSError, ValueError) as e:
-        return _fail(f"peftserve rollout {command}: error: {e}", EXIT_STARTUP)
+    except BrokenPipeError:
+        raise
+    except (PeftserveError, OSError, ValueError) as e:
+        return _call_failed(f"rollout {command}", e)
 
 
 def _cmd_rollout_start(client: Any, args: argparse.Namespace) -> int:
     rollout = client.start_rollout(
-        args.task, args.candidate, stable=args.stable, steps=args.steps, step_interval_s=args.interval,
+        args.task, args.candidate, stable=args.stable, steps=args.steps, interval=args.interval,
         min_samples=args.min_samples, shadow_percent=args.shadow_percent, eval_set=args.eval_set,
-        targeting=args.target_header, reason=args.reason,
+        target_header=args.target_header, reason=args.reason,
     )  # fmt: skip
     if args.json:
         return _print_json(rollout)
@@ -463,9 +476,20 @@ def _fail(message: str, code: int) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    return args.handler(args)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if argv[:1] == ["demo"]:  # the demo parses its own flags (peftserve demo --help)
+            return _run_demo(argv[1:])
+        args = build_parser().parse_args(argv)
+        code = args.handler(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader stopped reading (``| head -1``): what was asked is done, the rest of the
+        # output has nowhere to go. Point stdout at devnull so the flush at exit cannot fail.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    return code
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ then rolls out the bundled candidates of ``reverse`` in turn:
 
 Both rollouts carry the held-out evaluation set, so the controller probes both versions
 and judges exact match beside errors and latency. A live line shows state, weight, the
-last judgment and traffic; at the end, each decision is printed with its reason.
+last judgment and traffic; at the end, each decision is printed with its reason. The
+server's rollout page (``/ui``) shows the same story as charts while the demo runs;
+``--keep-serving`` leaves the server up afterwards to look at it.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ SERVER_FLAGS = (
     "--canary-interval-s", "1", "--probes-per-tick", "20", "--probe-max-tokens", "16",
     "--promote-keep-warm-s", "5", "--rollback-keep-warm-s", "5", "--log-level", "warning",
 )  # fmt: skip
-ROLLOUT = dict(steps=[10, 25, 50], step_interval_s=4.0, min_samples=60)
+ROLLOUT = dict(steps=[10, 25, 50], interval=4.0, min_samples=60)
 
 
 @dataclass
@@ -160,12 +162,14 @@ def outside_cohort(users: set[str], top_weight: float) -> list[str]:
     return sorted(u for u in users if bucket(TASK, routing_key(u, {}, "")) >= limit)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="peftserve demo", description=__doc__,
+def main(argv: list[str] | None = None, prog: str = "peftserve demo") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds allowed per rollout")
     parser.add_argument("--workers", type=int, default=6, help="concurrent synthetic users")
+    parser.add_argument("--keep-serving", action="store_true",
+                        help="after the rollouts, keep the server (and its rollout page) up until Ctrl-C")  # fmt: skip
     args = parser.parse_args(argv)
     out = sys.stdout
     os.environ.pop("PEFTSERVE_ADMIN_TOKEN", None)  # the demo server answers admin on loopback
@@ -174,9 +178,13 @@ def main(argv: list[str] | None = None) -> int:
         out.write(f"starting peftserve on the demo model (127.0.0.1:{port}, data in {data_dir}) ...\n")
         server = start_server(port, data_dir)
         url = f"http://127.0.0.1:{port}"
+        out.write(f"watch it in a browser: {url}/ui (the rollout page: weight, judgments, metrics per arm)\n")
         traffic = Traffic(url, workers=args.workers)
         try:
-            return _drive(Client(url), traffic, args.timeout, out)
+            code = _drive(Client(url), traffic, args.timeout, out)
+            if args.keep_serving:
+                _keep_serving(server, url, out)
+            return code
         except PeftserveError as e:
             out.write(f"\ndemo failed: {e}\n")
             return 1
@@ -184,6 +192,15 @@ def main(argv: list[str] | None = None) -> int:
             traffic.stop.set()
             server.terminate()
             server.wait(timeout=30)
+
+
+def _keep_serving(server: subprocess.Popen, url: str, out) -> None:
+    out.write(f"\nthe server stays up: {url}/ui (Ctrl-C stops it)\n")
+    out.flush()
+    try:
+        server.wait()
+    except KeyboardInterrupt:
+        out.write("\n")
 
 
 def _drive(client: Client, traffic: Traffic, timeout_s: float, out) -> int:

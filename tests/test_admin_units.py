@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from peftserve.registry import Conflict, InvalidAdapter
+from peftserve.registry import Conflict, InvalidAdapter, StorageUnavailable
 from peftserve.server.adapters import AdapterService, read_upload
 from peftserve.server.errors import APIError
 from peftserve.server.model_table import ModelTable
@@ -134,6 +134,7 @@ class _DeleteWorld:
         self.rows = {("sum", "v1"), ("sum", "v2")}
         self.loras = {"sum@v1": "gpu", "sum@v2": "cpu"}
         self.protected: set[tuple[str, str]] = set()
+        self.storage_error: Exception | None = None
         table = ModelTable("base", "/m", 128)
         table.add_version("sum", "v1", "/a1")
         table.add_version("sum", "v2", "/a2")
@@ -143,11 +144,14 @@ class _DeleteWorld:
         self.table = table
 
         def record(task: str, version: str) -> SimpleNamespace:
-            return SimpleNamespace(task=task, version=version, ref=f"{task}@{version}", to_dict=lambda: {})
+            return SimpleNamespace(task=task, version=version, ref=f"{task}@{version}", created_at=0.0,
+                                   to_dict=lambda: {})
 
         def delete(task: str, version: str, is_protected) -> SimpleNamespace:
             assert not is_protected(task, version)
             self.log.append("registry")
+            if self.storage_error is not None:
+                raise self.storage_error
             self.rows.discard((task, version))
             return record(task, version)
 
@@ -155,14 +159,14 @@ class _DeleteWorld:
             self.log.append("engine")
             self.loras.pop(lora_id)
 
-        registry = SimpleNamespace(get=record, delete=delete)
+        registry = SimpleNamespace(get=record, delete=delete, path_of=lambda r: f"/{r.version}")
         stable = SimpleNamespace(get=lambda task: table.stable(task))
         engine = SimpleNamespace(lora_status=lambda: dict(self.loras), unregister_lora=unregister)
         self.service = AdapterService(registry, stable, table, engine, max_rank=8, max_bytes=1)  # type: ignore[arg-type]
         self.service.protectors.append(lambda t, v: (t, v) in self.protected)
 
 
-def test_delete_stops_serving_before_the_registry_row_goes_and_a_refusal_changes_nothing() -> None:
+def test_delete_stops_serving_then_deletes_and_a_refusal_or_storage_failure_changes_nothing() -> None:
     world = _DeleteWorld()
     world.protected.add(("sum", "v2"))  # an active rollout's candidate
     with pytest.raises(Conflict, match="active rollout"):
@@ -170,7 +174,14 @@ def test_delete_stops_serving_before_the_registry_row_goes_and_a_refusal_changes
     assert world.log == [] and world.table.is_served("sum", "v2") and "sum@v2" in world.loras
     assert ("sum", "v2") in world.rows
     world.protected.clear()
+    world.storage_error = StorageUnavailable("cannot delete: not writable; nothing was deleted")
+    with pytest.raises(StorageUnavailable):  # the registry refused: served again, engine untouched
+        asyncio.run(world.service.delete("sum", "v2"))
+    assert world.log == ["table", "registry"] and world.table.is_served("sum", "v2")
+    assert "sum@v2" in world.loras and ("sum", "v2") in world.rows
+    world.log.clear()
+    world.storage_error = None
     deleted = asyncio.run(world.service.delete("sum", "v2"))
     assert deleted["deleted"] is True and deleted["status"] == "deleted"
-    assert world.log == ["table", "engine", "registry"]
+    assert world.log == ["table", "registry", "engine"]
     assert not world.table.is_served("sum", "v2") and "sum@v2" not in world.loras and ("sum", "v2") not in world.rows

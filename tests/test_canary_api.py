@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import Depends, FastAPI, Request
+from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file, save_file
 
 from peftserve.api.auth import is_admin, require_api_key
@@ -54,14 +55,17 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def overflowing_adapter(model_dir: Path, out: Path) -> Path:
-    """Finite weights whose product overflows fp32: A and B each scaled by 1e20.
+    """An adapter accepted at upload whose answers are not finite: gate_proj and up_proj with
+    A and B each scaled by 1e10.
 
-    (Scaling B alone, even by 1e37, leaves the logits finite: the hidden state stays finite and
-    RMSNorm scales it back down. A product past 3.4e38 is inf, and attention turns it into NaN.)
+    Each module's delta is far inside the range rule (docs/adapters.md: about 1e22 for a
+    unit-norm row, the limit is 3.4e38), but SwiGLU multiplies the two projections, and their
+    product overflows float32. (A single projection scaled past the rule, such as A and B x 1e20,
+    is refused at upload.)
     """
-    make_peft_adapter(model_dir, out, seed=9, std=0.3)
+    make_peft_adapter(model_dir, out, seed=9, std=0.3, target_modules=["gate_proj", "up_proj"])
     weights = load_file(out / "adapter_model.safetensors")
-    save_file({k: v * 1e20 for k, v in weights.items()}, out / "adapter_model.safetensors")
+    save_file({k: v * 1e10 for k, v in weights.items()}, out / "adapter_model.safetensors")
     return out
 
 
@@ -159,7 +163,7 @@ def test_every_response_names_its_version_streaming_too(url: str, alpha: dict[st
     inside, outside = users("alpha", 25, True)[0], users("alpha", 25, False)[0]
     assert served(complete(url, "alpha", inside)) == ("alpha@v2", "candidate")
     assert served(complete(url, "alpha", outside)) == ("alpha@v1", "stable")
-    assert served(complete(url, "base")) == ("base@base", "stable")
+    assert served(complete(url, "base")) == ("base", "stable")
     chat = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
         "model": "alpha", "user": inside, "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]})
     assert served(chat) == ("alpha@v2", "candidate")
@@ -183,8 +187,8 @@ def test_session_header_routes_like_a_user(url: str, alpha: dict[str, Any]) -> N
 
 def test_pins_serve_the_named_version(url: str, alpha: dict[str, Any]) -> None:
     outside = users("alpha", 25, False)[0]
-    assert served(complete(url, "alpha@v2", outside)) == ("alpha@v2", "candidate")
-    assert served(complete(url, "alpha@v1", users("alpha", 25, True)[0])) == ("alpha@v1", "stable")
+    assert served(complete(url, "alpha@v2", outside)) == ("alpha@v2", "pinned")  # as its metrics say
+    assert served(complete(url, "alpha@v1", users("alpha", 25, True)[0])) == ("alpha@v1", "pinned")
     error(complete(url, "alpha@v9"), 404, "model_not_found")
 
 
@@ -340,7 +344,7 @@ def test_start_status_history_pause_resume_promote_rollback_retry(url: str, clie
         client.rollback_rollout("steer")
     assert caught.value.status == 404 and caught.value.code == "rollout_not_found"
 
-    restarted = client.start_rollout("steer", "v1", steps=[10], step_interval_s=3600, analysis=QUICK_ANALYSIS)
+    restarted = client.start_rollout("steer", "v1", steps=[10], interval=3600, analysis=QUICK_ANALYSIS)
     assert (restarted.stable, restarted.candidate, restarted.state) == ("v2", "v1", "ramping")
     assert client.rollback_rollout("steer").state == "rolled_back"
     assert client.retry_rollout("steer", "again").state == "ramping"
@@ -377,12 +381,27 @@ def test_async_client_rollout_methods(url: str, alpha: dict[str, Any]) -> None:
 
 
 def test_metrics_export_rollout_state(url: str, alpha: dict[str, Any]) -> None:
+    inside, outside = users("alpha", 25, True)[0], users("alpha", 25, False)[0]
+    assert served(complete(url, "alpha", user=inside)) == ("alpha@v2", "candidate")
+    assert served(complete(url, "alpha", user=outside)) == ("alpha@v1", "stable")
+    assert served(complete(url, "alpha@v2"))[0] == "alpha@v2"  # pinned: its own arm in the metrics
     assert wait_for(lambda: "peftserve_rollout_judgments_total{" in httpx.get(f"{url}/metrics").text)
-    text_ = httpx.get(f"{url}/metrics", timeout=10).text
-    assert 'peftserve_canary_weight{task="alpha"} 25.0' in text_
-    assert 'peftserve_rollout_state{state="ramping",task="alpha"} 1.0' in text_
-    assert 'peftserve_rollout_state{state="paused",task="alpha"} 0.0' in text_
-    assert 'peftserve_requests_total{outcome="ok",task="alpha",version="v2"}' in text_
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text)}
+
+    def value(name: str, sample: str | None = None, **labels: str) -> float | None:
+        hits = [s.value for s in families[name].samples
+                if s.name == (sample or name) and all(s.labels.get(k) == v for k, v in labels.items())]  # fmt: skip
+        return sum(hits) if hits else None
+
+    assert value("peftserve_canary_weight_ratio", task="alpha") == 0.25
+    assert value("peftserve_rollout_state", task="alpha", state="ramping") == 1.0
+    assert value("peftserve_rollout_state", task="alpha", state="paused") == 0.0
+    total = "peftserve_requests_total"
+    for arm, version in (("candidate", "v2"), ("stable", "v1"), ("pinned", "v2")):
+        assert value("peftserve_requests", total, task="alpha", version=version, arm=arm, outcome="ok") >= 1, arm
+    samples = "peftserve_canary_window_samples"
+    assert value(samples, task="alpha", version="v2", arm="candidate", kind="requests") >= 1
+    assert value(samples, task="alpha", version="v1", arm="stable", kind="requests") >= 1
 
 
 # ---- a failing candidate --------------------------------------------------------------------------
@@ -472,6 +491,12 @@ def test_shadow_copies_never_reach_the_client_and_measure_divergence(url: str, c
     assert same["errors"] == 0 and same["agreement_rate"] == 1.0
     diff = _shadow_run(url, client, "diff")
     assert diff["errors"] == 0 and diff["agreement_rate"] < 1.0
+    # Prometheus counts the copies apart from user traffic, on the candidate's series.
+    metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    shadowed = [f for f in text_string_to_metric_families(metrics) if f.name == "peftserve_requests"][0]
+    copies = sum(s.value for s in shadowed.samples if s.labels["arm"] == "shadow" and s.labels["version"] == "diff"
+                 and s.labels["outcome"] == "ok")  # fmt: skip
+    assert copies >= diff["n"], (copies, diff)
     if not HAS_SCORE:
         pytest.skip("engine.score is missing: shadow LLR not measured (agreement checked)")
     assert same["noise_floor_n"] >= 1 and abs(same["noise_floor_mean_llr"]) < 1e-3
@@ -537,7 +562,7 @@ def test_sigkill_during_a_rollout_resumes_at_its_weight_with_history(
         with Client(url) as client:
             client.upload(adapters["one"], "crash", "v1")
             client.upload(adapters["two"], "crash", "v2")
-            client.start_rollout("crash", "v2", steps=[25, 50], step_interval_s=3600, analysis=QUICK_ANALYSIS)
+            client.start_rollout("crash", "v2", steps=[25, 50], interval=3600, analysis=QUICK_ANALYSIS)
             for i in range(12):
                 complete(url, "crash", f"c{i}", max_tokens=1)
             assert wait_for(lambda: client.rollout("crash").last_judgment is not None, timeout=10)

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from peftserve.cli import main
-from peftserve.client import Client
+from peftserve.client import Client, PeftserveError
 from tests.server_utils import running_server, wait_for
 from tests.tiny_models import make_peft_adapter, make_tiny_model
 
@@ -163,12 +163,24 @@ def test_failures_exit_non_zero_with_the_servers_message(
     code, _, err = cli(url, capsys, "status", "nothing")
     assert code == 1 and "never had a rollout" in err and "(HTTP 404)" in err
     code, _, err = cli(url, capsys, "start", "cli", "--candidate", "v1", "--eval-set", str(tmp_path / "none.jsonl"))
-    assert code == 1 and "none.jsonl" in err
+    assert code == 1 and f"eval set file {tmp_path / 'none.jsonl'} does not exist" in err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "answer": "b"}\n\n{"prompt": "", "answer": "b"}\n')
+    code, _, err = cli(url, capsys, "start", "cli", "--candidate", "v1", "--eval-set", str(bad))
+    assert code == 1 and 'eval_set line 3 must be an object with a non-empty string "prompt"' in err
+    bad.write_text('{"prompt": "a", "answer": "b"}\n{"prompt": "a", "answer": \n')
+    code, _, err = cli(url, capsys, "start", "cli", "--candidate", "v1", "--eval-set", str(bad))
+    assert code == 1 and "eval_set line 2 is not valid JSON" in err
+    with Client(url) as client, pytest.raises(PeftserveError, match="eval_set line 2 must be an object"):
+        client.start_rollout("cli", "v1", eval_set=[{"prompt": "a", "answer": "b"}, {"prompt": "a"}])
     code, _, err = cli("http://127.0.0.1:9", capsys, "status", "cli")
     assert code == 1 and "cannot reach the peftserve server" in err
     with pytest.raises(SystemExit):
         main(["rollout", "start", "cli", "--candidate", "v1", "--target-header", "no-equals-sign"])
-    assert "expected HEADER=VALUE" in capsys.readouterr().err
+    assert "a target header must look like HEADER=VALUE[,VALUE...], not 'no-equals-sign'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["rollout", "start", "cli", "--candidate", "v1", "--steps", "10,x"])
+    assert "step 2 is 'x'" in capsys.readouterr().err
 
 
 def test_the_real_command_line(url: str) -> None:
@@ -182,3 +194,17 @@ def test_the_real_command_line(url: str) -> None:
     assert listed.returncode == 0, listed.stderr
     missing = run("history", "nothing")
     assert missing.returncode == 1 and "never had a rollout" in missing.stderr and missing.stdout == ""
+
+
+def test_output_cut_short_is_no_failure(url: str) -> None:
+    """``peftserve rollout start ... | head -1``: the reader leaves early, the rollout still starts,
+    and the command exits 0 without a word on stderr (here the pipe has no reader at all)."""
+    argv = [sys.executable, "-m", "peftserve.cli", "rollout", "start", "shade", "--candidate", "v2",
+            "--interval", "3600", "--server", url.removeprefix("http://")]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and err == ""
+    with Client(url) as client:
+        assert client.rollout("shade").state == "ramping"
+        client.rollback_rollout("shade")

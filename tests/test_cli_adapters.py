@@ -113,9 +113,9 @@ def test_failures_exit_nonzero_with_the_server_message(
     code, _, err = _cli(url, "delete", "alpha@" + _stable(url, capsys), capsys=capsys)
     assert code == 1 and "stable version" in err and "(HTTP 409)" in err
     code, _, err = _cli(url, "delete", "alpha", capsys=capsys)
-    assert code == 1 and "NAME@VERSION" in err
+    assert code == 1 and "expected TASK@VERSION, not 'alpha'" in err
     code, _, err = _cli(url, "upload", str(tmp_path), "--name", "x", "--version", "v1", capsys=capsys)
-    assert code == 1 and "adapter_model.safetensors" in err
+    assert code == 1 and f"{tmp_path} has no adapter_config.json, so it is not a PEFT adapter directory" in err
     code, _, err = _cli("http://127.0.0.1:9", "list", capsys=capsys)
     assert code == 1 and "cannot reach" in err
 
@@ -123,3 +123,29 @@ def test_failures_exit_nonzero_with_the_server_message(
 def _stable(url: str, capsys: pytest.CaptureFixture[str]) -> str:
     _, out, _ = _cli(url, "show", "alpha", "--json", capsys=capsys)
     return json.loads(out)["stable"]
+
+
+def test_what_a_wrong_directory_is_told(
+    url: str, adapter_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file, a folder of adapters, a folder with pickle weights: each told what to give instead."""
+    config = adapter_dir / "adapter_config.json"
+    code, _, err = _cli(url, "upload", str(config), "--name", "x", "--version", "v1", capsys=capsys)
+    assert code == 1 and f"{config} is a file, not an adapter directory" in err
+    assert f"give its directory {adapter_dir}" in err
+    code, _, err = _cli(url, "upload", str(adapter_dir.parent), "--name", "x", "--version", "v1", capsys=capsys)
+    assert code == 1 and f"it holds adapter directories: {adapter_dir.name}" in err
+    (tmp_path / "adapter_config.json").write_text("{}")
+    (tmp_path / "adapter_model.bin").write_bytes(b"pickle")
+    code, _, err = _cli(url, "upload", str(tmp_path), "--name", "x", "--version", "v1", capsys=capsys)
+    assert code == 1 and "has no adapter_model.safetensors (it has adapter_model.bin" in err
+    code, _, err = _cli(url, "upload", str(tmp_path / "nope"), "--name", "x", "--version", "v1", capsys=capsys)
+    assert code == 1 and f"adapter directory {tmp_path / 'nope'} does not exist" in err
+
+
+def test_server_without_scheme_and_demo_help(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _cli(url.removeprefix("http://"), "list", capsys=capsys)
+    assert code == 0 and out.startswith("TASK"), err
+    with pytest.raises(SystemExit) as done:
+        main(["demo", "--help"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("usage: peftserve demo")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -206,3 +207,38 @@ def test_refused_adapter_leaves_slots_untouched(model_dir, fresh_adapter):
         manager.load("x", load_adapter(fresh_adapter, model, 8))
     assert manager.num_free_slots == 2 and not manager.loaded
     assert all(layer.lora_a.abs().sum() == 0 for layer in manager.layers.values())
+
+
+NORMS = re.escape("||A||_F * ||B * scaling||_F")
+OVERFLOW_FP16 = r"lora_A has entries as large as .* overflow the serving dtype float16"
+
+
+def _times(factor: float):
+    def scale(t):
+        for k in t:
+            t[k] = t[k] * factor
+
+    return scale
+
+
+@pytest.mark.parametrize(
+    "factor, refused_in",
+    [
+        (300.0, {torch.float16: NORMS}),  # entries fit float16 (<= ~250), the norms do not
+        (1e6, {torch.float16: OVERFLOW_FP16}),
+        (1e20, {torch.float16: OVERFLOW_FP16, torch.bfloat16: NORMS, torch.float32: NORMS}),
+    ],
+)
+def test_range_rule_is_checked_in_the_serving_dtype(fresh_adapter, model_dir, factor, refused_in):
+    """A and the scaled B must fit the dtype the slot pool stores them in, and so must the
+    delta of a unit-norm input row: the same weights pass in float32 and fail in float16."""
+    _edit_weights(fresh_adapter, _times(factor))
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        model.to(dtype)
+        if dtype in refused_in:
+            with pytest.raises(AdapterError, match=refused_in[dtype]):
+                load_adapter(fresh_adapter, model, 64)
+        else:
+            weights = load_adapter(fresh_adapter, model, 64).weights.values()
+            assert all(torch.isfinite(b.to(dtype)).all() for _, b in weights)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -29,6 +30,8 @@ from peftserve.registry import (
     InvalidName,
     NotFound,
     Registry,
+    StorageFull,
+    StorageUnavailable,
     TooLarge,
     WrongBaseModel,
     base_fingerprint,
@@ -117,7 +120,7 @@ def _sha256sum_of_sha256sum(adapter: Path) -> str:
 
 
 def test_add_list_get_latest_delete(registry, adapters, validate, fingerprint):
-    a1 = registry.add_from_dir("reverse", "v1", adapters["a"], validate)
+    a1 = registry.add_from_dir("reverse", "v1", adapters["a"], validate).record
     assert (a1.task, a1.version, a1.rank, a1.alpha) == ("reverse", "v1", 4, 8.0)
     assert a1.target_modules == ("q_proj", "v_proj")
     assert a1.sha256 == _sha256sum_of_sha256sum(adapters["a"])
@@ -128,7 +131,7 @@ def test_add_list_get_latest_delete(registry, adapters, validate, fingerprint):
     assert sorted(p.name for p in stored.iterdir()) == list(FILES)  # README.md was not copied
     for name in FILES:
         assert (stored / name).read_bytes() == (adapters["a"] / name).read_bytes()
-    b2 = registry.add_from_dir("reverse", "v2", adapters["b"], validate)
+    b2 = registry.add_from_dir("reverse", "v2", adapters["b"], validate).record
     assert (b2.rank, b2.alpha, len(b2.target_modules)) == (8, 16.0, 7)
     registry.add_from_dir("sort", "1.0.0", adapters["a"], validate)  # same content, other task
     assert [r.ref for r in registry.list()] == ["reverse@v1", "reverse@v2", "sort@1.0.0"]
@@ -159,10 +162,11 @@ def test_add_list_get_latest_delete(registry, adapters, validate, fingerprint):
 
 
 def test_same_content_is_idempotent_different_content_conflicts(registry, adapters, validate):
-    first = registry.add_from_dir("t", "v1", adapters["a"], validate)
-    assert registry.add_from_dir("t", "v1", adapters["a"], validate) == first
+    first, created = registry.add_from_dir("t", "v1", adapters["a"], validate)
+    assert created
+    assert registry.add_from_dir("t", "v1", adapters["a"], validate) == (first, False)
     streamed = {name: (adapters["a"] / name).read_bytes() for name in FILES}
-    assert registry.add_from_stream("t", "v1", streamed, 1 << 20, validate) == first
+    assert registry.add_from_stream("t", "v1", streamed, 1 << 20, validate) == (first, False)
     with pytest.raises(Conflict, match="different content") as err:
         registry.add_from_dir("t", "v1", adapters["b"], validate)
     assert err.value.status == 409
@@ -193,7 +197,7 @@ def test_invalid_names_refused_with_nothing_written(registry, adapters, validate
 
 def test_valid_names_accepted(registry, adapters, validate):
     for task, version in [("a" * 64, "v" * 64), ("my_task-2.b", "1.0.0-rc.1"), ("_x", "0")]:
-        assert registry.add_from_dir(task, version, adapters["a"], validate).ref == f"{task}@{version}"
+        assert registry.add_from_dir(task, version, adapters["a"], validate).record.ref == f"{task}@{version}"
 
 
 def test_pickle_weights_refused(registry, adapters, validate):
@@ -223,9 +227,9 @@ def test_stream_upload_and_byte_limit(registry, adapters, validate):
         assert err.value.status == 413
         _assert_empty_store(registry)
     streams = {FILES[0]: io.BytesIO(files[FILES[0]]), FILES[1]: chunked(files[FILES[1]])}
-    record = registry.add_from_stream("t", "v1", streams, total, validate)
+    record = registry.add_from_stream("t", "v1", streams, total, validate).record
     assert record.size_bytes == total
-    assert record.sha256 == registry.add_from_dir("t", "v1", adapters["a"], validate).sha256
+    assert record.sha256 == registry.add_from_dir("t", "v1", adapters["a"], validate).record.sha256
 
 
 @pytest.mark.parametrize(
@@ -267,7 +271,7 @@ def test_declared_base_fingerprint_must_match(registry, adapters, validate, fing
 
 
 def test_delete_refused_while_protected(registry, adapters, validate):
-    record = registry.add_from_dir("t", "v1", adapters["a"], validate)
+    record = registry.add_from_dir("t", "v1", adapters["a"], validate).record
     with pytest.raises(Conflict, match="rollout"):
         registry.delete("t", "v1", lambda task, version: (task, version) == ("t", "v1"))
     assert registry.get("t", "v1") == record and registry.path_of(record).is_dir()
@@ -385,8 +389,8 @@ def test_sigkill_mid_upload_leaves_no_trace(tmp_path, model_dir, adapters, valid
     data, marker = tmp_path / "data", tmp_path / "marker"
     with Registry(data, fingerprint) as reg:
         committed = [
-            reg.add_from_dir("keep", "v1", adapters["a"], validate),
-            reg.add_from_dir("keep", "v2", adapters["b"], validate),
+            reg.add_from_dir("keep", "v1", adapters["a"], validate).record,
+            reg.add_from_dir("keep", "v2", adapters["b"], validate).record,
         ]
     args = [mode, data, model_dir, adapters["c"], marker, fingerprint]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -413,7 +417,7 @@ def test_sigkill_mid_upload_leaves_no_trace(tmp_path, model_dir, adapters, valid
         assert sorted(p.name for p in (data / "blobs").iterdir()) == sorted(r.sha256 for r in committed)
         for record in committed:
             assert sorted(p.name for p in reg.path_of(record).iterdir()) == list(FILES)
-        redo = reg.add_from_dir("crash", "v1", adapters["c"], validate)  # the upload can be redone
+        redo = reg.add_from_dir("crash", "v1", adapters["c"], validate).record  # the upload can be redone
         assert reg.get("crash", "v1") == redo
 
 
@@ -427,8 +431,120 @@ def test_base_fingerprint_shape_fields_only(model, model_dir):
 
 
 def test_sqlite_file_is_the_source_of_truth(registry, adapters, validate):
-    record = registry.add_from_dir("t", "v1", adapters["a"], validate)
+    record = registry.add_from_dir("t", "v1", adapters["a"], validate).record
     conn = sqlite3.connect(registry.data_dir / "peftserve.db")
     row = conn.execute("SELECT task, version, sha256, rank FROM adapters").fetchall()
     conn.close()
     assert row == [("t", "v1", record.sha256, 4)]
+
+
+def test_two_registries_racing_on_one_version_create_it_once(tmp_path, adapters, validate, fingerprint):
+    """The database decides (UNIQUE (task, version) inside the add's transaction), not a lock
+    of one process: two Registry objects on one data directory race like two processes."""
+    data = tmp_path / "data"
+    with Registry(data, fingerprint) as first, Registry(data, fingerprint) as second:
+        outcomes: list[tuple[str, object]] = []
+        jobs = [(first, "a"), (second, "a"), (first, "a"), (second, "a"), (first, "b"), (second, "b")]
+        barrier = threading.Barrier(len(jobs))
+
+        def add(reg: Registry, adapter: str) -> None:
+            barrier.wait()
+            try:
+                outcomes.append((adapter, reg.add_from_dir("t", "v1", adapters[adapter], validate)))
+            except Conflict as exc:
+                outcomes.append((adapter, exc))
+
+        threads = [threading.Thread(target=add, args=job) for job in jobs]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        created = [(name, out.record) for name, out in outcomes if not isinstance(out, Conflict) and out.created]
+        assert len(created) == 1, outcomes
+        winner, record = created[0]
+        for name, out in outcomes:
+            if name == winner:
+                assert not isinstance(out, Conflict) and out.record == record
+            else:
+                assert isinstance(out, Conflict)
+        assert first.list() == second.list() == [record]
+        assert _files(data / "blobs") == [record.sha256, *(f"{record.sha256}/{n}" for n in FILES)]
+        assert _files(data / "tmp") == []
+
+
+class _FailingCommit:
+    """A connection whose COMMIT fails as SQLite's does on a full disk (the block is rolled back)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def execute(self, sql: str, *args):
+        if sql == "COMMIT":
+            error = sqlite3.OperationalError("database or disk is full")
+            error.sqlite_errorname = "SQLITE_FULL"
+            raise error
+        return self.conn.execute(sql, *args)
+
+    def __getattr__(self, name: str):
+        return getattr(self.conn, name)
+
+
+def test_a_failed_commit_leaves_no_blob_and_no_row(registry, adapters, validate, monkeypatch):
+    kept = registry.add_from_dir("keep", "v1", adapters["c"], validate).record
+    monkeypatch.setattr(registry, "_conn", _FailingCommit(registry._conn))
+    with pytest.raises(StorageFull, match="data directory is full.*nothing was stored") as err:
+        registry.add_from_dir("t", "v1", adapters["a"], validate)
+    assert err.value.status == 507
+    with pytest.raises(StorageFull, match="nothing was deleted"):
+        registry.delete("keep", "v1", lambda task, version: False)
+    monkeypatch.undo()
+    assert registry.list() == [kept]
+    assert _files(registry.data_dir / "blobs") == [kept.sha256, *(f"{kept.sha256}/{n}" for n in FILES)]
+    assert _files(registry.data_dir / "tmp") == []
+
+
+@pytest.mark.parametrize(("err", "error", "status"), [
+    (errno.EROFS, StorageUnavailable, 503), (errno.EACCES, StorageUnavailable, 503),
+    (errno.ENOSPC, StorageFull, 507), (errno.EDQUOT, StorageFull, 507),
+])  # fmt: skip
+def test_delete_that_cannot_move_the_blob_changes_nothing(
+    registry, adapters, validate, monkeypatch, err, error, status
+):
+    record = registry.add_from_dir("t", "v1", adapters["a"], validate).record
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if Path(src).parent == registry.data_dir / "blobs":
+            raise OSError(err, os.strerror(err), str(src))
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(error, match=f"{errno.errorcode[err]}.*nothing was deleted") as raised:
+        registry.delete("t", "v1", lambda task, version: False)
+    monkeypatch.undo()
+    assert raised.value.status == status
+    assert registry.list() == [record] and registry.path_of(record).is_dir()
+    assert _files(registry.data_dir / "tmp") == []
+
+
+def test_open_puts_back_the_blob_of_an_uncommitted_delete(tmp_path, adapters, validate, fingerprint):
+    data = tmp_path / "data"
+    with Registry(data, fingerprint) as reg:
+        record = reg.add_from_dir("t", "v1", adapters["a"], validate).record
+        gone = reg.add_from_dir("t", "v2", adapters["b"], validate).record
+    # A crash inside delete's transaction: the blob is moved to tmp/, the row is not deleted.
+    (data / "tmp" / "delete-crashed").mkdir()
+    os.rename(data / "blobs" / record.sha256, data / "tmp" / "delete-crashed" / record.sha256)
+    # A crash after a commit: the row is gone, its blob still in tmp/ (and an orphan in blobs/).
+    conn = sqlite3.connect(data / "peftserve.db")
+    conn.execute("DELETE FROM adapters WHERE version = 'v2'")
+    conn.commit()
+    conn.close()
+    (data / "tmp" / "delete-committed").mkdir()
+    shutil.copytree(data / "blobs" / gone.sha256, data / "tmp" / "delete-committed" / gone.sha256)
+    with Registry(data, fingerprint) as reg:
+        assert reg.list() == [record]
+        assert sorted(p.name for p in reg.path_of(record).iterdir()) == list(FILES)
+        assert _files(data / "tmp") == []
+        assert [p.name for p in (data / "blobs").iterdir()] == [record.sha256]
+        assert validate(reg.path_of(record)).rank == 4

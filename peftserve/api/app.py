@@ -1,5 +1,5 @@
-"""The FastAPI app: OpenAI routes, /admin (adapters, rollouts), /metrics, /health, errors in OpenAI's
-shape, engine and rollout-controller lifecycle."""
+"""The FastAPI app: OpenAI routes, /admin (adapters, rollouts), /metrics, /health, the web page
+(/ui) and API docs, errors in OpenAI's shape, engine and rollout-controller lifecycle."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI
 
 from peftserve import __version__
-from peftserve.api import admin, health, metrics, openai_routes, rollouts
+from peftserve.api import admin, health, metrics, openai_routes, rollouts, ui
 from peftserve.api.errors import install_error_handlers
 from peftserve.api.middleware import RequestIdMiddleware
 from peftserve.api.state import ServingState
@@ -60,12 +60,16 @@ def build_app(
                 adapters.close()
             logger.info("engine stopped")
 
-    app = FastAPI(title="peftserve", version=__version__, lifespan=lifespan)
+    # /docs and /redoc are ui's routes: their assets are vendored, never from a CDN.
+    app = FastAPI(
+        title="peftserve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None
+    )
     app_metrics = Metrics(engine)
     engine.on_adapter_load = app_metrics.observe_adapter_load
     if adapters is not None:
         adapters.on_delete.append(app_metrics.forget)
     if canary is not None:
+        canary.request_metrics = app_metrics
         app_metrics.add_collector(RolloutCollector(canary))
     app.state.serving = ServingState(
         engine=engine,
@@ -84,4 +88,7 @@ def build_app(
     app.include_router(rollouts.feedback_router)
     app.include_router(metrics.router)
     app.include_router(health.router)
+    app.include_router(ui.admin_router)
+    app.include_router(ui.router)
+    ui.mount_page(app)
     return app

@@ -3,7 +3,8 @@
 A request's ``model`` is the base model, a task (the canary router picks its version from the
 ``user`` field, else the ``X-Session-Id`` header, else the request id; ``X-Canary`` counts
 from admin callers only) or a pinned ``task@version``. Every answer names what served it:
-``X-Peftserve-Version: task@version`` and ``X-Peftserve-Arm: stable|candidate``.
+``X-Peftserve-Version: task@version`` (the base model: its name) and ``X-Peftserve-Arm:
+stable|candidate|pinned`` (pinned: the request named the version; the arm label of its metrics).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from peftserve.api.streaming import (
 )
 from peftserve.engine.sampling_params import SamplingParams
 from peftserve.server.errors import APIError
-from peftserve.server.metrics import RequestTracker, failure_outcome
+from peftserve.server.metrics import RequestTracker, failure_outcome, request_arm
 from peftserve.server.model_table import Target
 
 logger = logging.getLogger(__name__)
@@ -165,7 +166,7 @@ def _prepare(state: ServingState, target: Target, build: Callable[[], Job]) -> J
     try:
         return build()
     except BaseException as exc:
-        state.metrics.track(target.task, target.version).finish(failure_outcome(exc))
+        state.metrics.track(target.task, target.version, request_arm(target)).finish(failure_outcome(exc))
         _name(exc, target)
         raise
 
@@ -324,7 +325,7 @@ def _track(state: ServingState, job: Job, target: Target, fallback: bool) -> Req
     hook = None
     if state.canary is not None:
         hook = state.canary.finish_hook(target, job.request_id, job.prompt_ids, job.params, fallback=fallback)
-    return state.metrics.track(target.task, target.version, hook)
+    return state.metrics.track(target.task, target.version, request_arm(target), hook)
 
 
 def _fallback(state: ServingState, target: Target, exc: BaseException) -> Target | None:

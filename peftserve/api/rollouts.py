@@ -7,6 +7,7 @@ Admin routes (the admin token, as every /admin route)::
     GET  /admin/rollouts/{task}                where it stands: state, weight, step, versions,
                                                last judgment (score, result, reason), arms
     GET  /admin/rollouts/{task}/history        its events, oldest first (?limit=, ?kind=)
+    GET  /admin/rollouts/{task}/timeline       the same as time series, for the web page's charts
     POST /admin/rollouts/{task}/pause|resume|promote|rollback|retry   (body: {"reason": ...})
 
 The start body is ``RolloutSpec.to_dict()``'s shape: ``task`` and ``candidate`` are required;
@@ -40,8 +41,8 @@ from fastapi.responses import JSONResponse
 
 from peftserve.api.auth import require_admin, require_api_key
 from peftserve.api.state import get_state
-from peftserve.canary.controller import RolloutNotFoundError
 from peftserve.canary.spec import RolloutSpec, RolloutSpecError, default_metrics
+from peftserve.server import dashboard
 from peftserve.server.canary import CanaryRuntime
 from peftserve.server.errors import APIError, invalid_request
 
@@ -91,21 +92,33 @@ async def _json_object(request: Request, what: str, *, optional: bool = False) -
 
 
 def parse_eval_set(value: Any) -> list[Any] | None:
-    """``eval_set`` as a list: given as a list, or as JSONL text (one object per line)."""
-    if value is None or isinstance(value, list):
-        return value
-    if not isinstance(value, str):
+    """``eval_set`` as a list: given as a list, or as JSONL text (one object per line).
+
+    Each item must be ``{"prompt": non-empty str, "answer": str}``; an error names it as
+    ``line N`` (JSONL, counting every line of the text) or ``item N`` (a list), from 1.
+    """
+    if value is None:
+        return None
+    if isinstance(value, list):
+        numbered = [(f"item {n}", item) for n, item in enumerate(value, start=1)]
+    elif isinstance(value, str):
+        numbered = []
+        for n, line in enumerate(value.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                numbered.append((f"line {n}", json.loads(line)))
+            except ValueError as exc:
+                raise RolloutSpecError(f"eval_set line {n} is not valid JSON: {exc}") from None
+    else:
         raise RolloutSpecError(f"eval_set must be a list of {{\"prompt\", \"answer\"}} objects or JSONL text, "
                                f"not {type(value).__name__}")  # fmt: skip
-    items = []
-    for number, line in enumerate(value.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            items.append(json.loads(line))
-        except ValueError as exc:
-            raise RolloutSpecError(f"eval_set line {number} is not valid JSON: {exc}") from None
-    return items
+    for where, item in numbered:
+        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) \
+                or not isinstance(item.get("answer"), str) or not item["prompt"]:  # fmt: skip
+            raise RolloutSpecError(f"eval_set {where} must be an object with a non-empty string \"prompt\" "
+                                   f"and a string \"answer\", not {item!r:.200}")  # fmt: skip
+    return [item for _, item in numbered]
 
 
 def _default_analysis(data: dict[str, Any], has_eval_set: bool) -> None:
@@ -149,22 +162,11 @@ async def start_rollout(request: Request) -> JSONResponse:
 # ---- read ---------------------------------------------------------------------------------
 
 
-def _all_statuses(runtime: CanaryRuntime) -> list[dict[str, Any]]:
-    tasks = sorted(set(runtime.table.versions) | set(runtime.router.tasks))
-    out = []
-    for task in tasks:
-        try:
-            out.append(runtime.controller.status(task))
-        except RolloutNotFoundError:
-            continue
-    return out
-
-
 @admin_router.get("/rollouts")
 async def list_rollouts(request: Request) -> dict[str, Any]:
     """The latest rollout of every served task that had one (active or finished), by task."""
     runtime = _runtime(request)
-    return {"object": "list", "data": await to_thread.run_sync(_all_statuses, runtime)}
+    return {"object": "list", "data": await to_thread.run_sync(dashboard.all_rollout_statuses, runtime)}
 
 
 @admin_router.get("/rollouts/{task}")
@@ -188,6 +190,17 @@ async def rollout_history(
     with _rollout_errors():
         events = await to_thread.run_sync(read)
     return {"object": "list", "task": task, "data": events}
+
+
+@admin_router.get("/rollouts/{task}/timeline")
+async def rollout_timeline(
+    task: str, request: Request, limit: int = Query(dashboard.TIMELINE_EVENTS, ge=10, le=10_000)
+) -> dict[str, Any]:
+    """The task's latest rollout as time series for charts: weight and state, score, each metric's
+    numbers per judgment; its latest events; when the next judgment and the step's end are due."""
+    runtime = _runtime(request)
+    with _rollout_errors():
+        return await to_thread.run_sync(dashboard.rollout_timeline, runtime, task, limit)
 
 
 # ---- steer --------------------------------------------------------------------------------

@@ -1,9 +1,18 @@
 """Parse and validate standard PEFT LoRA adapters (adapter_config.json + safetensors).
 
 An adapter is either applied exactly or refused with the reason: nothing is dropped
-or half-applied (STYLE item 11). The weights file is the ground truth: every tensor in
+or half-applied (STYLE item 11). adapter_config.json is validated as a typed schema
+(``peftserve.lora.adapter_config``). The weights file is the ground truth: every tensor in
 it must be a ``lora_A``/``lora_B`` pair on a supported projection of the base model,
 with matching shapes, a rank within the limit and finite values.
+
+Range rule: the slot pool stores A and the scaled B (``B * scaling``) in the serving dtype
+(the base projection's dtype), so every entry of both must be finite in that dtype
+(float16 overflows past 65504, bfloat16 and float32 past ~3.4e38), and so must the LoRA
+delta of any input row of unit L2 norm: ``||A||_F`` and ``||A||_F * ||B * scaling||_F``
+(bounds of ``|x·Aᵀ|`` and ``|x·Aᵀ·Bᵀ|`` for ``||x||_2 <= 1``) must not pass the dtype's
+largest finite value. This is one path for every way an adapter arrives: ``--adapter`` at
+start-up, uploads, and loads from the registry.
 """
 
 from __future__ import annotations
@@ -22,10 +31,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from peftserve.lora.adapter_config import (
+    CONFIG_NAME,
+    AdapterConfig,
+    AdapterError,
+    parse_config,
+    show,
+)
+
 TARGET_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """Projections the engine can carry LoRA on (embeddings and lm_head are not among them)."""
 
-CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 # adapter_config keys that carry no behaviour the engine must reproduce.
@@ -53,10 +69,6 @@ _BASE_CHANGING_INITS = ("pissa", "olora", "loftq", "corda")
 _KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>A|B)(?:\.[^.]+)?\.weight$")
 
 
-class AdapterError(ValueError):
-    """The adapter cannot be applied exactly; the message says why."""
-
-
 @dataclass
 class LoRAAdapter:
     """A validated adapter: per target module, A [r, in] and B [out, r] with scaling folded in."""
@@ -66,6 +78,9 @@ class LoRAAdapter:
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
     """Module name (as in the base model) -> (A [r, in] fp32, scaled B [out, r] fp32)."""
     config: dict = field(default_factory=dict)
+    """adapter_config.json as read."""
+    alpha: float = 8.0
+    """``lora_alpha`` (validated: a finite number)."""
 
     @property
     def rank(self) -> int:
@@ -91,40 +106,49 @@ def target_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
 def load_adapter(path: str | Path, model: nn.Module, max_rank: int, name: str = "") -> LoRAAdapter:
     """Read, validate and prepare a PEFT adapter for ``model``; raise AdapterError if unusable."""
     path = Path(path)
-    raw = _read_config(path)
-    config = _lora_config(raw)
+    raw, schema = _read_config(path)
+    config = _lora_config(schema)
     tensors = _read_weights(path)
     shapes = target_shapes(model)
+    dtypes = _serving_dtypes(model)
     pairs = _pair_tensors(tensors, shapes)
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for module, (a, b) in sorted(pairs.items()):
         _check_pair(module, a, b, shapes[module], max_rank, config)
         scale = _scaling(config, module, a.shape[0])
-        weights[module] = (a.float().contiguous(), (b.float() * scale).contiguous())
+        a64, b64 = a.double(), b.double() * scale  # [r, in], [out, r]
+        _check_range(module, a64, b64, scale, dtypes[module])
+        weights[module] = (a.float().contiguous(), b64.float().contiguous())
     if not weights:
         raise AdapterError(f"adapter at {path} holds no LoRA weights")
-    return LoRAAdapter(name=name or path.name, path=str(path), weights=weights, config=raw)
+    return LoRAAdapter(
+        name=name or path.name, path=str(path), weights=weights, config=raw, alpha=schema.lora_alpha
+    )
 
 
-def _read_config(path: Path) -> dict:
+def _read_config(path: Path) -> tuple[dict, AdapterConfig]:
     if not path.is_dir():
         raise AdapterError(f"adapter directory {path} does not exist")
     cfg_file = path / CONFIG_NAME
     if not cfg_file.is_file():
         raise AdapterError(f"{path} has no {CONFIG_NAME}")
     try:
-        raw = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raw = json.loads(cfg_file.read_bytes())
+    except RecursionError:
+        raise AdapterError(f"{CONFIG_NAME} is not valid JSON: it is nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of > 4300 digits
         raise AdapterError(f"{CONFIG_NAME} is not valid JSON: {exc}") from None
     if not isinstance(raw, dict):
         raise AdapterError(f"{CONFIG_NAME} must hold a JSON object")
     if raw.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(f"peft_type {raw.get('peft_type')!r} is not supported; only LORA adapters are")
-    _refuse_options(raw)
-    return raw
+        peft_type = show(raw.get("peft_type"))
+        raise AdapterError(f"peft_type {peft_type} is not supported; only LORA adapters are")
+    schema = parse_config(raw)
+    _refuse_options(raw, schema)
+    return raw, schema
 
 
-def _refuse_options(raw: dict) -> None:
+def _refuse_options(raw: dict, schema: AdapterConfig) -> None:
     for key, reason in _REFUSED_KEYS.items():
         if raw.get(key):
             raise AdapterError(reason)
@@ -136,16 +160,14 @@ def _refuse_options(raw: dict) -> None:
             f"init_lora_weights={init!r} is not supported: PiSSA/OLoRA/LoftQ/CorDA adapters "
             "are only exact on a modified base model"
         )
-    targets = raw.get("target_modules") or []
-    names = [targets] if isinstance(targets, str) else list(targets)
     for bad in ("embed_tokens", "lm_head", "wte", "embed_out"):
-        if any(t == bad or t.endswith("." + bad) for t in names):
+        if any(t == bad or t.endswith("." + bad) for t in schema.targets):
             raise AdapterError(f"target module {bad!r} is not supported (embedding and lm_head targets)")
     for key, value in raw.items():
         if key in _INERT_KEYS or key in _REFUSED_KEYS or key == "bias" or not value:
             continue
         if not _is_inert_extra(key, value):
-            raise AdapterError(f"adapter option {key}={value!r} is not supported")
+            raise AdapterError(f"adapter option {key}={show(value)} is not supported", key)
 
 
 def _is_inert_extra(key: str, value: object) -> bool:
@@ -155,15 +177,19 @@ def _is_inert_extra(key: str, value: object) -> bool:
     )
 
 
-def _lora_config(raw: dict) -> LoraConfig:
-    known = set(LoraConfig.__dataclass_fields__)
-    kwargs = {k: v for k, v in raw.items() if k in known and k not in ("peft_type", "auto_mapping")}
-    if kwargs.get("target_modules") == "all-linear":
+def _lora_config(schema: AdapterConfig) -> LoraConfig:
+    """PEFT's own config from the fields that decide targets and scaling (PEFT matches with it)."""
+    fields = ("r", "lora_alpha", "use_rslora", "target_modules", "exclude_modules",
+              "layers_to_transform", "layers_pattern")  # fmt: skip
+    kwargs = {name: getattr(schema, name) for name in fields}
+    kwargs["rank_pattern"] = schema.rank_pattern or {}
+    kwargs["alpha_pattern"] = schema.alpha_pattern or {}
+    if kwargs["target_modules"] == "all-linear":
         kwargs["target_modules"] = list(TARGET_NAMES)
     try:
         return LoraConfig(**kwargs)
     except (TypeError, ValueError) as exc:
-        raise AdapterError(f"invalid adapter_config.json: {exc}") from None
+        raise AdapterError(f"invalid {CONFIG_NAME}: {exc}") from None
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -231,9 +257,49 @@ def _check_pair(
         raise AdapterError(f"{module}: has weights but is not a target of adapter_config.json")
     expected = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module), config.r)
     if expected != rank:
-        raise AdapterError(f"{module}: weights have rank {rank} but adapter_config.json says {expected}")
+        raise AdapterError(
+            f"{module}: weights have rank {rank} but {CONFIG_NAME} says {show(expected)}"
+        )
 
 
 def _scaling(config: LoraConfig, module: str, rank: int) -> float:
     alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), module), config.lora_alpha)
     return alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
+
+
+def _serving_dtypes(model: nn.Module) -> dict[str, torch.dtype]:
+    """Every LoRA-capable projection's weight dtype: the dtype its slot pool stores A and B in."""
+    dtypes: dict[str, torch.dtype] = {}
+    for name, module in model.named_modules():
+        base = getattr(module, "base_layer", module)
+        if name.rsplit(".", 1)[-1] in TARGET_NAMES and isinstance(base, nn.Linear):
+            dtypes[name] = base.weight.dtype if base.weight.is_floating_point() else torch.float32
+    return dtypes
+
+
+def _check_range(
+    module: str, a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype
+) -> None:
+    """Refuse A [r, in] and scaled B [out, r] (float64) unless the rule of range holds in ``dtype``.
+
+    The rule (module docstring): every entry finite in ``dtype``; ``||A||_F`` and
+    ``||A||_F * ||B * scaling||_F`` (the largest ``|x·Aᵀ|`` and ``|x·Aᵀ·Bᵀ|`` for a row
+    ``||x||_2 <= 1``) at most the largest finite value of ``dtype``.
+    """
+    limit = torch.finfo(dtype).max
+    name = str(dtype).removeprefix("torch.")
+    for label, tensor in (("lora_A", a), (f"lora_B * scaling ({scale:.4g})", b)):
+        if not torch.isfinite(tensor.to(dtype)).all():
+            raise AdapterError(
+                f"{module}: {label} has entries as large as {tensor.abs().max().item():.3g}, which "
+                f"overflow the serving dtype {name} (largest finite value {limit:.4g})"
+            )
+    norm_a = torch.linalg.vector_norm(a).item()
+    bound = norm_a * torch.linalg.vector_norm(b).item()
+    if max(norm_a, bound) > limit:
+        raise AdapterError(
+            f"{module}: the LoRA delta can overflow the serving dtype {name}: for an input row x of "
+            f"unit L2 norm, |x·Aᵀ| may reach ||A||_F = {norm_a:.3g} and |x·Aᵀ·Bᵀ| may reach "
+            f"||A||_F * ||B * scaling||_F = {bound:.3g}; both must be at most {limit:.4g}, the "
+            f"largest finite {name} value"
+        )

@@ -8,25 +8,32 @@ from peftserve.registry.errors import (
     InvalidName,
     NotFound,
     RegistryError,
+    StorageFull,
+    StorageUnavailable,
     TooLarge,
     WrongBaseModel,
+    storage_errors,
 )
 from peftserve.registry.names import validate_name
-from peftserve.registry.store import AdapterRecord, Registry
+from peftserve.registry.store import AdapterRecord, Added, Registry
 
 __all__ = [
     "AdapterRecord",
+    "Added",
     "Conflict",
     "InvalidAdapter",
     "InvalidName",
     "NotFound",
     "Registry",
     "RegistryError",
+    "StorageFull",
+    "StorageUnavailable",
     "TooLarge",
     "WrongBaseModel",
     "base_fingerprint",
     "connect",
     "content_sha256",
+    "storage_errors",
     "transaction",
     "validate_name",
 ]

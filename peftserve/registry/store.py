@@ -8,11 +8,21 @@ Layout under the data directory::
     tmp/upload-*/             uploads in progress
 
 Adding writes the files into a fresh ``tmp/`` directory (each one fsync'd), hashes and
-validates them there, fsyncs the directory and renames it to ``blobs/<sha256>`` (then
-fsyncs ``blobs/``), and only then commits the row. A crash at any point leaves at most a
-``tmp/`` directory or a blob no row references; opening the registry removes both, so
-after a restart it holds exactly the adapters whose row was committed. Deleting commits
-the row's removal first, then moves the blob out of ``blobs/`` and removes it.
+validates them there and fsyncs the directory. Then, in one database transaction, it
+inserts the row (the ``UNIQUE (task, version)`` constraint decides between concurrent
+adds: the loser compares its sha256 with the stored one), renames the directory to
+``blobs/<sha256>`` (then fsyncs ``blobs/``) and commits. A crash at any point leaves at
+most a ``tmp/`` directory or a blob no row references; opening the registry removes both,
+so after a restart it holds exactly the adapters whose row was committed.
+
+Deleting is the mirror image, also in one transaction: delete the row, move the blob
+(when no other row shares it) into ``tmp/delete-*/`` in one rename, commit, then remove
+it. If the move or the commit fails, the transaction is rolled back and the blob put back,
+so a delete either happens entirely or not at all; opening the registry puts back the blob
+of a delete a crash interrupted before its commit.
+
+Storage failures (read-only or full data directory) are raised as ``StorageUnavailable``
+(503) or ``StorageFull`` (507), naming the cause, with nothing changed.
 
 Nothing a user sends becomes a path: task names and versions are validated identifiers
 kept in the database, stream file names must be one of the two stored names, and blob
@@ -36,12 +46,19 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from peftserve.lora.peft_adapter import CONFIG_NAME, WEIGHTS_NAME, AdapterError, LoRAAdapter
 from peftserve.registry import db
 from peftserve.registry.digest import content_sha256
-from peftserve.registry.errors import Conflict, InvalidAdapter, NotFound, TooLarge, WrongBaseModel
+from peftserve.registry.errors import (
+    Conflict,
+    InvalidAdapter,
+    NotFound,
+    TooLarge,
+    WrongBaseModel,
+    storage_errors,
+)
 from peftserve.registry.names import validate_name
 
 logger = logging.getLogger(__name__)
@@ -103,6 +120,14 @@ class AdapterRecord:
             base_fingerprint=row["base_fingerprint"],
             created_at=row["created_at"],
         )
+
+
+class Added(NamedTuple):
+    """What an add returns: the record, and whether this call created it."""
+
+    record: AdapterRecord
+    created: bool
+    """False when ``task@version`` was already registered with the same content."""
 
 
 _COLUMNS = (
@@ -172,14 +197,16 @@ class Registry:
         src_dir: str | Path,
         validate: Validator,
         base_fingerprint: str | None = None,
-    ) -> AdapterRecord:
+    ) -> Added:
         """Copy the adapter in ``src_dir`` into the store as ``task@version``.
 
         Only adapter_config.json and adapter_model.safetensors are copied (other files such
         as README.md are ignored); a directory holding pickle weights is refused. ``validate``
         is called on the copy before it is accepted. Same task, version and content again
-        returns the existing record. ``base_fingerprint``, when given, must equal the
-        registry's. Raises InvalidName, InvalidAdapter, WrongBaseModel or Conflict.
+        returns the existing record with ``created`` False, however many adds race (exactly
+        one of them creates it). ``base_fingerprint``, when given, must equal the
+        registry's. Raises InvalidName, InvalidAdapter, WrongBaseModel, Conflict,
+        StorageUnavailable or StorageFull.
         """
         src = Path(src_dir)
         return self._add(
@@ -195,7 +222,7 @@ class Registry:
         max_bytes: int,
         validate: Validator,
         base_fingerprint: str | None = None,
-    ) -> AdapterRecord:
+    ) -> Added:
         """Store an uploaded adapter: ``files`` maps a stored file name to its content.
 
         The names must be adapter_config.json and adapter_model.safetensors (anything else,
@@ -219,7 +246,10 @@ class Registry:
         version ``sha256[:12]``.
         """
         src = Path(path)
-        return self._add(name, None, lambda staging: _stage_dir(src, staging), validate, str(src), None)
+        added = self._add(
+            name, None, lambda staging: _stage_dir(src, staging), validate, str(src), None
+        )
+        return added.record
 
     def _add(
         self,
@@ -229,7 +259,7 @@ class Registry:
         validate: Validator,
         label: str,
         declared_base: str | None,
-    ) -> AdapterRecord:
+    ) -> Added:
         validate_name(task, "task name")
         if version is not None:
             validate_name(version, "version")
@@ -238,65 +268,70 @@ class Registry:
                 f"the adapter declares base model fingerprint {declared_base[:12]}..., but this "
                 f"server's base model is {self.base_fingerprint[:12]}..."
             )
-        staging = Path(tempfile.mkdtemp(prefix="upload-", dir=self._tmp))
+        with storage_errors("store the adapter", "nothing was stored"):
+            staging = Path(tempfile.mkdtemp(prefix="upload-", dir=self._tmp))
         try:
-            hashes, size = stage(staging)
+            with storage_errors("store the adapter", "nothing was stored"):
+                hashes, size = stage(staging)
             sha = content_sha256(hashes)
             if version is None:
                 same = self._find_content(task, sha)
                 if same is not None:
                     logger.info("adapter %s from %s is already registered", same.ref, label)
-                    return same
+                    return Added(same, False)
                 version = sha[:12]
             existing = self._find(task, version)
-            if existing is not None:
-                return _same_or_conflict(existing, sha)
+            if existing is not None:  # answered before validating; _publish decides races
+                return Added(_same_or_conflict(existing, sha), False)
             adapter = _run_validator(validate, staging, label)
-            _fsync_dir(staging)
-            return self._publish(staging, task, version, sha, size, adapter)
+            with storage_errors("store the adapter", "nothing was stored"):
+                _fsync_dir(staging)
+                return self._publish(staging, task, version, sha, size, adapter)
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
 
     def _publish(
         self, staging: Path, task: str, version: str, sha: str, size: int, adapter: LoRAAdapter
-    ) -> AdapterRecord:
+    ) -> Added:
+        """Insert the row and move the files into ``blobs/`` in one transaction."""
         record = AdapterRecord(
             task=task,
             version=version,
             sha256=sha,
             rank=adapter.rank,
-            alpha=float(adapter.config.get("lora_alpha", 8)),
+            alpha=adapter.alpha,
             target_modules=tuple(adapter.target_modules),
             size_bytes=size,
             base_fingerprint=self.base_fingerprint,
             created_at=time.time(),
         )
+        blob = self._blobs / sha
+        moved = False
         with self._lock:
-            existing = self._find(task, version)  # an add of the same version may have won
-            if existing is not None:
-                return _same_or_conflict(existing, sha)
-            blob = self._blobs / sha
-            created = not blob.exists()
-            if created:
-                os.rename(staging, blob)
-                _fsync_dir(self._blobs)
             try:
                 with db.transaction(self._conn):
-                    self._conn.execute(
-                        f"INSERT INTO adapters ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    inserted = self._conn.execute(
+                        f"INSERT INTO adapters ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                        "ON CONFLICT (task, version) DO NOTHING",
                         (record.task, record.version, record.sha256, record.rank, record.alpha,
                          json.dumps(list(record.target_modules)), record.size_bytes,
                          record.base_fingerprint, record.created_at),
-                    )  # fmt: skip
+                    ).rowcount  # fmt: skip
+                    if not inserted:  # another add of task@version committed first
+                        return Added(_same_or_conflict(self.get(task, version), sha), False)
+                    if not blob.exists():  # else: the same content is stored for another version
+                        os.rename(staging, blob)
+                        moved = True
+                        _fsync_dir(self._blobs)
             except BaseException:
-                if created and not self._referenced(sha):
+                if moved and not self._referenced(sha):
                     self._discard(blob)
                 raise
         logger.info(
             "registered adapter %s (sha256 %s, rank %d, %d bytes)", record.ref, sha[:12], record.rank, size
         )
-        return record
+        return Added(record, True)
 
     # ---- reading ------------------------------------------------------------------------
 
@@ -348,16 +383,33 @@ class Registry:
 
         Refused with Conflict while ``is_protected(task, version)`` is true (the rollout
         layer protects the stable and candidate versions of active rollouts). The files go
-        only when no other record has the same content.
+        only when no other record has the same content. All or nothing: when the data
+        directory cannot be written, StorageUnavailable or StorageFull is raised and the
+        row and its files stay as they were.
         """
         with self._lock:
             record = self.get(task, version)
             if is_protected(task, version):
                 raise Conflict(f"adapter {record.ref} is in use by an active rollout; end it first")
-            with db.transaction(self._conn):
-                self._conn.execute("DELETE FROM adapters WHERE task = ? AND version = ?", (task, version))
-            if not self._referenced(record.sha256):
-                self._discard(self._blobs / record.sha256)
+            blob, trash = self._blobs / record.sha256, None
+            with storage_errors(f"delete adapter {record.ref}", "nothing was deleted"):
+                try:
+                    with db.transaction(self._conn):
+                        self._conn.execute(
+                            "DELETE FROM adapters WHERE task = ? AND version = ?", (task, version)
+                        )
+                        if not self._referenced(record.sha256) and blob.exists():
+                            trash = Path(tempfile.mkdtemp(prefix="delete-", dir=self._tmp))
+                            os.rename(blob, trash / blob.name)
+                            _fsync_dir(self._blobs)
+                except BaseException:
+                    if trash is not None:
+                        self._put_back(trash / blob.name, blob)
+                        with contextlib.suppress(OSError):
+                            trash.rmdir()  # only once empty: else the next start puts it back
+                    raise
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)  # what is left is removed at the next start
         logger.info("deleted adapter %s", record.ref)
         return record
 
@@ -384,20 +436,38 @@ class Registry:
         return bool(self._query("SELECT 1 FROM adapters WHERE sha256 = ? LIMIT 1", sha))
 
     def _discard(self, blob: Path) -> None:
-        """Move a blob out of blobs/ in one rename, then remove it (a crash leaves only tmp/)."""
-        if not blob.exists():
+        """Remove a blob no row references (an add that did not commit); errors are logged, and
+        the start-up sweep removes what is left."""
+        try:
+            if blob.exists():
+                trash = Path(tempfile.mkdtemp(prefix="discard-", dir=self._tmp))
+                os.rename(blob, trash / blob.name)
+                shutil.rmtree(trash, ignore_errors=True)
+        except OSError:
+            logger.exception("cannot remove the uncommitted blob %s; the next start will", blob)
+
+    def _put_back(self, moved: Path, blob: Path) -> None:
+        """Undo a delete's move of ``blob`` to ``moved`` (the start-up sweep does it otherwise)."""
+        if not moved.exists() or blob.exists():
             return
-        trash = Path(tempfile.mkdtemp(prefix="delete-", dir=self._tmp))
-        os.rename(blob, trash / blob.name)
-        _fsync_dir(self._blobs)
-        shutil.rmtree(trash, ignore_errors=True)
+        try:
+            os.rename(moved, blob)
+            _fsync_dir(self._blobs)
+        except OSError:
+            logger.exception("cannot put %s back to %s; the next start will", moved, blob)
 
     def _remove_leftovers(self) -> None:
-        """Remove interrupted uploads (tmp/) and blobs no row references; called exclusively."""
-        for entry in self._tmp.iterdir():
-            logger.warning("removing leftover of an interrupted upload: %s", entry)
-            _remove(entry)
+        """Remove interrupted uploads (tmp/) and blobs no row references; put back the files of
+        deletes that did not commit. Called exclusively."""
         known = {row[0] for row in self._query("SELECT DISTINCT sha256 FROM adapters")}
+        for entry in self._tmp.iterdir():
+            if entry.name.startswith("delete-") and entry.is_dir() and not entry.is_symlink():
+                for moved in entry.iterdir():
+                    if moved.name in known and not (self._blobs / moved.name).exists():
+                        logger.warning("putting back %s: its delete did not commit", moved.name)
+                        os.rename(moved, self._blobs / moved.name)
+            logger.warning("removing leftover of an interrupted upload or delete: %s", entry)
+            _remove(entry)
         for entry in self._blobs.iterdir():
             if entry.name not in known:
                 logger.warning("removing unregistered blob %s (its upload never committed)", entry)
@@ -433,8 +503,10 @@ def _run_validator(validate: Validator, staging: Path, label: str) -> LoRAAdapte
         return validate(staging)
     except AdapterError as exc:
         message = str(exc).replace(str(staging), label)
-        error = WrongBaseModel if "another base model" in message else InvalidAdapter
-        raise error(message) from None
+        error = (WrongBaseModel if "another base model" in message else InvalidAdapter)(message)
+        if exc.field is not None:
+            error.param = f"{CONFIG_NAME}.{exc.field}"
+        raise error from None
 
 
 def _pickle_refusal(names: Iterable[str]) -> InvalidAdapter:

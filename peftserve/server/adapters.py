@@ -6,9 +6,13 @@ Every change goes through ``AdapterService`` so that the four agree:
   ``load_adapter`` and committed; then the engine registers it (``lora_id = task@version``,
   loaded on demand), the model table serves it as ``task@version``, and a task's first
   version becomes its stable version (which serves plain ``"model": "task"``).
+- upload: 201 for the one upload that created ``task@version`` (the registry's unique
+  constraint decides between concurrent ones), 200 for the same content again, 409 for other
+  content.
 - delete: refused (409) for a task's stable version and for what ``protectors`` (the
-  rollout layer) protect; otherwise registry, model table, engine (running requests finish)
-  and metrics series, in that order.
+  rollout layer) protect; otherwise model table, registry, engine (running requests finish)
+  and metrics series, in that order. If the registry cannot delete (a read-only or full data
+  directory: 503/507), the version is served again: a delete happens entirely or not at all.
 - start-up: ``--adapter NAME=PATH`` is registered like an upload (a task's first version
   becomes stable; new content under an existing task is registered but does not take
   traffic), then every registered version made for this base model is served again.
@@ -18,12 +22,12 @@ Registry calls block: the async methods run them in worker threads.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from anyio import from_thread, to_thread
 
@@ -32,6 +36,7 @@ from peftserve.lora.manager import SlotsBusy
 from peftserve.lora.peft_adapter import CONFIG_NAME, WEIGHTS_NAME, AdapterError, load_adapter
 from peftserve.registry import (
     AdapterRecord,
+    Added,
     Conflict,
     InvalidAdapter,
     NotFound,
@@ -53,6 +58,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
 Protector = Callable[[str, str], bool]
 """``(task, version) -> True`` while that version must not be deleted."""
 
@@ -80,6 +86,8 @@ class AdapterService:
     """Called with (task, version) after a version is deleted."""
     _sources: dict[str, str] = field(default_factory=dict, init=False)
     """lora_id -> the directory given at start-up (shown as the model card's root)."""
+    _serving: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
+    """Serializes serving a stored version (concurrent identical uploads serve it once)."""
 
     @property
     def model(self) -> nn.Module:
@@ -154,19 +162,17 @@ class AdapterService:
         if content_length is not None and content_length > limit:
             raise self._too_large()
         boundary = boundary_of(content_type)
-        existed = await to_thread.run_sync(self._exists, task, version)
         chunks = _pull(body, limit)
-        record = await to_thread.run_sync(self._receive, task, version, boundary, chunks)
+        record, created = await to_thread.run_sync(self._receive, task, version, boundary, chunks)
         if record.base_fingerprint != self.registry.base_fingerprint:
             raise Conflict(f"adapter {record.ref} is already registered for another base model")
-        if not self.table.is_served(task, version):
-            await self._serve(record)
-        return self.view(record), not existed
+        async with self._serving:
+            if not self.table.is_served(task, version):
+                await self._serve(record)
+        return self.view(record), created
 
-    def _receive(
-        self, task: str, version: str, boundary: bytes, chunks: Iterator[bytes]
-    ) -> AdapterRecord:
-        def add(files: dict[str, StreamSource], base: str | None) -> AdapterRecord:
+    def _receive(self, task: str, version: str, boundary: bytes, chunks: Iterator[bytes]) -> Added:
+        def add(files: dict[str, StreamSource], base: str | None) -> Added:
             return self.registry.add_from_stream(
                 task, version, files, self.max_bytes, self._validator(f"{task}@{version}"), base
             )
@@ -177,9 +183,11 @@ class AdapterService:
             raise self._too_large() from None
 
     async def _serve(self, record: AdapterRecord) -> None:
+        # The stable pointer first: if it cannot be written, nothing is served yet and the same
+        # upload again (200) serves it.
+        stable = await to_thread.run_sync(self.stable.ensure, record.task, record.version)
         await self.engine.register_lora(record.ref, self._loader(record))
         self.table.add_version(record.task, record.version, self._root(record), record.created_at)
-        stable = await to_thread.run_sync(self.stable.ensure, record.task, record.version)
         if self.table.stable(record.task) != stable:
             self.table.set_stable(record.task, stable)
 
@@ -195,21 +203,26 @@ class AdapterService:
         record = await to_thread.run_sync(self.registry.get, task, version)  # 404 if unknown
         if await to_thread.run_sync(self.is_protected, task, version):  # refused: nothing changed
             raise Conflict(f"adapter {record.ref} is in use by an active rollout; end it first")
-        # Stop serving it (the engine drains its requests) before its row and files go. Out of the
-        # table, no rollout can start on it, so the registry's own protection check passes.
+        # Out of the table first: no new request and no rollout can start on it, so the
+        # registry's own protection check passes. If the registry cannot delete (503/507),
+        # nothing was deleted and it is served again; otherwise the engine drops it once its
+        # running requests end.
+        served = self.table.is_served(task, version)
         self.table.remove_version(task, version)
-        if record.ref in self.engine.lora_status():
-            await self.engine.unregister_lora(record.ref)
         try:
             record = await to_thread.run_sync(
                 self.registry.delete, task, version, self.is_protected
             )
-        except sqlite3.IntegrityError as exc:
+        except Exception as exc:
+            if served and self._files_present(record):
+                self.table.add_version(task, version, self._root(record), record.created_at)
             if is_foreign_key_error(exc):
                 raise Conflict(
                     f"adapter {task}@{version} is the stable version of its task"
                 ) from None
             raise
+        if record.ref in self.engine.lora_status():
+            await self.engine.unregister_lora(record.ref)
         self._sources.pop(record.ref, None)
         for hook in self.on_delete:
             hook(task, version)
@@ -283,13 +296,6 @@ class AdapterService:
     def _root(self, record: AdapterRecord) -> str:
         return self._sources.get(record.ref) or str(self.registry.path_of(record))
 
-    def _exists(self, task: str, version: str) -> bool:
-        try:
-            self.registry.get(task, version)
-        except NotFound:
-            return False
-        return True
-
     async def _servable(self, task: str, version: str) -> AdapterRecord:
         record = await to_thread.run_sync(self.registry.get, task, version)
         if record.ref not in self.engine.lora_status():
@@ -306,8 +312,8 @@ class AdapterService:
 
 
 def read_upload(
-    reader: MultipartReader, add: Callable[[dict[str, StreamSource], str | None], AdapterRecord]
-) -> AdapterRecord:
+    reader: MultipartReader, add: Callable[[dict[str, StreamSource], str | None], T]
+) -> T:
     """Read the parts and hand them to ``add`` (the registry): the config part whole, then the
     weights part as a stream. The config must come first; nothing may follow the weights."""
     config: bytes | None = None

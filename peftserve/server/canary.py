@@ -49,6 +49,7 @@ from peftserve.canary.spec import STATES
 from peftserve.canary.store import RolloutStore
 from peftserve.engine.engine import NON_FINITE_ERROR
 from peftserve.engine.sampling_params import SamplingParams
+from peftserve.server.metrics import failure_outcome
 from peftserve.server.model_table import Target, lora_id_of
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ if TYPE_CHECKING:
     from peftserve.engine.engine import AsyncLLMEngine
     from peftserve.engine.outputs import RequestOutput
     from peftserve.server.adapters import AdapterService
-    from peftserve.server.metrics import FinishHook, RequestTracker
+    from peftserve.server.metrics import FinishHook, Metrics, RequestTracker
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,9 @@ def _mean(values: list[float]) -> float:
 
 class CanaryRuntime:
     """The rollout controller, its hooks and the canary side of the request path."""
+
+    request_metrics: Metrics | None = None
+    """The app's Prometheus metrics (set by the app): shadow copies are recorded with ``arm="shadow"``."""
 
     def __init__(
         self, service: AdapterService, engine: AsyncLLMEngine, config: CanaryConfig, data_dir: str
@@ -189,17 +193,30 @@ class CanaryRuntime:
         return result.text
 
     async def generate(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams, lora_id: str | None
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        lora_id: str | None,
+        tracker: RequestTracker | None = None,
     ) -> InternalResult:
-        """Run one generation for the server itself: no metrics, no client."""
+        """Run one generation for the server itself (no client); recorded only by ``tracker``."""
         result = InternalResult()
         start = time.perf_counter()
         outputs = self.engine.generate(request_id, prompt_ids, params, lora_id=lora_id)
         try:
             async for out in outputs:
                 self._add(result, out, time.perf_counter() - start)
+                if tracker is not None:
+                    tracker.on_output(out)
+        except BaseException as exc:
+            if tracker is not None:
+                tracker.finish(failure_outcome(exc))
+            raise
         finally:
             await outputs.aclose()
+        if tracker is not None:
+            tracker.finish()
         return result
 
     @staticmethod
@@ -332,9 +349,11 @@ class CanaryRuntime:
         decision = target.decision
         assert decision is not None and decision.shadow_version is not None
         task, stable, candidate = target.task, target.version, decision.shadow_version
+        metrics = self.request_metrics
+        tracker = metrics.track(task, candidate, "shadow") if metrics is not None else None
         try:
             copy = await self.generate(f"shadow-{uuid.uuid4().hex}", prompt_ids, shadow_params(params),
-                                       lora_id_of(task, candidate))  # fmt: skip
+                                       lora_id_of(task, candidate), tracker)  # fmt: skip
         except (
             Exception
         ) as e:  # refused before the engine ran it (queue full, adapter gone): not judged
@@ -375,7 +394,13 @@ class CanaryRuntime:
 
 
 class RolloutCollector(Collector):
-    """Rollout gauges and counters per task, read from the controller at every scrape."""
+    """Rollout gauges and counters per task, read from the controller at every scrape.
+
+    Ratios are 0-1 (Prometheus base units): the canary weight, the last judgment's score (the
+    judge's 0-100 divided by 100), and per arm of an active rollout (``arm`` stable or
+    candidate, with its ``version``) the probe accuracy and mean feedback score in the judged
+    window (the current step), with the window's sample counts beside them.
+    """
 
     def __init__(self, runtime: CanaryRuntime) -> None:
         self._runtime = runtime
@@ -383,15 +408,10 @@ class RolloutCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         snap = self._runtime.controller.metrics_snapshot()
         tasks: dict[str, dict[str, Any]] = snap["tasks"]
-        yield self._per_task(
-            "canary_weight", "Candidate share of the task's traffic, in percent.", tasks, "weight"
-        )
-        yield self._per_task(
-            "rollout_last_score",
-            "Score (0-100) of the latest judgment with data.",
-            tasks,
-            "last_score",
-        )
+        yield self._per_task("canary_weight_ratio", "Candidate share of the task's traffic (0-1).",
+                             tasks, "weight", scale=0.01)  # fmt: skip
+        yield self._per_task("rollout_last_score_ratio", "Score of the latest judgment with data (0-1: "
+                             "the judge's 0-100 score / 100).", tasks, "last_score", scale=0.01)  # fmt: skip
         yield self._states(tasks)
         yield self._counts("rollout_judgments", "Judgments by result.", snap["judgments"], "result")
         yield self._counts(
@@ -403,13 +423,44 @@ class RolloutCollector(Collector):
                                 value=float(snap["active_rollouts"]))  # fmt: skip
         yield GaugeMetricFamily(f"{PREFIX}_rollout_pending_unloads", "Versions waiting to be unloaded.",
                                 value=float(snap["pending_unloads"]))  # fmt: skip
+        yield from self._arms()
+
+    def _arms(self) -> Iterator[Metric]:
+        labels = ["task", "version", "arm"]
+        accuracy = GaugeMetricFamily(f"{PREFIX}_canary_probe_accuracy_ratio", "Share of known-answer probes "
+                                     "answered exactly, per arm, in the judged window.", labels=labels)  # fmt: skip
+        feedback = GaugeMetricFamily(f"{PREFIX}_canary_feedback_score_ratio", "Mean user feedback score "
+                                     "(0-1), per arm, in the judged window.", labels=labels)  # fmt: skip
+        samples = GaugeMetricFamily(f"{PREFIX}_canary_window_samples", "Samples per arm in the judged "
+                                    "window, by kind (requests, probes, feedback).", labels=[*labels, "kind"])  # fmt: skip
+        router, windows = self._runtime.router, self._runtime.windows
+        for task in sorted(router.tasks):
+            rollout = router.rollout(task)
+            if rollout is None:
+                continue
+            spec = rollout.spec
+            for arm, version in (("stable", spec.stable), ("candidate", spec.candidate)):
+                s = windows.summary(task, version, rollout.step_started_at)
+                if s.get("probe_accuracy") is not None:
+                    accuracy.add_metric([task, version, arm], float(s["probe_accuracy"]))
+                if s.get("mean_feedback_score") is not None:
+                    feedback.add_metric([task, version, arm], float(s["mean_feedback_score"]))
+                for kind, key in (
+                    ("requests", "in_experiment"),
+                    ("probes", "probes"),
+                    ("feedback", "feedback"),
+                ):
+                    samples.add_metric([task, version, arm, kind], float(s.get(key) or 0))
+        yield from (accuracy, feedback, samples)
 
     @staticmethod
-    def _per_task(name: str, doc: str, tasks: dict[str, dict[str, Any]], key: str) -> Metric:
+    def _per_task(
+        name: str, doc: str, tasks: dict[str, dict[str, Any]], key: str, *, scale: float = 1.0
+    ) -> Metric:
         family = GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=["task"])
         for task, values in sorted(tasks.items()):
             if values.get(key) is not None:
-                family.add_metric([task], float(values[key]))
+                family.add_metric([task], float(values[key]) * scale)
         return family
 
     @staticmethod

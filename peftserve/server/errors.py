@@ -85,7 +85,7 @@ def registry_error(exc: Exception) -> APIError:
     status = int(getattr(exc, "status", 500))
     kind = getattr(exc, "kind", "registry_error")
     error_type = "server_error" if status >= 500 else "invalid_request_error"
-    return APIError(status, str(exc), error_type, None, kind)
+    return APIError(status, str(exc), error_type, getattr(exc, "param", None), kind)
 
 
 def internal_error(request_id: str) -> APIError:

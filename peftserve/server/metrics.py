@@ -1,17 +1,28 @@
 """Prometheus metrics (served at GET /metrics), in a CollectorRegistry owned by the app.
 
-Per served adapter (labels ``task``, ``version``; the base model is task "<base name>",
-version "base"): requests by outcome (ok, error, aborted), time to first token, time per
-output token (one observation per request: its mean inter-token time), end-to-end latency,
-and prompt and generated tokens. Label values come only from the model table (what the
-registry holds), after a request's model has been resolved: an unknown model never makes
-a series. A deleted version's series are removed.
+Per served adapter (labels ``task``, ``version``, ``arm``; the base model is task "<base name>",
+version "base"): requests by outcome, time to first token, time per output token (one
+observation per request: its mean inter-token time), end-to-end latency, and prompt and
+generated tokens. ``arm`` says why the version served the request: ``stable`` (the task's
+stable version, or a task without a rollout), ``candidate`` (a rollout's candidate),
+``pinned`` (the request named ``task@version``) or ``shadow`` (a shadow copy of a stable
+request run on the candidate, whose answer was discarded). ``outcome`` is ``ok``,
+``client_error`` (refused with a 4xx: a bad parameter, a full queue; says nothing about the
+version), ``server_error`` (the engine failed it: what the rollout judge counts as an error)
+or ``aborted`` (the client left, the server stopped). Label values come only from the model
+table (what the registry holds), after a request's model has been resolved: an unknown model
+never makes a series. A deleted version's series are removed. ``*_created`` series are not
+exported (they double every counter and histogram and no dashboard reads them).
 
-Engine state (adapter slots, CPU cache, adapter loads, running and waiting sequences, KV
-blocks) is read from ``engine.stats`` at scrape time by ``EngineCollector``. Adapter load
-latency is a histogram fed by the engine's ``on_adapter_load`` hook. Rollouts (canary weight,
-state, judgments and decisions by outcome, last score, shadow copies, per task) come from
-``peftserve.server.canary.RolloutCollector``, read from the controller at scrape time.
+Engine state is read from ``engine.stats`` at scrape time by ``EngineCollector``: adapter
+slots (labelled with the ``device`` that holds them: ``cuda`` or ``cpu``, so a CPU server never
+reports GPU slots), adapters by tier (``slot``, ``cpu_cache``, ``disk``), CPU-cache hits and
+misses, loads, evictions, running and waiting sequences, KV blocks, and
+``peftserve_engine_info`` (device, dtype, base model). Adapter load latency is a histogram fed
+by the engine's ``on_adapter_load`` hook. The process and Python collectors (``process_*``,
+``python_*``) are registered too. Rollouts (canary weight, state, judgments and decisions by
+outcome, last score, probe accuracy and feedback score per arm, shadow copies, per task) come
+from ``peftserve.server.canary.RolloutCollector``, read from the controller at scrape time.
 """
 
 from __future__ import annotations
@@ -24,7 +35,15 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
@@ -34,18 +53,23 @@ from peftserve.server.errors import APIError, ClientDisconnected
 if TYPE_CHECKING:
     from peftserve.engine.engine import AsyncLLMEngine
     from peftserve.engine.outputs import RequestOutput
+    from peftserve.server.model_table import Target
 
 logger = logging.getLogger(__name__)
 
 PREFIX = "peftserve"
-OUTCOMES = ("ok", "error", "aborted")
+OUTCOMES = ("ok", "client_error", "server_error", "aborted")
+ARMS = ("stable", "candidate", "pinned", "shadow")
 LOAD_SOURCES = ("cpu", "disk")
-TIERS = ("gpu", "cpu", "disk")
+TIERS = {"gpu": "slot", "cpu": "cpu_cache", "disk": "disk"}
+"""The engine's tier names -> the ``tier`` label (slots may live on the CPU)."""
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5)
 E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
 LOAD_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
-_FINISH_OUTCOMES = {"stop": "ok", "length": "ok", "error": "error", "abort": "aborted"}
+_FINISH_OUTCOMES = {"stop": "ok", "length": "ok", "error": "server_error", "abort": "aborted"}
+
+disable_created_metrics()  # process-wide: prometheus_client reads it when a metric is created
 
 
 class Metrics:
@@ -53,9 +77,10 @@ class Metrics:
 
     def __init__(self, engine: AsyncLLMEngine) -> None:
         self.registry = CollectorRegistry()
-        labels = ["task", "version"]
+        labels = ["task", "version", "arm"]
         self.requests = Counter(
-            f"{PREFIX}_requests", "Requests by served adapter and outcome (ok, error, aborted).",
+            f"{PREFIX}_requests",
+            "Requests by served adapter, arm and outcome (ok, client_error, server_error, aborted).",
             [*labels, "outcome"], registry=self.registry,
         )  # fmt: skip
         self.ttft = self._histogram(
@@ -84,19 +109,32 @@ class Metrics:
             ["source"], buckets=LOAD_BUCKETS, registry=self.registry,
         )  # fmt: skip
         self.registry.register(EngineCollector(engine))
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
         self._lock = threading.Lock()
-        self._series: set[tuple[str, str]] = set()
+        self._series: set[tuple[str, str, str]] = set()
 
     def _histogram(self, name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
         return Histogram(
-            f"{PREFIX}_{name}", doc, ["task", "version"], buckets=buckets, registry=self.registry
-        )
+            f"{PREFIX}_{name}", doc, ["task", "version", "arm"], buckets=buckets,
+            registry=self.registry,
+        )  # fmt: skip
 
-    def track(self, task: str, version: str, on_finish: FinishHook | None = None) -> RequestTracker:
-        """A tracker for one request served by ``task``/``version`` (both from the model table)."""
+    def track(
+        self, task: str, version: str, arm: str = "stable", on_finish: FinishHook | None = None
+    ) -> RequestTracker:
+        """A tracker for one request served by ``task``/``version`` (both from the model table)
+        on ``arm`` (one of ``ARMS``)."""
+        if arm not in ARMS:
+            raise ValueError(f"arm must be one of {', '.join(ARMS)}, not {arm!r}")
         with self._lock:
-            self._series.add((task, version))
-        return RequestTracker(self, task, version, on_finish)
+            new = (task, version, arm) not in self._series
+            self._series.add((task, version, arm))
+        if new:  # every outcome at 0, so an error ratio reads 0 rather than no data
+            for outcome in OUTCOMES:
+                self.requests.labels(task, version, arm, outcome)
+        return RequestTracker(self, task, version, on_finish, arm=arm)
 
     def observe_adapter_load(self, lora_id: str, seconds: float, source: str) -> None:
         """The engine's ``on_adapter_load`` hook (called from the engine thread)."""
@@ -106,13 +144,31 @@ class Metrics:
     def forget(self, task: str, version: str) -> None:
         """Remove the series of a deleted version."""
         with self._lock:
-            if (task, version) not in self._series:
-                return
-            self._series.discard((task, version))
-        for outcome in OUTCOMES:
-            _remove(self.requests, task, version, outcome)
-        for metric in (self.ttft, self.tpot, self.e2e, self.prompt_tokens, self.generation_tokens):
-            _remove(metric, task, version)
+            gone = {s for s in self._series if s[:2] == (task, version)}
+            self._series -= gone
+        for labels in gone:
+            for outcome in OUTCOMES:
+                _remove(self.requests, *labels, outcome)
+            for metric in (
+                self.ttft,
+                self.tpot,
+                self.e2e,
+                self.prompt_tokens,
+                self.generation_tokens,
+            ):
+                _remove(metric, *labels)
+
+    def request_counts(self) -> dict[tuple[str, str], dict[str, dict[str, int]]]:
+        """Requests so far per (task, version): ``{arm: {outcome: count}}`` (for the web page)."""
+        out: dict[tuple[str, str], dict[str, dict[str, int]]] = {}
+        for family in self.requests.collect():
+            for sample in family.samples:
+                if not sample.name.endswith("_total"):
+                    continue
+                lab = sample.labels
+                arms = out.setdefault((lab["task"], lab["version"]), {})
+                arms.setdefault(lab["arm"], {})[lab["outcome"]] = int(sample.value)
+        return out
 
     def add_collector(self, collector: Collector) -> None:
         """Export ``collector``'s metrics too (the rollout collector)."""
@@ -129,12 +185,22 @@ def _remove(metric: Counter | Histogram, *labels: str) -> None:
 
 def failure_outcome(exc: BaseException) -> str:
     """The outcome of a request that raised ``exc``: aborted (the client left, the server
-    stopped it) or error."""
+    stopped it), client_error (refused with a 4xx) or server_error (anything else)."""
     if isinstance(exc, (asyncio.CancelledError, ClientDisconnected)):
         return "aborted"
-    if isinstance(exc, APIError) and exc.code == "aborted":
-        return "aborted"
-    return "error"
+    if isinstance(exc, APIError):
+        if exc.code == "aborted":
+            return "aborted"
+        if 400 <= exc.status < 500:
+            return "client_error"
+    return "server_error"
+
+
+def request_arm(target: Target) -> str:
+    """The ``arm`` label of a request served by ``target``: ``pinned`` when it named the version
+    (``Target.served_arm``, which the response's ``X-Peftserve-Arm`` header names too)."""
+    arm = target.served_arm
+    return arm if arm in ARMS else "stable"
 
 
 FinishHook = Callable[["RequestTracker"], None]
@@ -149,10 +215,16 @@ class RequestTracker:
     """
 
     def __init__(
-        self, metrics: Metrics, task: str, version: str, on_finish: FinishHook | None = None
+        self,
+        metrics: Metrics,
+        task: str,
+        version: str,
+        on_finish: FinishHook | None = None,
+        *,
+        arm: str = "stable",
     ) -> None:
         self._metrics = metrics
-        self._labels = (task, version)
+        self._labels = (task, version, arm)
         self._start = time.perf_counter()
         self._first: float | None = None
         self._last: float | None = None
@@ -239,12 +311,23 @@ class EngineCollector(Collector):
     def __init__(self, engine: AsyncLLMEngine) -> None:
         self._engine = engine
 
+    def device(self) -> str:
+        """Where the adapter slots live: ``cuda``, ``cpu``, ... (``unknown`` for a stand-in engine)."""
+        device = getattr(getattr(self._engine, "engine", None), "device", None)
+        return getattr(device, "type", None) or "unknown"
+
     def collect(self) -> Iterator[Metric]:
         s = self._engine.stats
-        yield _gauge(
-            "gpu_slots_used", "Adapter slots holding an adapter (the GPU tier).", s.gpu_slots_used
-        )
-        yield _gauge("gpu_slots_total", "Adapter slots (--max-loras).", s.gpu_slots_total)
+        device = self.device()
+        info = GaugeMetricFamily(f"{PREFIX}_engine_info", "The engine: the device of its adapter slots "
+                                 "and KV cache, and its dtype (always 1).", labels=["device", "dtype"])  # fmt: skip
+        dtype = str(getattr(getattr(self._engine, "engine", None), "dtype", "unknown"))
+        info.add_metric([device, dtype.removeprefix("torch.")], 1.0)
+        yield info
+        yield _by_device("adapter_slots_used", "Adapter slots holding an adapter, on the device named "
+                         "by the label (cpu on a CPU server).", device, s.gpu_slots_used)  # fmt: skip
+        yield _by_device("adapter_slots", "Adapter slots (--max-loras), on the device named by the label.",
+                         device, s.gpu_slots_total)  # fmt: skip
         yield _gauge("cpu_cache_adapters", "Adapters in the CPU cache.", s.cpu_cache_used)
         yield _gauge(
             "queue_depth",
@@ -253,8 +336,10 @@ class EngineCollector(Collector):
         )
         yield _gauge("num_requests_running", "Sequences in the running batch.", s.num_running)
         yield _gauge("num_requests_waiting", "Sequences waiting to be scheduled.", s.num_waiting)
-        yield _gauge("kv_cache_blocks_used", "KV-cache blocks in use.", s.kv_blocks_used)
-        yield _gauge("kv_cache_blocks_total", "KV-cache blocks.", s.kv_blocks_total)
+        yield _by_device(
+            "kv_cache_blocks_used", "KV-cache blocks in use.", device, s.kv_blocks_used
+        )
+        yield _by_device("kv_cache_blocks", "KV-cache blocks.", device, s.kv_blocks_total)
         yield _counter(
             "cpu_cache_hits", "Adapters made resident from the CPU cache.", s.cpu_cache_hits
         )
@@ -262,20 +347,30 @@ class EngineCollector(Collector):
             "cpu_cache_misses", "Adapters read from disk when needed.", s.cpu_cache_misses
         )
         yield _counter("adapter_loads", "Adapters written into a slot.", s.adapter_loads)
-        yield _counter("adapter_evictions", "Adapters moved off the GPU.", s.adapter_evictions)
+        yield _counter(
+            "adapter_evictions", "Adapters moved out of their slot.", s.adapter_evictions
+        )
         yield self._adapters_by_tier()
 
     def _adapters_by_tier(self) -> Metric:
         family = GaugeMetricFamily(
-            f"{PREFIX}_adapters", "Registered adapters by tier (gpu, cpu, disk).", labels=["tier"]
+            f"{PREFIX}_adapters",
+            "Registered adapters by tier (slot, cpu_cache, disk).",
+            labels=["tier"],
         )
-        counts = dict.fromkeys(TIERS, 0)
+        counts = dict.fromkeys(TIERS.values(), 0)
         for tier in self._engine.lora_status().values():
-            if tier in counts:
-                counts[tier] += 1
+            if tier in TIERS:
+                counts[TIERS[tier]] += 1
         for tier, count in counts.items():
             family.add_metric([tier], count)
         return family
+
+
+def _by_device(name: str, doc: str, device: str, value: float) -> Metric:
+    family = GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=["device"])
+    family.add_metric([device], float(value))
+    return family
 
 
 def _gauge(name: str, doc: str, value: float) -> Metric:

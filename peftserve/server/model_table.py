@@ -5,7 +5,9 @@ A request names the base model, a task (``"reverse"``) or a pinned version
 (``peftserve.canary.router``) sends them: its stable version, or (once rollouts run) the
 candidate. The engine knows adapters by ``lora_id = "task@version"``; metrics label
 requests with the resolved (task, version), and the base model as (base name, "base").
-Every answer names what served it in ``X-Peftserve-Version`` and ``X-Peftserve-Arm``.
+Every answer names what served it in ``X-Peftserve-Version`` (``task@version``, or the base
+model's name) and ``X-Peftserve-Arm`` (``stable``, ``candidate``, or ``pinned`` when the request
+named the version), the ``arm`` its metrics carry too.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ from peftserve.server.errors import invalid_request, model_not_found
 BASE_VERSION = "base"
 """The version label of the base model (no adapter)."""
 VERSION_HEADER = "X-Peftserve-Version"
-"""Response header: ``task@version`` that served the request (``<base>@base`` for the base model)."""
+"""Response header: ``task@version`` that served the request (the base model's name for the base model)."""
 ARM_HEADER = "X-Peftserve-Arm"
-"""Response header: ``stable`` or ``candidate``."""
+"""Response header: ``stable``, ``candidate`` or ``pinned`` (:attr:`Target.served_arm`)."""
 
 
 def lora_id_of(task: str, version: str) -> str:
@@ -46,9 +48,15 @@ class Target:
         """``candidate`` or ``stable`` (the base model and tasks without a rollout: stable)."""
         return self.decision.arm if self.decision is not None else "stable"
 
+    @property
+    def served_arm(self) -> str:
+        """The arm the response header and the request's metrics name: ``pinned`` when the
+        request named its version (``task@version``), else :attr:`arm`."""
+        return "pinned" if self.decision is not None and self.decision.reason == "pin" else self.arm
+
     def headers(self) -> dict[str, str]:
         """The response headers naming what served the request."""
-        return {VERSION_HEADER: f"{self.task}@{self.version}", ARM_HEADER: self.arm}
+        return {VERSION_HEADER: self.lora_id or self.task, ARM_HEADER: self.served_arm}
 
 
 @dataclass(frozen=True)

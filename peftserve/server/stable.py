@@ -13,7 +13,7 @@ import sqlite3
 import threading
 from pathlib import Path
 
-from peftserve.registry import db
+from peftserve.registry import db, storage_errors
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,8 @@ class StablePointers:
 
     def ensure(self, task: str, version: str) -> str:
         """Make ``version`` the stable version of ``task`` if it has none; return the stable one."""
-        with self._lock, db.transaction(self._conn):
+        action = f"record the stable version of task {task}"
+        with storage_errors(action, "nothing was changed"), self._lock, db.transaction(self._conn):
             self._conn.execute(
                 "INSERT OR IGNORE INTO task_stable (task, version) VALUES (?, ?)", (task, version)
             )
@@ -57,7 +58,8 @@ class StablePointers:
 
     def set(self, task: str, version: str) -> None:
         """Point ``task`` at ``version`` (a registered version; the rollout layer promotes with it)."""
-        with self._lock, db.transaction(self._conn):
+        action = f"record the stable version of task {task}"
+        with storage_errors(action, "nothing was changed"), self._lock, db.transaction(self._conn):
             self._conn.execute(
                 "INSERT INTO task_stable (task, version) VALUES (?, ?) "
                 "ON CONFLICT (task) DO UPDATE SET version = excluded.version",
@@ -66,7 +68,8 @@ class StablePointers:
         logger.info("task %s: stable version is now %s", task, version)
 
     def remove(self, task: str) -> None:
-        with self._lock, db.transaction(self._conn):
+        action = f"remove the stable version of task {task}"
+        with storage_errors(action, "nothing was changed"), self._lock, db.transaction(self._conn):
             self._conn.execute("DELETE FROM task_stable WHERE task = ?", (task,))
 
 
