@@ -84,6 +84,7 @@ def build_app(
     app.add_middleware(RequestIdMiddleware)
     app.include_router(openai_routes.router)
     app.include_router(admin.router)
+    app.include_router(admin.vllm_router)
     app.include_router(rollouts.admin_router)
     app.include_router(rollouts.feedback_router)
     app.include_router(metrics.router)

@@ -80,6 +80,33 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = None
 
 
+# ---- vLLM's runtime adapter API ------------------------------------------------------------
+
+
+class LoadLoRAAdapterRequest(BaseModel):
+    """POST /v1/load_lora_adapter (vLLM's body)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lora_name: str = Field(min_length=1)
+    """The model name to serve it as: a task, or ``task@version``."""
+    lora_path: str = Field(min_length=1)
+    """The adapter's directory on the server (adapter_config.json, adapter_model.safetensors)."""
+    load_inplace: bool = False
+    """vLLM's in-place reload of a served name: refused here (unload first, or roll it out)."""
+
+
+class UnloadLoRAAdapterRequest(BaseModel):
+    """POST /v1/unload_lora_adapter (vLLM's body)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lora_name: str = Field(min_length=1)
+    """A task (every version of it goes) or ``task@version``."""
+    lora_int_id: int | None = None
+    """vLLM's numeric adapter id: accepted with ``lora_name``, which names the adapter here."""
+
+
 # ---- responses ----------------------------------------------------------------------------
 
 
