@@ -106,7 +106,9 @@ def test_refusals_name_the_reason_and_change_nothing(
     error(load(url, "base", adapters["two"]), 409, "conflict", "base model")
     err = error(load(url, "keep", adapters["two"], load_inplace=True), 400, "unsupported_parameter")
     assert err["param"] == "load_inplace"
-    assert error(load(url, "x", adapters["two"], lora_dtype="f16"), 400, None)["param"] == "lora_dtype"
+    assert (
+        error(load(url, "x", adapters["two"], lora_dtype="f16"), 400, None)["param"] == "lora_dtype"
+    )
     error(load(url, "bad name!", adapters["two"]), 400, None, "task name")
     missing = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "x"}, headers=ADMIN)
     assert error(missing, 400, None)["param"] == "lora_path"
