@@ -16,7 +16,7 @@ from peftserve.api.errors import install_error_handlers
 from peftserve.api.middleware import RequestIdMiddleware
 from peftserve.api.state import ServingState
 from peftserve.server.canary import RolloutCollector
-from peftserve.server.metrics import Metrics
+from peftserve.server.metrics import Metrics, VLLMCollector
 
 if TYPE_CHECKING:
     from peftserve.config import ServerConfig
@@ -65,6 +65,7 @@ def build_app(
         title="peftserve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None
     )
     app_metrics = Metrics(engine)
+    app_metrics.add_collector(VLLMCollector(engine, models))
     engine.on_adapter_load = app_metrics.observe_adapter_load
     if adapters is not None:
         adapters.on_delete.append(app_metrics.forget)

@@ -229,6 +229,11 @@ class LLMEngine:
         """Tier of every registered adapter: 'gpu', 'cpu' or 'disk' (a snapshot)."""
         return {i: tier for i, tier in self.tiers.statuses().items() if i not in self._draining}
 
+    def waiting_lora_ids(self) -> set[str]:
+        """Adapters of the requests waiting for admission (a snapshot; any thread may call it:
+        copying the queue is one step under the GIL)."""
+        return {seq.lora_id for seq in list(self.scheduler.waiting) if seq.lora_id is not None}
+
     def _check_replaceable(self, lora_id: str) -> None:
         if lora_id in self._draining or self._lora_users.get(lora_id):
             raise ValueError(f"adapter {lora_id!r} is in use by requests; unregister it and wait")
@@ -561,6 +566,10 @@ class AsyncLLMEngine:
         """Tier of every registered adapter: 'gpu', 'cpu' or 'disk' (a snapshot read from
         the caller's thread; it may lag a change being applied)."""
         return self._engine.lora_status()
+
+    def waiting_lora_ids(self) -> set[str]:
+        """See ``LLMEngine.waiting_lora_ids`` (read from the caller's thread)."""
+        return self._engine.waiting_lora_ids()
 
     def start(self) -> None:
         """Start the step-loop thread and the adapter loader threads (idempotent)."""
