@@ -18,6 +18,7 @@ they hold no spaces.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,9 +27,11 @@ from types import SimpleNamespace
 import httpx
 import pytest
 import torch
+import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from peftserve.cli import build_parser, serve_settings
 from peftserve.engine.engine import EngineStats
 from peftserve.server.metrics import VLLMCollector
 from peftserve.server.model_table import ModelTable
@@ -143,3 +146,22 @@ def test_waiting_adapters_and_values_from_the_engine() -> None:
     assert labels["max_lora"] == "4"
     assert labels["running_lora_adapters"] == "a,a@v1"
     assert labels["waiting_lora_adapters"] == "b,b@v1,c@v3"  # c's stable is not v3
+
+
+def test_inference_pool_manifests_parse_and_start_serve_with_valid_flags() -> None:
+    """deploy/inference-pool.md: the YAML parses, the container's args are flags `peftserve
+    serve` accepts, and the pool targets the port the server listens on."""
+    text = (Path(__file__).resolve().parent.parent / "deploy" / "inference-pool.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", text, flags=re.S)
+    docs = [doc for block in blocks for doc in yaml.safe_load_all(block)]
+    kinds = {doc["kind"]: doc for doc in docs}
+    assert {"Deployment", "InferencePool", "HTTPRoute"} <= set(kinds)
+    [container] = kinds["Deployment"]["spec"]["template"]["spec"]["containers"]
+    settings = serve_settings(build_parser().parse_args(["serve", *container["args"]]), {})
+    assert settings.server.adapter == ["sql=/adapters/sql", "chat=/adapters/chat"]
+    pool = kinds["InferencePool"]["spec"]
+    assert [p["number"] for p in pool["targetPorts"]] == [settings.server.port]
+    labels = kinds["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    assert pool["selector"]["matchLabels"].items() <= labels.items()
+    for name in (*PROTOCOL_GAUGES, "vllm:lora_requests_info", "vllm:cache_config_info"):
+        assert f"`{name}`" in text
