@@ -29,8 +29,15 @@ class RequestOutput:
     completion_tokens: int
     error: str | None = None
     prompt_logprobs: list[float] | None = None
-    """With ``SamplingParams.score_from``: the log-probability of each prompt token from that
-    index on, on the last output."""
+    """With ``SamplingParams.score_from`` or ``prompt_logprobs``: the log-probability of each
+    prompt token from that index on (the second token for ``prompt_logprobs``), on the output
+    holding the first generated token (or on the last one, if it ended without a token)."""
+    index: int = 0
+    """The choice this output belongs to (``SamplingParams.n`` > 1); ``finished`` ends that
+    choice, and the request ends when all of its choices have."""
+    prompt_token_logprobs: list[TokenLogprob] | None = None
+    """With ``SamplingParams.prompt_logprobs``: ``prompt_logprobs`` with each prompt token's
+    text and its top-k alternatives."""
 
 
 RawLogprob = tuple[float, list[int], list[float]]
@@ -53,5 +60,6 @@ class TokenOutput:
     error: str | None = None
     logprobs: list[RawLogprob] | None = None
     """One entry per token of ``token_ids`` when the request asked for logprobs."""
-    prompt_logprobs: list[float] | None = None
-    """On the final output of a request with ``SamplingParams.score_from``."""
+    prompt_logprobs: list[RawLogprob] | None = None
+    """With ``SamplingParams.scored_from``: on the output of the first generated token (or the
+    final one of a request that ended without a token)."""
