@@ -225,7 +225,7 @@ def test_internal_error_is_generic_500(url: str, monkeypatch: pytest.MonkeyPatch
     def boom(*args, **kwargs):
         raise RuntimeError("secret internals /etc/passwd")
 
-    monkeypatch.setattr(prompts, "completion_prompt_ids", boom)
+    monkeypatch.setattr(prompts, "completion_prompts", boom)
     response = _post(url, "completions", _completion())
     error = _error(response, 500, "server_error", None)
     assert "secret" not in response.text and "Traceback" not in response.text

@@ -226,7 +226,8 @@ def test_prompt_logprobs_match_hf_with_top_k(engine, model_dir) -> None:
     for index in (0, 1):
         first = outs[("e", index)][0]
         assert first.token_ids and first.prompt_logprobs is not None
-        items = first.prompt_token_logprobs
+        head, *items = first.prompt_token_logprobs
+        assert head.logprob is None and head.token == engine.tokenizer.decode([prompt[0]])
         assert len(items) == len(prompt) - 1 == len(first.prompt_logprobs)
         for i, item in enumerate(items):
             token = prompt[i + 1]

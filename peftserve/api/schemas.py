@@ -1,8 +1,10 @@
 """OpenAI request and response bodies (pydantic).
 
-Requests ignore unknown fields (as vLLM does). Fields we know but cannot honour (n > 1,
-echo, penalties, ...) are rejected with a 400 naming them rather than silently dropped;
-range checks live in ``SamplingParams`` so there is one source for them.
+Requests ignore unknown fields (as vLLM does). Fields we know but cannot honour (``tools``,
+``response_format`` beyond text, ``functions``, audio, vLLM's guided decoding, ...) are
+declared here and rejected with a 400 naming them (``peftserve.api.prompts.reject_unsupported``)
+rather than silently dropped; range checks live in ``SamplingParams`` so there is one source
+for them.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ class _Request(BaseModel):
 
 class StreamOptions(_Request):
     include_usage: bool = False
+    """A last chunk, without choices, carries the request's usage."""
+    continuous_usage_stats: bool = False
+    """Extension (vLLM): every chunk carries the usage so far."""
 
 
 class SamplingFields(_Request):
@@ -30,16 +35,46 @@ class SamplingFields(_Request):
     top_k: int | None = None
     """Extension (vLLM): keep the k most likely tokens; -1 or 0 keeps all."""
     seed: int | None = None
+    """Same seed, prompt and parameters give the same output; with n > 1 each choice draws
+    its own tokens (choice 0 those of n = 1)."""
     stop: str | list[str] | None = None
     n: int | None = 1
+    """Choices per prompt: they share the prompt's prefill."""
     user: str | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     """Extension (vLLM): keep generating past the end-of-sequence token."""
     presence_penalty: float | None = None
+    """-2..2, subtracted from the logit of every token generated so far."""
     frequency_penalty: float | None = None
+    """-2..2, subtracted from a token's logit once per time it was generated."""
+    repetition_penalty: float | None = None
+    """Extension (vLLM): above 0; divides the positive and multiplies the negative logits of
+    the tokens in the prompt or generated (1: off)."""
     logit_bias: dict[str, float] | None = None
+    """Token id (as a string) -> a bias in -100..100 added to its logit."""
+    # Not supported: a 400 names them when set (see ``prompts.reject_unsupported``).
+    response_format: dict[str, Any] | None = None
+    """Only ``{"type": "text"}``."""
+    min_p: float | None = None
+    """Extension (vLLM), not supported: only 0."""
+    min_tokens: int | None = None
+    """Extension (vLLM), not supported: only 0."""
+    stop_token_ids: list[int] | None = None
+    """Extension (vLLM), not supported: only empty."""
+    use_beam_search: bool | None = None
+    """Extension (vLLM), not supported: only false."""
+    guided_json: Any = None
+    """Extension (vLLM), not supported."""
+    guided_regex: Any = None
+    """Extension (vLLM), not supported."""
+    guided_choice: Any = None
+    """Extension (vLLM), not supported."""
+    guided_grammar: Any = None
+    """Extension (vLLM), not supported."""
+    structured_outputs: Any = None
+    """Extension (vLLM), not supported."""
 
     @property
     def stop_list(self) -> list[str]:
@@ -51,14 +86,26 @@ class SamplingFields(_Request):
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def continuous_usage(self) -> bool:
+        options = self.stream_options
+        return bool(self.stream and options and options.continuous_usage_stats)
+
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
+    """A prompt (a string or token ids), or a list of them: each gets ``n`` choices, choice
+    ``i`` of prompt ``p`` answering as index ``p * n + i``."""
     max_tokens: int | None = 16
+    """0 only with ``echo``: the prompt comes back, scored, and nothing is generated."""
     logprobs: int | None = None
     echo: bool | None = False
+    """Put the prompt (and with ``logprobs`` its tokens' log-probabilities) before each choice."""
     best_of: int | None = None
+    """Generate this many choices per prompt and return the ``n`` with the highest
+    log-probability per token (not with ``stream``)."""
     suffix: str | None = None
+    """Not supported: only empty."""
 
 
 class TextPart(_Request):
@@ -76,8 +123,28 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage]
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
+    """Wins over ``max_tokens``."""
     logprobs: bool | None = False
     top_logprobs: int | None = None
+    # Not supported: a 400 names them when set (see ``prompts.reject_unsupported``).
+    tools: list[Any] | None = None
+    """Not supported: only empty."""
+    tool_choice: Any = None
+    """Not supported: only "none" (or "auto" without tools)."""
+    functions: list[Any] | None = None
+    """Not supported: only empty."""
+    function_call: Any = None
+    """Not supported: only "none" (or "auto" without functions)."""
+    audio: Any = None
+    """Not supported."""
+    modalities: list[str] | None = None
+    """Only ``["text"]``."""
+    prediction: Any = None
+    """Not supported."""
+    web_search_options: Any = None
+    """Not supported."""
+    reasoning_effort: Any = None
+    """Not supported (no reasoning models here)."""
 
 
 # ---- vLLM's runtime adapter API ------------------------------------------------------------
@@ -129,11 +196,12 @@ class Usage(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
-    """The legacy completions shape: parallel lists, one entry per generated token."""
+    """The legacy completions shape: parallel lists, one entry per token (with ``echo``, the
+    prompt's tokens first: the very first has no logprob)."""
 
     tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
 
 

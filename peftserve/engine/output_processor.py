@@ -173,12 +173,15 @@ class OutputProcessor:
             prompt_token_logprobs=self._prompt_token_logprobs(req, raw_prompt),
         )
 
-    def _prompt_token_logprobs(self, req: _Request, raw: list[RawLogprob] | None) -> list[TokenLogprob] | None:
-        """Prompt tokens 1.. with their texts (``raw`` holds one entry per token from the second)."""
-        if raw is None or req.prompt_ids is None:
+    def _prompt_token_logprobs(
+        self, req: _Request, raw: list[RawLogprob] | None
+    ) -> list[TokenLogprob] | None:
+        """Every prompt token with its text; ``raw`` holds the entries of the second on."""
+        prompt = req.prompt_ids
+        if raw is None or prompt is None or len(raw) != len(prompt) - 1:
             return None
-        tokens = req.prompt_ids[len(req.prompt_ids) - len(raw) :]
-        return [self._token_logprob(token, item) for token, item in zip(tokens, raw, strict=True)]
+        first = TokenLogprob(self.detokenizer.token_text(prompt[0]), None)
+        return [first, *(self._token_logprob(t, item) for t, item in zip(prompt[1:], raw, strict=True))]
 
     def _token_logprob(self, token: int, raw: RawLogprob) -> TokenLogprob:
         value, top_ids, top_lps = raw

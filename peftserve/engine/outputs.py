@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 @dataclass
 class TokenLogprob:
     token: str
-    logprob: float
+    logprob: float | None
+    """None only for a prompt's first token (nothing comes before it)."""
     top: dict[str, float] = field(default_factory=dict)
     """The requested top-k alternatives (token text -> logprob)."""
 
@@ -36,8 +37,9 @@ class RequestOutput:
     """The choice this output belongs to (``SamplingParams.n`` > 1); ``finished`` ends that
     choice, and the request ends when all of its choices have."""
     prompt_token_logprobs: list[TokenLogprob] | None = None
-    """With ``SamplingParams.prompt_logprobs``: ``prompt_logprobs`` with each prompt token's
-    text and its top-k alternatives."""
+    """With ``SamplingParams.prompt_logprobs``: every prompt token with its text, its
+    log-probability and top-k alternatives (the first token's logprob is None), on the output
+    holding the first generated token."""
 
 
 RawLogprob = tuple[float, list[int], list[float]]

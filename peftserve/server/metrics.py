@@ -223,7 +223,9 @@ class RequestTracker:
     """Times one request and records it once, with the outcome of its last output.
 
     It also keeps what the canary layer reads when the request ends (``on_finish``): the
-    output's token ids and text, the last output, and the timings.
+    output's token ids and text, the last output, and the timings. A request with several
+    choices (``n``) is one request here: its first token starts the time to first token, its
+    tokens add up, it failed if a choice failed, and the text and token ids are choice 0's.
     """
 
     def __init__(
@@ -240,7 +242,8 @@ class RequestTracker:
         self._start = time.perf_counter()
         self._first: float | None = None
         self._last: float | None = None
-        self._out: RequestOutput | None = None
+        self._outs: dict[int, RequestOutput] = {}
+        """The last output of each choice."""
         self._done = False
         self.on_finish = on_finish
         self.outcome: str | None = None
@@ -255,14 +258,25 @@ class RequestTracker:
                 self._first = now
                 self._metrics.ttft.labels(*self._labels).observe(now - self._start)
             self._last = now
-        self.token_ids.extend(out.token_ids)
-        self.text += out.text
-        self._out = out
+        if out.index == 0:
+            self.token_ids.extend(out.token_ids)
+            self.text += out.text
+        self._outs[out.index] = out
 
     @property
     def last_output(self) -> RequestOutput | None:
-        """The last output the engine sent (None: the request never reached the engine)."""
-        return self._out
+        """The last output the engine sent (None: the request never reached the engine); with
+        several choices, that of the first choice that failed or was cut, else choice 0's."""
+        outs = self._outs
+        for out in outs.values():
+            if not out.finished or out.finish_reason in ("error", "abort"):
+                return out
+        return outs.get(0) or next(iter(outs.values()), None)
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens generated, every choice together."""
+        return sum(out.completion_tokens for out in self._outs.values())
 
     @property
     def ttft(self) -> float | None:
@@ -276,11 +290,12 @@ class RequestTracker:
 
     @property
     def tpot(self) -> float | None:
-        """Mean seconds per output token after the first."""
-        out = self._out
-        if out is None or self._first is None or self._last is None or out.completion_tokens < 2:
+        """Mean seconds per output token after the first (of the longest choice: choices are
+        generated side by side)."""
+        longest = max((out.completion_tokens for out in self._outs.values()), default=0)
+        if self._first is None or self._last is None or longest < 2:
             return None
-        return (self._last - self._first) / (out.completion_tokens - 1)
+        return (self._last - self._first) / (longest - 1)
 
     def close(self) -> None:
         """The stream ended: record it with the outcome its last output gives."""
@@ -291,7 +306,7 @@ class RequestTracker:
         if self._done:
             return
         self._done = True
-        out = self._out
+        out = self.last_output
         if outcome is None:
             reason = out.finish_reason if out is not None and out.finished else "abort"
             outcome = _FINISH_OUTCOMES.get(reason or "", "error")
@@ -304,12 +319,12 @@ class RequestTracker:
                 logger.exception("request finish hook failed")
 
     def _record(self, outcome: str) -> None:
-        out, m, labels = self._out, self._metrics, self._labels
+        out, m, labels = self.last_output, self._metrics, self._labels
         m.requests.labels(*labels, outcome).inc()
         if out is None:
             return
         m.prompt_tokens.labels(*labels).inc(out.prompt_tokens)
-        m.generation_tokens.labels(*labels).inc(out.completion_tokens)
+        m.generation_tokens.labels(*labels).inc(self.completion_tokens)
         if outcome != "ok" or self.e2e is None:
             return
         m.e2e.labels(*labels).observe(self.e2e)
