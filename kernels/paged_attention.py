@@ -243,18 +243,21 @@ def decode_splits(num_seqs: int, num_kv_heads: int, max_context: int, device: to
     return min(triton.next_power_of_2(want), cap) if want > 1 else 1
 
 
-def _tiles(head_dim: int, group: int, decode: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_Q, BLOCK_M, BLOCK_N, num_warps) for a launch."""
-    if decode:
-        block_m = max(16, triton.next_power_of_2(group))
-        block_n = 32 if INTERPRETING else (64 if head_dim <= 128 else 32)
-        return 1, block_m, block_n, 4
+def _tiles(
+    head_dim: int, group: int, decode: bool, elem_bytes: int
+) -> tuple[int, int, int, int, int]:
+    """(BLOCK_Q, BLOCK_M, BLOCK_N, num_warps, num_stages) for a launch. Shared memory, as
+    triton 3.9 allocates it for sm_90 with two stages: at most 115 KiB (fp32, head dim 128)
+    and 103 KiB (fp32, head dim 256, BLOCK_N 32); bf16 needs under 60 KiB."""
+    rows = max(16, triton.next_power_of_2(group))  # the smallest tile of whole groups
     if INTERPRETING:
-        block_m, block_n = max(16, triton.next_power_of_2(group)), 32
-    else:
-        block_m = 64 if head_dim <= 128 else 32
-        block_m, block_n = max(block_m, triton.next_power_of_2(group)), 64
-    return block_m // group, block_m, block_n, 4
+        return (1 if decode else rows // group), rows, 32, 1, 1
+    stages = 2 if elem_bytes == 4 else 3
+    if decode:
+        return 1, rows, 64 if head_dim <= 128 else 32, 4, stages
+    block_m = max(64 if head_dim <= 128 else 32, rows)
+    block_n = 32 if elem_bytes == 4 and head_dim > 128 else 64
+    return block_m // group, block_m, block_n, 4, stages
 
 
 def _check_inputs(
@@ -353,7 +356,9 @@ def paged_attention(
         return out
 
     group = num_heads // num_kv
-    block_q, block_m, block_n, warps = _tiles(head_dim, group, decode_only)
+    block_q, block_m, block_n, warps, stages = _tiles(
+        head_dim, group, decode_only, query.element_size()
+    )
     if decode_only:
         context = block_tables.shape[1] * block_size
         if sliding_window is not None:
@@ -384,7 +389,7 @@ def paged_attention(
         DECODE=decode_only, SPLIT_OUT=split_out, USE_WINDOW=sliding_window is not None,
         USE_SOFTCAP=softcap is not None, UPCAST=upcast,
         PRECISION="ieee" if query.dtype == torch.float32 or upcast else "tf32",
-        num_warps=warps,
+        num_warps=warps, num_stages=stages,
     )  # fmt: skip
     if split_out:
         _combine_splits_kernel[(num_seqs, num_heads)](

@@ -121,6 +121,8 @@ class ServerConfig:
     """Where the adapter registry and rollout state live."""
     max_adapter_bytes: int = 512 * 1024 * 1024
     """Largest adapter upload accepted by the admin API, in bytes (counted as it streams); larger ones get 413."""
+    max_request_bytes: int = 0
+    """Largest JSON request body of /v1 routes, in bytes (counted as it arrives); larger ones get 413. 0 sizes it from the context: 64 bytes per token of max_model_len, plus 1 MiB."""
     log_level: str = "info"
     """debug, info, warning or error."""
 
@@ -133,6 +135,10 @@ class ServerConfig:
                 raise ValueError(f"adapter must be NAME=PATH, not {spec!r}")
         if self.max_adapter_bytes < 1:
             raise ValueError(f"max_adapter_bytes must be at least 1, not {self.max_adapter_bytes}")
+        if self.max_request_bytes < 0:
+            raise ValueError(
+                f"max_request_bytes must be >= 0 (0 sizes it from max_model_len), not {self.max_request_bytes}"
+            )
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise ValueError(f"log_level must be debug, info, warning or error, not {self.log_level!r}")
 

@@ -145,7 +145,7 @@ class _DeleteWorld:
 
         def record(task: str, version: str) -> SimpleNamespace:
             return SimpleNamespace(task=task, version=version, ref=f"{task}@{version}", created_at=0.0,
-                                   to_dict=lambda: {})
+                                   sha256="0" * 64, to_dict=lambda: {})
 
         def delete(task: str, version: str, is_protected) -> SimpleNamespace:
             assert not is_protected(task, version)

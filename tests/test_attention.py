@@ -18,6 +18,7 @@ if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from peftserve import kernels  # noqa: E402
+from peftserve.engine import attention  # noqa: E402
 from peftserve.engine.attention import paged_attention, paged_attention_triton, write_kv  # noqa: E402
 from tests.attention_cases import PADDING, make_step, reference, torch_reference  # noqa: E402
 
@@ -50,8 +51,7 @@ def _check(got: torch.Tensor, want: torch.Tensor, tol: float, what: str) -> None
 @pytest.mark.parametrize("window", [None, 5, 16], ids=["full", "w5", "w16"])
 @pytest.mark.parametrize("softcap", [None, 2.0], ids=["nocap", "cap2"])
 @pytest.mark.parametrize("specs", [MIXED, DECODE], ids=["mixed", "decode"])
-def test_torch_path_matches_float64(heads, window, softcap, specs):
-    seed = random.randrange(2**31)
+def test_torch_path_matches_float64(heads, window, softcap, specs, seed):
     num_heads, num_kv = heads
     step = make_step(
         specs,
@@ -178,14 +178,12 @@ def run_triton_case(
 
 
 @pytest.mark.parametrize("case", list(TRITON_CASES))
-def test_triton_matches_torch_and_float64(case):
-    seed = random.randrange(2**31)
+def test_triton_matches_torch_and_float64(case, seed):
     run_triton_case(*TRITON_CASES[case], seed=seed, extra_rows=2)
 
 
-def test_triton_small_reference_case():
+def test_triton_small_reference_case(seed):
     """The slow per-query float64 loop (independent of the torch path) on one mixed step."""
-    seed = random.randrange(2**31)
     step, got = run_triton_case(MIXED[:6], (4, 2), 5, 2.0, torch.float32, 16, 16, None, seed=seed)
     _check(got, reference(step, 16**-0.5, 5, 2.0), 1e-5, f"seed {seed}: triton vs float64 loop")
 
@@ -240,7 +238,9 @@ def _gpu_matrix() -> list:
         window, softcap = ((None, None), (300, 30.0), (300, None), (None, 30.0))[(i + i // 4) % 4]
         dtype, block_size = dtypes[i % 3], (16, 32)[variant]
         rng = random.Random(i)
-        decode = [(1, rng.choice([0, 15, 16, 511, 1000, 2100])) for _ in range(rng.choice([1, 7, 33]))]
+        decode = [
+            (1, rng.choice([0, 15, 16, 511, 1000, 2100])) for _ in range(rng.choice([1, 7, 33]))
+        ]
         decode[rng.randrange(len(decode))] = PADDING
         mixed = decode[:5] + [(rng.choice([2, 77, 300]), rng.choice([0, 1, 700])) for _ in range(3)]
         for kind, specs in (("decode", decode), ("mixed", mixed)):
@@ -256,16 +256,17 @@ def _gpu_matrix() -> list:
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize(("specs", "heads", "window", "softcap", "dtype", "block_size", "head_dim", "splits"),
                          _gpu_matrix())  # fmt: skip
-def test_triton_gpu_matrix(specs, heads, window, softcap, dtype, block_size, head_dim, splits):
+def test_triton_gpu_matrix(
+    specs, heads, window, softcap, dtype, block_size, head_dim, splits, seed
+):
     run_triton_case(specs, heads, window, softcap, dtype, block_size, head_dim, splits,
-                    seed=random.randrange(2**31), extra_rows=3)  # fmt: skip
+                    seed=seed, extra_rows=3)  # fmt: skip
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_triton_decode_replays_in_a_cuda_graph():
+def test_triton_decode_replays_in_a_cuda_graph(seed):
     """A decode launch captured once gives the eager result for other lengths and tables."""
-    seed = random.randrange(2**31)
     rng = random.Random(seed)
     width, num_seqs = 64, 16
 
@@ -330,3 +331,20 @@ def test_engine_with_triton_attention_matches_hf(tmp_path, family, overrides):
     ref = load_hf(model_dir)
     for i, prompt in enumerate(prompts):
         assert results[str(i)].token_ids == hf_greedy(ref, prompt, 4), (family, len(prompt))
+
+
+def test_workspace_made_in_inference_mode_serves_outside_it(monkeypatch):
+    """The torch path's shared gather buffer is a normal tensor whichever mode made it."""
+    monkeypatch.setattr(attention, "_WORKSPACES", {})
+    step = make_step(
+        [(1, 40), (3, 300)], num_heads=4, num_kv_heads=2, head_dim=8, block_size=16, seed=9
+    )
+    with torch.inference_mode():
+        paged_attention(LAYER, step.query, step.key, step.value, None, paged_metadata=step.meta)
+    step = make_step(
+        [(1, 45), (3, 200)], num_heads=4, num_kv_heads=2, head_dim=8, block_size=16, seed=10
+    )
+    out, _ = paged_attention(
+        LAYER, step.query, step.key, step.value, None, paged_metadata=step.meta
+    )
+    _check(out[0], reference(step, 8**-0.5), 1e-5, "outside inference mode")

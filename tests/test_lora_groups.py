@@ -16,7 +16,9 @@ from tests.tiny_models import make_peft_adapter, make_tiny_model
 
 
 def _manager(model: nn.Module, **kwargs) -> LoRAManager:
-    return LoRAManager(model, LoRAConfig(max_lora_rank=16, max_loras=2, **kwargs), 64, 8, "cpu", torch.float32)
+    return LoRAManager(
+        model, LoRAConfig(max_lora_rank=16, max_loras=2, **kwargs), 64, 8, "cpu", torch.float32
+    )
 
 
 def test_siblings_share_one_weight_and_the_output_is_unchanged(tmp_path):
@@ -31,7 +33,10 @@ def test_siblings_share_one_weight_and_the_output_is_unchanged(tmp_path):
     assert isinstance(attn.o_proj, MultiLoRALinear) and isinstance(mlp.down_proj, MultiLoRALinear)
     group = q.group
     assert q.base_layer.weight.data_ptr() == group.weight.data_ptr()  # a view: no second copy
-    assert v.base_layer.bias.data_ptr() == group.bias.data_ptr() + (q.out_features + k.out_features) * 4
+    assert (
+        v.base_layer.bias.data_ptr()
+        == group.bias.data_ptr() + (q.out_features + k.out_features) * 4
+    )
     assert len(manager.stacks) == 2 * 4  # per layer: qkv, o, gate_up, down
     ids = torch.randint(4, 40, (1, 11))
     manager.prepare([0] * 11)
@@ -62,7 +67,9 @@ def test_members_in_any_order_or_alone(tmp_path):
     with torch.no_grad():
         for order in ([2, 0, 1], [1], [0, 0, 2]):
             for i in order:
-                torch.testing.assert_close(members[i](x)[0], reference(members[i]), rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(
+                    members[i](x)[0], reference(members[i]), rtol=1e-5, atol=1e-5
+                )
     assert attn.k_proj.ranks[slot] == 0 and attn.q_proj.ranks[slot] == 4
 
 
@@ -70,7 +77,9 @@ def test_rank_table_follows_loads_and_unloads(tmp_path):
     model_dir = make_tiny_model(tmp_path, "llama")
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     manager = _manager(model)
-    adapter = make_peft_adapter(model_dir, tmp_path / "a", r=3, target_modules=["k_proj", "up_proj"])
+    adapter = make_peft_adapter(
+        model_dir, tmp_path / "a", r=3, target_modules=["k_proj", "up_proj"]
+    )
     slot = manager.load("a", load_adapter(adapter, model, 16))
     group = model.model.layers[0].self_attn.k_proj.group
     assert group.stack.slot_ranks[slot].tolist() == [0, 3, 0]
@@ -92,7 +101,9 @@ class _Phi3Block(nn.Module):
 
 def test_already_fused_projections_stay_single_layers(monkeypatch):
     """Phi-3's qkv_proj and gate_up_proj are targeted whole by its adapters: plain layers."""
-    monkeypatch.setattr(manager_mod, "TARGET_NAMES", (*manager_mod.TARGET_NAMES, "qkv_proj", "gate_up_proj"))
+    monkeypatch.setattr(
+        manager_mod, "TARGET_NAMES", (*manager_mod.TARGET_NAMES, "qkv_proj", "gate_up_proj")
+    )
     block = _Phi3Block()
     manager = _manager(block)
     assert isinstance(block.self_attn.qkv_proj, MultiLoRALinear)

@@ -9,14 +9,49 @@ from peft import LoraConfig, get_peft_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
+    Phi3Config,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen3Config,
 )
 
 FAMILIES = ("llama", "mistral", "qwen2")
-_CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
+MORE_FAMILIES = ("qwen3", "gemma2", "gemma3_text", "phi3", "llama3")
+"""Tiny models of the later families (``llama3``: Llama with Llama 3's rope scaling)."""
+_CONFIGS = {
+    "llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
+    "gemma2": Gemma2Config, "gemma3_text": Gemma3TextConfig, "phi3": Phi3Config, "llama3": LlamaConfig,
+}  # fmt: skip
+LLAMA3_ROPE = dict(
+    rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+    original_max_position_embeddings=32,
+)  # fmt: skip
+_FAMILY_DEFAULTS: dict[str, dict] = {
+    # The features that set each family apart, switched on at sizes the tiny prompts reach:
+    # windows shorter than the prompts, a query scale other than head_dim ** -0.5, rope
+    # scalings whose wavelengths the prompt positions cross, soft-caps below the tiny model's
+    # attention scores (about 10) and logits (about 3). Gemma's embeddings stay untied: tied
+    # to scaled random embeddings, the tiny model only echoes its last token.
+    "qwen3": dict(head_dim=16),
+    "gemma2": dict(
+        head_dim=16, query_pre_attn_scalar=24, sliding_window=8, attn_logit_softcapping=5.0,
+        final_logit_softcapping=3.0, tie_word_embeddings=False,
+    ),
+    "gemma3_text": dict(
+        head_dim=16, query_pre_attn_scalar=24, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={
+            "sliding_attention": dict(rope_type="default", rope_theta=10000.0),
+            "full_attention": dict(rope_type="linear", factor=8.0, rope_theta=1000000.0),
+        },
+    ),
+    "phi3": dict(sliding_window=12),
+    "llama3": dict(rope_parameters=LLAMA3_ROPE),
+}  # fmt: skip
 CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789 +-=:.,!?\n")
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 CHAT_TEMPLATE = (
@@ -40,10 +75,41 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def make_tiny_model(tmp_path: Path, family: str = "llama", seed: int = 0, **overrides) -> Path:
-    """Save a random 2-layer model of ``family`` with its tokenizer; return the directory."""
+def make_byte_bpe_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (as Llama 3 and Qwen2 have), trained on a few sentences."""
+    from tokenizers import decoders, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=SPECIALS,
+        show_progress=False,
+    )
+    corpus = ["the quick brown fox jumps over the lazy dog", "reverse: hello world", *CHARS]
+    tok.train_from_iterator(corpus * 20, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def make_tiny_model(
+    tmp_path: Path,
+    family: str = "llama",
+    seed: int = 0,
+    tokenizer: PreTrainedTokenizerFast | None = None,
+    **overrides,
+) -> Path:
+    """Save a random 2-layer model of ``family`` with its tokenizer (by default the
+    character-level ``make_tokenizer()``); return the directory.
+
+    ``family`` is a key of ``_CONFIGS`` (a model_type, or ``llama3``)."""
     torch.manual_seed(seed)
-    tokenizer = make_tokenizer()
+    tokenizer = tokenizer if tokenizer is not None else make_tokenizer()
     kwargs = dict(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -57,6 +123,7 @@ def make_tiny_model(tmp_path: Path, family: str = "llama", seed: int = 0, **over
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
+    kwargs.update(_FAMILY_DEFAULTS.get(family, {}))
     kwargs.update(overrides)
     config = _CONFIGS[family](**kwargs)
     model = AutoModelForCausalLM.from_config(config)

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.requests import ClientDisconnect
 
 from peftserve.api.auth import require_admin
+from peftserve.api.body import JSONRoute
 from peftserve.api.schemas import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
 from peftserve.api.state import get_state
 from peftserve.server.adapters import AdapterService
@@ -30,7 +31,15 @@ from peftserve.server.errors import APIError, invalid_request, unsupported
 from peftserve.server.multipart import MultipartError
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
-vllm_router = APIRouter(prefix="/v1", dependencies=[Depends(require_admin)])
+
+
+class _AdminJSONRoute(JSONRoute):
+    before_body = (require_admin,)  # 401/403 before the body is read
+
+
+vllm_router = APIRouter(
+    prefix="/v1", dependencies=[Depends(require_admin)], route_class=_AdminJSONRoute
+)
 
 CLIENT_CLOSED_STATUS = 499
 
@@ -59,7 +68,23 @@ async def show_adapter(task: str, version: str, request: Request) -> dict[str, A
     return await _service(request).get(task, version)
 
 
-@router.put("/adapters/{task}/{version}")
+_UPLOAD_BODY = {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object",
+    "required": ["adapter_config.json", "adapter_model.safetensors"],
+    "properties": {
+        "adapter_config.json": {"type": "string", "format": "binary"},
+        "adapter_model.safetensors": {"type": "string", "format": "binary"},
+        "base_fingerprint": {"type": "string", "description": "Refuse unless the server's base model has it."},
+    },
+}}}}  # fmt: skip
+"""The upload's parts, in this order (``peftserve.server.multipart`` reads them as they stream)."""
+
+
+@router.put(
+    "/adapters/{task}/{version}",
+    responses={201: {"description": "Stored: a new version."}},
+    openapi_extra={"requestBody": _UPLOAD_BODY},
+)
 async def upload_adapter(task: str, version: str, request: Request) -> JSONResponse:
     """Store ``task@version`` from a multipart body (adapter_config.json, then
     adapter_model.safetensors; optional field base_fingerprint): 201 if new, 200 if this
@@ -106,7 +131,7 @@ def _content_length(request: Request) -> int | None:
 _TEXT_200 = {200: {"content": {"text/plain": {"schema": {"type": "string"}}}}}
 
 
-@vllm_router.post("/load_lora_adapter", response_class=PlainTextResponse, responses=_TEXT_200)
+@vllm_router.post("/load_lora_adapter", response_class=Response, responses=_TEXT_200)
 async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request) -> PlainTextResponse:
     """vLLM's runtime load: serve the adapter directory ``lora_path`` (on this server) as
     ``lora_name``. The same content again is a success that changes nothing."""
@@ -120,7 +145,7 @@ async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request) -> P
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 
-@vllm_router.post("/unload_lora_adapter", response_class=PlainTextResponse, responses=_TEXT_200)
+@vllm_router.post("/unload_lora_adapter", response_class=Response, responses=_TEXT_200)
 async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, request: Request) -> PlainTextResponse:
     """vLLM's runtime unload: stop serving ``lora_name`` and remove it from the registry
     (a task: all its versions; 409 while a rollout uses it)."""

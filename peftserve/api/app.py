@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
@@ -12,8 +14,11 @@ from fastapi import FastAPI
 
 from peftserve import __version__
 from peftserve.api import admin, health, metrics, openai_routes, rollouts, ui
+from peftserve.api.body import default_body_limit
 from peftserve.api.errors import install_error_handlers
 from peftserve.api.middleware import RequestIdMiddleware
+from peftserve.api.openapi import ADMIN_ERRORS, errors, install_openapi
+from peftserve.api.prompts import PromptLimits
 from peftserve.api.state import ServingState
 from peftserve.server.canary import RolloutCollector
 from peftserve.server.metrics import Metrics, VLLMCollector
@@ -26,6 +31,9 @@ if TYPE_CHECKING:
     from peftserve.server.model_table import ModelTable
 
 logger = logging.getLogger(__name__)
+
+REQUEST_WORKERS = 4
+"""Threads for the CPU work of requests (tokenizing, chat templates), off the event loop."""
 
 
 def build_app(
@@ -46,6 +54,12 @@ def build_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()
         logger.info("engine started: %s + %d tasks", models.base_name, len(models.tasks))
+        # What exists now (model, tokenizer, libraries) lives as long as the server: the
+        # collector need not scan it. Without this a full collection, set off by the garbage of
+        # large requests, walks every object of torch and transformers while holding the GIL
+        # (a second on a loaded CPU), and every other request waits. (Freezing is O(1); it is
+        # undone when the server stops, so a stopped server's objects can be collected.)
+        gc.freeze()
         try:
             if canary is not None:
                 await canary.start()
@@ -53,17 +67,21 @@ def build_app(
         finally:
             if canary is not None:
                 await canary.stop()
+            workers.shutdown(wait=False, cancel_futures=True)
             engine.shutdown()
             if canary is not None:
                 canary.close()
             if adapters is not None:
                 adapters.close()
+            gc.unfreeze()
             logger.info("engine stopped")
 
     # /docs and /redoc are ui's routes: their assets are vendored, never from a CDN.
     app = FastAPI(
         title="peftserve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None
     )
+    workers = ThreadPoolExecutor(REQUEST_WORKERS, thread_name_prefix="peftserve-request")
+    llm = engine.engine
     app_metrics = Metrics(engine)
     app_metrics.add_collector(VLLMCollector(engine, models))
     engine.on_adapter_load = app_metrics.observe_adapter_load
@@ -80,17 +98,21 @@ def build_app(
         admin_token=server.admin_token,
         adapters=adapters,
         canary=canary,
+        max_request_bytes=server.max_request_bytes or default_body_limit(llm.max_model_len),
+        prompt_limits=PromptLimits.of(llm.tokenizer, llm.max_model_len),
+        workers=workers,
     )
     install_error_handlers(app)
+    install_openapi(app)
     app.add_middleware(RequestIdMiddleware)
     app.include_router(openai_routes.router)
-    app.include_router(admin.router)
-    app.include_router(admin.vllm_router)
-    app.include_router(rollouts.admin_router)
+    app.include_router(admin.router, responses=errors(*ADMIN_ERRORS))
+    app.include_router(admin.vllm_router, responses=errors(*ADMIN_ERRORS))
+    app.include_router(rollouts.admin_router, responses=errors(*ADMIN_ERRORS))
     app.include_router(rollouts.feedback_router)
     app.include_router(metrics.router)
     app.include_router(health.router)
-    app.include_router(ui.admin_router)
+    app.include_router(ui.admin_router, responses=errors(*ADMIN_ERRORS))
     app.include_router(ui.router)
     ui.mount_page(app)
     return app

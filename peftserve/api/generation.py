@@ -30,8 +30,6 @@ from peftserve.server.errors import (
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-DISCONNECT_POLL_S = 0.1
-"""How often a non-streaming request checks whether its client is still there."""
 
 
 class EngineFailed(APIError):
@@ -79,9 +77,7 @@ class OutputStream:
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
         yield self._first
-        if self._first.finished:
-            return
-        async for out in self._outputs:
+        async for out in self._outputs:  # ends after the last choice's final output
             self._observe(out)
             yield out
 
@@ -181,25 +177,38 @@ async def collect(stream: OutputStream, request_id: str, n: int = 1) -> list[Gen
 
 
 async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Run ``work``; if the client disconnects first, cancel it and raise ClientDisconnected."""
+    """Run ``work``; if the client disconnects first, cancel it and raise ClientDisconnected.
+
+    The disconnect is awaited, not polled: one watcher per request waits on the ASGI receive
+    channel for ``http.disconnect`` (the body was read already), so waiting costs nothing
+    however many requests wait.
+    """
     task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
     returned = False
     try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            if done:
-                result = task.result()
-                returned = True
-                return result
-            if await request.is_disconnected():
-                logger.info("request %s: client disconnected, aborting", request.state.request_id)
-                raise ClientDisconnected()
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not watcher.done():
+            result = task.result()
+            returned = True
+            return result
+        logger.info("request %s: client disconnected, aborting", request.state.request_id)
+        raise ClientDisconnected()
     finally:
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        for pending in (watcher, task):
+            if not pending.done():
+                pending.cancel()
+                await asyncio.gather(pending, return_exceptions=True)
         if not returned and not task.cancelled() and task.exception() is None:
             await _close_streams(task.result())  # it finished as we gave up: nobody reads it
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client has gone (the server sends ``http.disconnect``)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
 
 
 async def _close_streams(result: object) -> None:

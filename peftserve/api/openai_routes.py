@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse, Response
 
 from peftserve.api import prompts
 from peftserve.api.auth import is_admin, require_api_key
+from peftserve.api.body import JSONRoute
 from peftserve.api.generation import (
     EngineFailed,
     Generation,
@@ -31,6 +32,7 @@ from peftserve.api.generation import (
     gather_or_cancel,
     open_stream,
 )
+from peftserve.api.openapi import INFERENCE_ERRORS, SSE_200, errors
 from peftserve.api.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -55,13 +57,20 @@ from peftserve.api.streaming import (
     sse_body,
 )
 from peftserve.engine.sampling_params import SamplingParams
-from peftserve.server.errors import APIError, invalid_request
+from peftserve.server.errors import APIError, invalid_request, queue_full
 from peftserve.server.metrics import RequestTracker, failure_outcome, request_arm
 from peftserve.server.model_table import Target
 
 logger = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+
+class _InferenceRoute(JSONRoute):
+    before_body = (require_api_key,)  # 401 before the body is read
+
+
+router = APIRouter(
+    prefix="/v1", dependencies=[Depends(require_api_key)], route_class=_InferenceRoute
+)
 
 
 @dataclass
@@ -113,23 +122,29 @@ class Job:
         )  # fmt: skip
 
 
-@router.get("/models")
+@router.get("/models", response_model=ModelList, responses=errors(401, 500))
 async def list_models(state: ServingState = Depends(get_state)) -> dict:
     cards = [ModelCard(**dataclasses.asdict(entry)) for entry in state.models.cards()]
     return ModelList(data=cards).model_dump()
 
 
-@router.get("/models/{model:path}")
+@router.get("/models/{model:path}", response_model=ModelCard, responses=errors(401, 404, 500))
 async def retrieve_model(model: str, state: ServingState = Depends(get_state)) -> dict:
     return ModelCard(**dataclasses.asdict(state.models.card(model))).model_dump()
 
 
-@router.post("/completions")
+@router.post(
+    "/completions",
+    response_model=CompletionResponse,
+    responses={**SSE_200, **errors(*INFERENCE_ERRORS)},
+)
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
     state = get_state(request)
     request_id = _new_id(request, "cmpl")
     target = _resolve(state, body, request, request_id)
-    job = _prepare(state, target, lambda: _completion_job(body, state, request_id, target.lora_id))
+    job = await _prepare(
+        state, target, lambda: _completion_job(body, state, request_id, target.lora_id)
+    )
     if job.stream:  # the stream records the request when it closes
         return await _stream(request, state, job, target, CompletionChunker)
     answers, served = await _generate(request, state, job, target)
@@ -166,12 +181,16 @@ def _returned(job: Job, generations: list[Generation]) -> list[Generation]:
     return sorted(generations, key=lambda g: g.mean_logprob, reverse=True)[: job.returned]
 
 
-@router.post("/chat/completions")
+@router.post(
+    "/chat/completions",
+    response_model=ChatCompletionResponse,
+    responses={**SSE_200, **errors(*INFERENCE_ERRORS)},
+)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     state = get_state(request)
     request_id = _new_id(request, "chatcmpl")
     target = _resolve(state, body, request, request_id)
-    job = _prepare(state, target, lambda: _chat_job(body, state, request_id, target.lora_id))
+    job = await _prepare(state, target, lambda: _chat_job(body, state, request_id, target.lora_id))
     if job.stream:  # the stream records the request when it closes
         return await _stream(request, state, job, target, ChatChunker)
     [generations], served = await _generate(request, state, job, target)
@@ -204,14 +223,26 @@ def _resolve(
     )  # fmt: skip
 
 
-def _prepare(state: ServingState, target: Target, build: Callable[[], Job]) -> Job:
-    """Validate the request into a Job; a refusal counts as an error of the target's series."""
+async def _prepare(state: ServingState, target: Target, build: Callable[[], Job]) -> Job:
+    """Validate the request into a Job; a refusal counts as an error of the target's series.
+
+    A full queue answers 429 before any work; the rest (tokenizing, the chat template) runs on
+    a worker thread, so a large prompt never holds up the event loop.
+    """
     try:
-        return build()
+        _admit(state)
+        return await state.offload(build)
     except BaseException as exc:
         state.metrics.track(target.task, target.version, request_arm(target)).finish(failure_outcome(exc))
         _name(exc, target)
         raise
+
+
+def _admit(state: ServingState) -> None:
+    """429 at once when the engine's waiting queue is full (the engine checks again on submit)."""
+    llm = state.llm
+    if llm.num_waiting >= llm.config.scheduler.max_waiting:
+        raise queue_full()
 
 
 def _new_id(request: Request, prefix: str) -> str:
@@ -225,10 +256,11 @@ def _completion_job(
 ) -> Job:
     prompts.reject_unsupported(body)
     llm = state.llm
-    limit = llm.config.scheduler.max_waiting
-    prompt_ids = prompts.completion_prompts(llm.tokenizer, body.prompt, _vocab_size(state), limit)
-    n = 1 if body.n is None else body.n
-    best_of = n if body.best_of is None else body.best_of
+    prompt_ids = prompts.completion_prompts(
+        llm.tokenizer, body.prompt, _vocab_size(state), state.prompt_limits, llm.config.scheduler.max_waiting
+    )
+    n = _choices(state, body.n, "n")
+    best_of = n if body.best_of is None else _choices(state, body.best_of, "best_of")
     if best_of < n:
         raise invalid_request(f"best_of ({best_of}) must be at least n ({n}).", "best_of")
     prompt_only = bool(body.echo) and body.max_tokens == 0
@@ -238,17 +270,27 @@ def _completion_job(
     extra: dict = {"n": best_of}
     if body.echo and body.logprobs is not None:
         extra["prompt_logprobs"] = body.logprobs
-    params = [
-        prompts.sampling_params(
-            body, prompts.context_max_tokens(len(ids), requested, llm.max_model_len), logprobs, **extra
-        )
-        for ids in prompt_ids
-    ]
+    several = prompts.is_prompt_list(body.prompt)
+    params = []
+    for i, ids in enumerate(prompt_ids):
+        param = f"prompt[{i}]" if several else "prompt"
+        max_tokens = prompts.context_max_tokens(len(ids), requested, llm.max_model_len, param)
+        params.append(prompts.sampling_params(body, max_tokens, logprobs, **extra))
     job = _job(body, request_id, lora_id, prompt_ids, params)
     job.returned, job.user_logprobs, job.prompt_only = n, body.logprobs is not None, prompt_only
     if body.echo:
         job.echo = prompts.prompt_texts(llm.tokenizer, body.prompt, prompt_ids)
     return job
+
+
+def _choices(state: ServingState, value: int | None, param: str) -> int:
+    """``n`` or ``best_of`` checked against the seats a request may hold (``max_num_seqs``)."""
+    seats = state.llm.config.scheduler.max_num_seqs
+    if value is None:
+        return 1
+    if not 1 <= value <= seats:
+        raise invalid_request(f"{param} must be in 1..{seats} (the server's max_num_seqs), got {value}.", param)
+    return value
 
 
 def _chat_job(
@@ -257,14 +299,15 @@ def _chat_job(
     prompts.reject_unsupported(body)
     logprobs = prompts.chat_logprobs(body)
     llm = state.llm
-    ids = prompts.chat_prompt_ids(llm.tokenizer, body.messages)
+    ids = prompts.chat_prompt_ids(llm.tokenizer, body.messages, state.prompt_limits)
     requested, tokens_param = prompts.chat_max_tokens(body)
     max_tokens = prompts.context_max_tokens(
         len(ids), requested, llm.max_model_len, "messages", tokens_param
     )
-    params = prompts.sampling_params(body, max_tokens, logprobs, tokens_param)
+    n = _choices(state, body.n, "n")
+    params = prompts.sampling_params(body, max_tokens, logprobs, tokens_param, n=n)
     job = _job(body, request_id, lora_id, [ids], [params])
-    job.returned = params.n
+    job.returned = n
     return job
 
 

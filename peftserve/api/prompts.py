@@ -1,8 +1,18 @@
-"""Request bodies -> prompt token ids and SamplingParams, with OpenAI-style 400s."""
+"""Request bodies -> prompt token ids and SamplingParams, with OpenAI-style 400s.
+
+Before a prompt text is tokenized, ``check_prompt_chars`` refuses one that cannot fit the
+context whatever its tokenization, using the bound of ``prompt_char_limit``.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
+
+from jinja2 import TemplateError
 
 from peftserve.api.schemas import (
     ChatCompletionRequest,
@@ -11,31 +21,156 @@ from peftserve.api.schemas import (
     SamplingFields,
 )
 from peftserve.engine.sampling_params import InvalidParameter, SamplingParams
-from peftserve.server.errors import invalid_request, unsupported
+from peftserve.server.errors import APIError, invalid_request, unsupported
+
+logger = logging.getLogger(__name__)
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+NORMALIZER_SHRINK = 4
+"""Most characters a whitelisted normalizer turns into one (NFC/NFKC compose at most 3)."""
+_KEEPING_NORMALIZERS = {"NFC", "NFD", "NFKC", "NFKD", "Lowercase", "Prepend"}
+_KEEPING_PRE_TOKENIZERS = {"ByteLevel", "Metaspace", "Digits", "Punctuation", "UnicodeScripts"}
 
 
-def completion_prompts(tokenizer: Any, prompt: str | list, vocab_size: int, limit: int) -> list[list[int]]:
+def prompt_char_limit(tokenizer: Any, max_model_len: int) -> int | None:
+    """Most characters a prompt of ``max_model_len`` tokens can have, or None without a sound bound.
+
+    The bound holds for tokenizers that drop no input: byte-level BPE and BPE with byte
+    fallback (every byte has a token, nothing becomes one unknown token), behind normalizers
+    and pre-tokenizers that delete nothing. Then each token covers at most as many characters
+    of the normalized text as its own string has (``max_token_chars``), and normalization
+    shrinks the text at most ``NORMALIZER_SHRINK`` times, so a prompt longer than
+    ``max_model_len * max_token_chars * NORMALIZER_SHRINK`` characters cannot fit.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    spec = json.loads(backend.to_str())
+    model = spec.get("model") or {}
+    vocab = model.get("vocab")
+    if model.get("type") != "BPE" or not isinstance(vocab, dict):
+        return None
+    byte_level = _mentions(spec.get("pre_tokenizer"), "ByteLevel")
+    if not (_covers_bytes(vocab, byte_level, bool(model.get("byte_fallback")))
+            and _keeps(spec.get("normalizer"), _is_keeping_normalizer)
+            and _keeps(spec.get("pre_tokenizer"), _is_keeping_pre_tokenizer)):  # fmt: skip
+        logger.info("no prompt-length bound before tokenizing: the tokenizer may drop input")
+        return None
+    added = (token.get("content", "") for token in spec.get("added_tokens") or [])
+    max_token_chars = max(len(text) for text in (*vocab, *added))
+    return max_model_len * max_token_chars * NORMALIZER_SHRINK
+
+
+def _covers_bytes(vocab: dict[str, int], byte_level: bool, byte_fallback: bool) -> bool:
+    """Whether every byte has a token (so no input is dropped or merged into an unknown token)."""
+    if byte_fallback:
+        return all(f"<0x{b:02X}>" in vocab for b in range(256))
+    if byte_level:
+        from tokenizers.pre_tokenizers import ByteLevel
+
+        return all(char in vocab for char in ByteLevel.alphabet())
+    return False
+
+
+def _mentions(node: Any, kind: str) -> bool:
+    if isinstance(node, dict):
+        return node.get("type") == kind or any(_mentions(v, kind) for v in node.values())
+    if isinstance(node, list):
+        return any(_mentions(v, kind) for v in node)
+    return False
+
+
+def _keeps(node: Any, keeping: Any) -> bool:
+    """Whether a normalizer or pre-tokenizer (None, one, or a Sequence) deletes no input."""
+    if node is None:
+        return True
+    if node.get("type") == "Sequence":
+        parts = node.get("normalizers") or node.get("pretokenizers") or []
+        return all(_keeps(part, keeping) for part in parts)
+    return keeping(node)
+
+
+def _is_keeping_normalizer(node: dict[str, Any]) -> bool:
+    if node.get("type") == "Replace":  # one character for a non-empty text: nothing shrinks
+        pattern = node.get("pattern") or {}
+        return len(pattern.get("String", "")) == 1 and bool(node.get("content"))
+    return node.get("type") in _KEEPING_NORMALIZERS
+
+
+def _is_keeping_pre_tokenizer(node: dict[str, Any]) -> bool:
+    if node.get("type") == "Split":
+        return node.get("behavior") != "Removed"
+    return node.get("type") in _KEEPING_PRE_TOKENIZERS
+
+
+def check_prompt_chars(texts: Iterable[str], limits: PromptLimits, param: str) -> None:
+    """400 ``context_length_exceeded`` for a prompt too long for any tokenization, untokenized."""
+    if limits.char_limit is None:
+        return
+    chars = sum(len(text) for text in texts)
+    if chars > limits.char_limit:
+        at_least = chars * limits.max_model_len // limits.char_limit
+        raise invalid_request(
+            f"This model's maximum context length is {limits.max_model_len} tokens, but the "
+            f"prompt has {chars} characters: at least {at_least} tokens, whatever their split.",
+            param,
+            "context_length_exceeded",
+        )
+
+
+@dataclass(frozen=True)
+class PromptLimits:
+    """The context, and the most characters a prompt text may have before it is tokenized."""
+
+    max_model_len: int
+    char_limit: int | None = None
+    """From ``prompt_char_limit``; None: every text is tokenized, then measured."""
+
+    @classmethod
+    def of(cls, tokenizer: Any, max_model_len: int) -> PromptLimits:
+        return cls(max_model_len, prompt_char_limit(tokenizer, max_model_len))
+
+
+def is_prompt_list(prompt: str | list) -> bool:
+    """Whether a completion's ``prompt`` is a list of prompts (strings or token-id lists)."""
+    return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], (str, list))
+
+
+def completion_prompts(
+    tokenizer: Any,
+    prompt: str | list,
+    vocab_size: int,
+    limits: PromptLimits | None = None,
+    max_prompts: int | None = None,
+) -> list[list[int]]:
     """The prompts of a completion request (a string, token ids, or a list of either; at most
-    ``limit``) as token ids."""
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-        if len(prompt) > limit:
-            raise invalid_request(f"At most {limit} prompts per request, got {len(prompt)}.", "prompt")
-        return [_prompt_ids(tokenizer, one, vocab_size, f"prompt[{i}]") for i, one in enumerate(prompt)]
-    return [_prompt_ids(tokenizer, prompt, vocab_size, "prompt")]
+    ``max_prompts``) as token ids, each checked against the context on its own."""
+    if is_prompt_list(prompt):
+        if max_prompts is not None and len(prompt) > max_prompts:
+            message = f"At most {max_prompts} prompts per request, got {len(prompt)}."
+            raise invalid_request(message, "prompt")
+        return [
+            _prompt_ids(tokenizer, one, vocab_size, limits, f"prompt[{i}]") for i, one in enumerate(prompt)
+        ]
+    return [_prompt_ids(tokenizer, prompt, vocab_size, limits, "prompt")]
 
 
 def prompt_texts(tokenizer: Any, prompt: str | list, prompt_ids: list[list[int]]) -> list[str]:
     """Each prompt's text (``echo``): as sent, or its token ids decoded."""
-    given = prompt if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)) else [prompt]
+    given = prompt if is_prompt_list(prompt) else [prompt]
     return [one if isinstance(one, str) else tokenizer.decode(ids) for one, ids in zip(given, prompt_ids, strict=True)]
 
 
-def _prompt_ids(tokenizer: Any, prompt: str | list[int], vocab_size: int, param: str) -> list[int]:
+def _prompt_ids(
+    tokenizer: Any, prompt: str | list[int], vocab_size: int, limits: PromptLimits | None, param: str
+) -> list[int]:
     if isinstance(prompt, str):
+        if limits is not None:
+            check_prompt_chars([prompt], limits, param)
         ids = list(tokenizer(prompt)["input_ids"])
     else:
+        if limits is not None and len(prompt) >= limits.max_model_len:
+            raise context_exceeded(len(prompt), limits.max_model_len, param)
         ids = _checked_token_ids(prompt, vocab_size, param)
     if not ids:
         raise invalid_request("The prompt is empty.", param)
@@ -49,7 +184,9 @@ def _checked_token_ids(ids: list[int], vocab_size: int, param: str = "prompt") -
     return list(ids)
 
 
-def chat_prompt_ids(tokenizer: Any, messages: list[ChatMessage]) -> list[int]:
+def chat_prompt_ids(
+    tokenizer: Any, messages: list[ChatMessage], limits: PromptLimits | None = None
+) -> list[int]:
     """Render the chat template, then tokenize it without adding special tokens again."""
     if not messages:
         raise invalid_request("messages must hold at least one message.", "messages")
@@ -58,7 +195,16 @@ def chat_prompt_ids(tokenizer: Any, messages: list[ChatMessage]) -> list[int]:
             "This model has no chat template; use /v1/completions.", "messages", "no_chat_template"
         )
     rendered = [_message_dict(m, i) for i, m in enumerate(messages)]
-    text = tokenizer.apply_chat_template(rendered, tokenize=False, add_generation_prompt=True)
+    try:
+        text = tokenizer.apply_chat_template(rendered, tokenize=False, add_generation_prompt=True)
+    except TemplateError as exc:  # the template refuses the conversation (raise_exception)
+        raise invalid_request(
+            f"The model's chat template refused these messages: {exc}",
+            "messages",
+            "invalid_messages",
+        ) from None
+    if limits is not None:
+        check_prompt_chars([text], limits, "messages")
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -92,12 +238,7 @@ def context_max_tokens(
 ) -> int:
     """``max_tokens`` checked against the context (None fills what the prompt leaves)."""
     if prompt_len >= max_model_len:
-        raise invalid_request(
-            f"This model's maximum context length is {max_model_len} tokens, "
-            f"but the prompt has {prompt_len} tokens.",
-            prompt_param,
-            "context_length_exceeded",
-        )
+        raise context_exceeded(prompt_len, max_model_len, prompt_param)
     if max_tokens is None:
         return max_model_len - prompt_len
     if max_tokens >= 1 and prompt_len + max_tokens > max_model_len:
@@ -109,6 +250,15 @@ def context_max_tokens(
             "context_length_exceeded",
         )
     return max_tokens
+
+
+def context_exceeded(prompt_len: int, max_model_len: int, param: str) -> APIError:
+    return invalid_request(
+        f"This model's maximum context length is {max_model_len} tokens, "
+        f"but the prompt has {prompt_len} tokens.",
+        param,
+        "context_length_exceeded",
+    )
 
 
 def reject_unsupported(body: SamplingFields) -> None:
@@ -165,13 +315,10 @@ def logit_bias(body: SamplingFields) -> dict[int, float]:
     """``logit_bias`` with its token ids as integers (400 for a key that is not one)."""
     bias: dict[int, float] = {}
     for key, value in (body.logit_bias or {}).items():
-        try:
-            token = int(key)
-        except ValueError:
-            raise invalid_request(
-                f"logit_bias keys must be token ids (integers as strings), got {key!r}.", "logit_bias"
-            ) from None
-        bias[token] = value
+        if not (key.isascii() and key.isdigit()):
+            message = f"logit_bias keys must be token ids (decimal digits), got {key!r}."
+            raise invalid_request(message, "logit_bias")
+        bias[int(key)] = value
     return bias
 
 

@@ -28,7 +28,6 @@ expired completion id -> 404 (code ``completion_not_found``); a bad score -> 400
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Iterator
@@ -40,6 +39,9 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
 from peftserve.api.auth import require_admin, require_api_key
+from peftserve.api.body import decode_json, decode_json_async, read_body
+from peftserve.api.openapi import errors
+from peftserve.api.schemas import FeedbackRequest, FeedbackResponse
 from peftserve.api.state import get_state
 from peftserve.canary.spec import RolloutSpec, RolloutSpecError, default_metrics
 from peftserve.server import dashboard
@@ -75,14 +77,14 @@ def _rollout_errors() -> Iterator[None]:
                        _ERROR_CODES.get(exc.status, "rollout_error")) from None  # fmt: skip
 
 
-async def _json_object(request: Request, what: str, *, optional: bool = False) -> dict[str, Any]:
-    raw = await request.body()
+async def _json_object(
+    request: Request, what: str, *, optional: bool = False, limit: int | None = None
+) -> dict[str, Any]:
+    """The body as a strict JSON object (``peftserve.api.body``), read within ``limit`` bytes."""
+    raw = await read_body(request, limit) if limit is not None else await request.body()
     if optional and not raw.strip():
         return {}
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        raise invalid_request("The request body is not valid JSON.", None, "invalid_json") from None
+    body = await decode_json_async(raw)
     if not isinstance(body, dict):
         raise invalid_request(f"The request body must be a JSON object ({what}).")
     return body
@@ -107,9 +109,9 @@ def parse_eval_set(value: Any) -> list[Any] | None:
             if not line.strip():
                 continue
             try:
-                numbered.append((f"line {n}", json.loads(line)))
-            except ValueError as exc:
-                raise RolloutSpecError(f"eval_set line {n} is not valid JSON: {exc}") from None
+                numbered.append((f"line {n}", decode_json(line.encode(), f"eval_set line {n}")))
+            except APIError as exc:  # not JSON, or JSON with a lone surrogate or deep nesting
+                raise RolloutSpecError(exc.message) from None
     else:
         raise RolloutSpecError(f"eval_set must be a list of {{\"prompt\", \"answer\"}} objects or JSONL text, "
                                f"not {type(value).__name__}")  # fmt: skip
@@ -147,7 +149,7 @@ def parse_start(body: dict[str, Any], runtime: CanaryRuntime) -> tuple[RolloutSp
     return RolloutSpec.from_dict(data), eval_set, reason
 
 
-@admin_router.post("/rollouts")
+@admin_router.post("/rollouts", status_code=201)
 async def start_rollout(request: Request) -> JSONResponse:
     """Start a rollout: 201 with its status; 400 invalid, 409 when the task already has one."""
     runtime = _runtime(request)
@@ -236,11 +238,18 @@ def _score(value: Any) -> float:
     raise invalid_request(f"score must be true, false or a number in [0, 1], not {value!r:.50}", "score")
 
 
-@feedback_router.post("/feedback")
+@feedback_router.post(
+    "/feedback",
+    response_model=FeedbackResponse,
+    responses=errors(400, 401, 404, 413, 500, 503),
+    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+        "schema": FeedbackRequest.model_json_schema()}}}},
+)  # fmt: skip
 async def feedback(request: Request) -> dict[str, Any]:
     """A user's score of a completion: attributed to the version that answered it."""
     runtime = _runtime(request)
-    body = await _json_object(request, '{"id": ..., "score": ...}')
+    limit = get_state(request).max_request_bytes
+    body = await _json_object(request, '{"id": ..., "score": ...}', limit=limit)
     unknown = sorted(set(body) - {"id", "score"})
     if unknown:
         raise invalid_request(f"unknown field(s): {', '.join(unknown)}; feedback takes id and score", unknown[0])

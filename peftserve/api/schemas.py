@@ -4,13 +4,14 @@ Requests ignore unknown fields (as vLLM does). Fields we know but cannot honour 
 ``response_format`` beyond text, ``functions``, audio, vLLM's guided decoding, ...) are
 declared here and rejected with a 400 naming them (``peftserve.api.prompts.reject_unsupported``)
 rather than silently dropped; range checks live in ``SamplingParams`` so there is one source
-for them.
+for them. ``_doc`` writes those ranges and refusals into the OpenAPI document as well
+(``/openapi.json`` tells a client what is accepted) without validating them a second time.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
@@ -19,62 +20,79 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+def _doc(default: Any = ..., **schema: Any) -> Any:
+    """A field whose JSON schema states ``schema`` (checked by the server elsewhere)."""
+    return Field(default, json_schema_extra=schema)
+
+
+_TOP = {"minimum": 0, "maximum": 20}
+_NULL = {"type": "null"}
+"""Only null (or absent) is accepted: a value is a 400 naming the field."""
+_PENALTY = {"minimum": -2, "maximum": 2}
+
+
 class StreamOptions(_Request):
     include_usage: bool = False
     """A last chunk, without choices, carries the request's usage."""
     continuous_usage_stats: bool = False
-    """Extension (vLLM): every chunk carries the usage so far."""
+    """Extension (vLLM): every chunk carries the usage so far (with ``include_usage``)."""
 
 
 class SamplingFields(_Request):
     """Fields shared by completions and chat completions."""
 
-    model: str
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
+    model: str = _doc(examples=["base"])
+    """The base model, a task, or a pinned ``task@version`` (GET /v1/models lists them)."""
+    temperature: float | None = _doc(None, minimum=0, maximum=2)
+    top_p: float | None = _doc(None, exclusiveMinimum=0, maximum=1)
+    top_k: int | None = _doc(None, minimum=-1)
     """Extension (vLLM): keep the k most likely tokens; -1 or 0 keeps all."""
-    seed: int | None = None
+    seed: int | None = _doc(None, minimum=-(2**63), maximum=2**64 - 1)
     """Same seed, prompt and parameters give the same output; with n > 1 each choice draws
     its own tokens (choice 0 those of n = 1)."""
-    stop: str | list[str] | None = None
-    n: int | None = 1
-    """Choices per prompt: they share the prompt's prefill."""
+    stop: str | list[str] | None = _doc(None, minLength=1, maxItems=4, items={"minLength": 1})
+    """Up to 4 non-empty strings."""
+    n: int | None = _doc(1, minimum=1)
+    """Choices per prompt, sharing the prompt's prefill; at most the server's ``max_num_seqs``."""
     user: str | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+    """Only with ``stream: true``."""
     ignore_eos: bool = False
     """Extension (vLLM): keep generating past the end-of-sequence token."""
-    presence_penalty: float | None = None
-    """-2..2, subtracted from the logit of every token generated so far."""
-    frequency_penalty: float | None = None
-    """-2..2, subtracted from a token's logit once per time it was generated."""
-    repetition_penalty: float | None = None
-    """Extension (vLLM): above 0; divides the positive and multiplies the negative logits of
-    the tokens in the prompt or generated (1: off)."""
-    logit_bias: dict[str, float] | None = None
-    """Token id (as a string) -> a bias in -100..100 added to its logit."""
+    presence_penalty: float | None = _doc(None, **_PENALTY)
+    """Subtracted from the logit of every token generated so far."""
+    frequency_penalty: float | None = _doc(None, **_PENALTY)
+    """Subtracted from a token's logit once per time it was generated."""
+    repetition_penalty: float | None = _doc(None, exclusiveMinimum=0)
+    """Extension (vLLM): divides the positive and multiplies the negative logits of the tokens
+    in the prompt or generated so far (1: off)."""
+    logit_bias: dict[str, float] | None = _doc(
+        None, propertyNames={"pattern": "^[0-9]+$"}, additionalProperties={"minimum": -100, "maximum": 100}
+    )
+    """Token id (decimal digits, below the vocabulary size) -> a bias in -100..100 added to its
+    logit."""
     # Not supported: a 400 names them when set (see ``prompts.reject_unsupported``).
-    response_format: dict[str, Any] | None = None
-    """Only ``{"type": "text"}``."""
-    min_p: float | None = None
+    response_format: dict[str, Any] | None = _doc(None, properties={"type": {"enum": ["text"]}})
+    """Not supported beyond ``{"type": "text"}`` (no structured output)."""
+    min_p: float | None = _doc(None, minimum=0, maximum=0)
     """Extension (vLLM), not supported: only 0."""
-    min_tokens: int | None = None
+    min_tokens: int | None = _doc(None, minimum=0, maximum=0)
     """Extension (vLLM), not supported: only 0."""
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[int] | None = _doc(None, maxItems=0)
     """Extension (vLLM), not supported: only empty."""
-    use_beam_search: bool | None = None
+    use_beam_search: bool | None = _doc(None, enum=[False, None])
     """Extension (vLLM), not supported: only false."""
-    guided_json: Any = None
-    """Extension (vLLM), not supported."""
-    guided_regex: Any = None
-    """Extension (vLLM), not supported."""
-    guided_choice: Any = None
-    """Extension (vLLM), not supported."""
-    guided_grammar: Any = None
-    """Extension (vLLM), not supported."""
-    structured_outputs: Any = None
-    """Extension (vLLM), not supported."""
+    guided_json: Any = _doc(None, **_NULL)
+    """Extension (vLLM), not supported (guided decoding)."""
+    guided_regex: Any = _doc(None, **_NULL)
+    """Extension (vLLM), not supported (guided decoding)."""
+    guided_choice: Any = _doc(None, **_NULL)
+    """Extension (vLLM), not supported (guided decoding)."""
+    guided_grammar: Any = _doc(None, **_NULL)
+    """Extension (vLLM), not supported (guided decoding)."""
+    structured_outputs: Any = _doc(None, **_NULL)
+    """Extension (vLLM), not supported (guided decoding)."""
 
     @property
     def stop_list(self) -> list[str]:
@@ -93,57 +111,59 @@ class SamplingFields(_Request):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[int] | list[list[int]] = _doc(minLength=1, minItems=1)
     """A prompt (a string or token ids), or a list of them: each gets ``n`` choices, choice
     ``i`` of prompt ``p`` answering as index ``p * n + i``."""
-    max_tokens: int | None = 16
+    max_tokens: int | None = _doc(16, minimum=0)
     """0 only with ``echo``: the prompt comes back, scored, and nothing is generated."""
-    logprobs: int | None = None
+    logprobs: int | None = _doc(None, **_TOP)
     echo: bool | None = False
     """Put the prompt (and with ``logprobs`` its tokens' log-probabilities) before each choice."""
-    best_of: int | None = None
-    """Generate this many choices per prompt and return the ``n`` with the highest
-    log-probability per token (not with ``stream``)."""
-    suffix: str | None = None
+    best_of: int | None = _doc(None, minimum=1)
+    """Generate this many choices per prompt (at least ``n``) and return the ``n`` with the
+    highest log-probability per token; with ``stream``, only equal to ``n``."""
+    suffix: str | None = _doc(None, maxLength=0)
     """Not supported: only empty."""
 
 
 class TextPart(_Request):
-    type: str
+    type: str = _doc(enum=["text"])
+    """Only text parts."""
     text: str | None = None
 
 
 class ChatMessage(_Request):
-    role: str
+    role: str = _doc(enum=["system", "developer", "user", "assistant", "tool"])
     content: str | list[TextPart] | None = None
     name: str | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage]
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    messages: list[ChatMessage] = _doc(minItems=1)
+    max_tokens: int | None = _doc(None, minimum=1)
+    max_completion_tokens: int | None = _doc(None, minimum=1)
     """Wins over ``max_tokens``."""
     logprobs: bool | None = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = _doc(None, **_TOP)
+    """Needs ``logprobs: true``."""
     # Not supported: a 400 names them when set (see ``prompts.reject_unsupported``).
-    tools: list[Any] | None = None
-    """Not supported: only empty."""
-    tool_choice: Any = None
-    """Not supported: only "none" (or "auto" without tools)."""
-    functions: list[Any] | None = None
-    """Not supported: only empty."""
-    function_call: Any = None
-    """Not supported: only "none" (or "auto" without functions)."""
-    audio: Any = None
-    """Not supported."""
-    modalities: list[str] | None = None
+    tools: list[Any] | None = _doc(None, maxItems=0)
+    """Not supported (tool calling): only empty."""
+    tool_choice: Any = _doc(None, enum=["none", "auto", None])
+    """Not supported (tool calling): only "none" or "auto" (with no tools, no call is made)."""
+    functions: list[Any] | None = _doc(None, maxItems=0)
+    """Not supported (function calling): only empty."""
+    function_call: Any = _doc(None, enum=["none", "auto", None])
+    """Not supported (function calling): only "none" or "auto"."""
+    audio: Any = _doc(None, **_NULL)
+    """Not supported (text only)."""
+    modalities: list[str] | None = _doc(None, items={"enum": ["text"]})
     """Only ``["text"]``."""
-    prediction: Any = None
+    prediction: Any = _doc(None, **_NULL)
+    """Not supported (predicted outputs)."""
+    web_search_options: Any = _doc(None, **_NULL)
     """Not supported."""
-    web_search_options: Any = None
-    """Not supported."""
-    reasoning_effort: Any = None
+    reasoning_effort: Any = _doc(None, **_NULL)
     """Not supported (no reasoning models here)."""
 
 
@@ -303,3 +323,45 @@ class ModelList(BaseModel):
 def dump(model: BaseModel, include_usage: bool = True) -> dict[str, Any]:
     """JSON-ready dict; ``usage`` is left out of stream chunks unless the client asked for it."""
     return model.model_dump(exclude={"usage"} if not include_usage else None)
+
+
+# ---- errors and other answers (documented in /openapi.json) -------------------------------
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    """The request field at fault (``messages[0].content``), when one is."""
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every error, in OpenAI's shape."""
+
+    error: ErrorDetail
+
+
+class FeedbackRequest(BaseModel):
+    """POST /v1/feedback: a user's score of a completion (read by the route itself)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1)
+    """The completion's id (``cmpl-...`` or ``chatcmpl-...``)."""
+    score: bool | Annotated[float, Field(ge=0.0, le=1.0)]
+    """true, false or a number in [0, 1]."""
+
+
+class FeedbackResponse(BaseModel):
+    object: Literal["feedback"] = "feedback"
+    id: str
+    score: float
+
+
+class HealthResponse(BaseModel):
+    status: str
+    """``ok`` while the engine's step loop runs (200), else ``engine stopped`` (503)."""
+    model: str
+    adapters: list[str]
+    engine: dict[str, int | float | str | bool | None]

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from fastapi import Request
 
 if TYPE_CHECKING:
+    from peftserve.api.prompts import PromptLimits
     from peftserve.engine.engine import AsyncLLMEngine, LLMEngine
     from peftserve.server.adapters import AdapterService
     from peftserve.server.canary import CanaryRuntime
     from peftserve.server.metrics import Metrics
     from peftserve.server.model_table import ModelTable
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -26,6 +32,18 @@ class ServingState:
     """The registry-backed adapter service; None on a server built without a data directory."""
     canary: CanaryRuntime | None = None
     """Canary rollouts (controller, metric windows, shadow copies); None without a registry."""
+    max_request_bytes: int = 1 << 20
+    """Largest JSON body a /v1 route reads (413 beyond it)."""
+    prompt_limits: PromptLimits | None = None
+    """The context, and the prompt-length bound checked before tokenizing."""
+    workers: ThreadPoolExecutor | None = None
+    """Threads for the CPU work of a request (tokenizing, chat templates); None: inline."""
+
+    async def offload(self, fn: Callable[[], T]) -> T:
+        """``fn()`` on a worker thread, so the event loop keeps answering meanwhile."""
+        if self.workers is None:
+            return fn()
+        return await asyncio.get_running_loop().run_in_executor(self.workers, fn)
 
     @property
     def llm(self) -> LLMEngine:

@@ -93,8 +93,8 @@ class StreamInfo:
 
 
 class Chunker(Protocol):
-    def start(self, indices: range) -> list[BaseModel]: ...
-    def on_output(self, out: RequestOutput, prompt: int) -> list[BaseModel]: ...
+    def start(self, indices: range = range(1)) -> list[BaseModel]: ...
+    def on_output(self, out: RequestOutput, prompt: int = 0) -> list[BaseModel]: ...
     def usage(self, usage: Usage) -> BaseModel: ...
 
 
@@ -104,10 +104,10 @@ class CompletionChunker:
         self.offsets: dict[int, int] = {}
         """Text sent so far per choice index (the logprobs' text offsets)."""
 
-    def start(self, indices: range) -> list[BaseModel]:
+    def start(self, indices: range = range(1)) -> list[BaseModel]:
         return []
 
-    def on_output(self, out: RequestOutput, prompt: int) -> list[BaseModel]:
+    def on_output(self, out: RequestOutput, prompt: int = 0) -> list[BaseModel]:
         info = self.info
         index = info.index(prompt, out)
         first = index not in self.offsets
@@ -140,11 +140,11 @@ class ChatChunker:
     def __init__(self, info: StreamInfo) -> None:
         self.info = info
 
-    def start(self, indices: range) -> list[BaseModel]:
+    def start(self, indices: range = range(1)) -> list[BaseModel]:
         delta = ChatDelta(role="assistant", content="")
         return [self._chunk([ChatChunkChoice(index=i, delta=delta)]) for i in indices]
 
-    def on_output(self, out: RequestOutput, prompt: int) -> list[BaseModel]:
+    def on_output(self, out: RequestOutput, prompt: int = 0) -> list[BaseModel]:
         index = self.info.index(prompt, out)
         chunks = []
         if out.text or out.logprobs:

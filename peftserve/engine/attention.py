@@ -397,9 +397,10 @@ def _workspace(cache: torch.Tensor, num_blocks: int, block_size: int) -> torch.T
     key = (cache.device, cache.dtype, torch.is_inference_mode_enabled())
     buf = _WORKSPACES.get(key)
     if buf is None or buf.numel() < need:
-        buf = _WORKSPACES[key] = torch.empty(
-            need + need // 2, dtype=cache.dtype, device=cache.device
-        )
+        with torch.inference_mode(False):  # a normal tensor: written in and out of inference mode
+            buf = _WORKSPACES[key] = torch.empty(
+                need + need // 2, dtype=cache.dtype, device=cache.device
+            )
     return buf
 
 
@@ -450,8 +451,14 @@ def attention_implementation(backend: str, device: torch.device) -> str:
         raise ValueError(f"unknown attention backend {backend!r}; choose auto, torch or triton")
     if backend == "triton" and not _triton_available():
         raise ValueError("attention_backend=triton needs the triton package (pip install triton)")
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        raise ValueError("attention_backend=triton needs a CUDA device (or TRITON_INTERPRET=1, for tests)")
+    if (
+        backend == "triton"
+        and device.type != "cuda"
+        and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+    ):
+        raise ValueError(
+            "attention_backend=triton needs a CUDA device (or TRITON_INTERPRET=1, for tests)"
+        )
     return ATTN_IMPLEMENTATIONS[backend]
 
 

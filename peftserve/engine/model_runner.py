@@ -35,6 +35,7 @@ from peftserve.engine.attention import (
 )
 from peftserve.engine.block_manager import RESERVED_BLOCKS, SCRATCH_BLOCK
 from peftserve.engine.cuda_graphs import DecodeGraphs, decode_buckets
+from peftserve.engine.families import check_model_config, check_model_type
 from peftserve.engine.sampler import LogitBias, PenaltyTensors, RowParams, SamplingTensors
 from peftserve.engine.scheduler import SchedulerOutput
 from peftserve.engine.sequence import Sequence
@@ -44,7 +45,6 @@ from peftserve.lora.metadata import Segment
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _CUDA_KV_FRACTION = 0.9
 _CPU_KV_BYTES = 1 << 30
@@ -83,11 +83,7 @@ def read_model_config(model_dir: str) -> PretrainedConfig:
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise ValueError(f"model directory {path} does not exist or holds no config.json")
-    model_type = json.loads((path / "config.json").read_text()).get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+    check_model_type(json.loads((path / "config.json").read_text()).get("model_type"))
     return AutoConfig.from_pretrained(path)
 
 
@@ -135,6 +131,7 @@ class ModelRunner:
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         self.hf_config = read_model_config(config.model.model)
         self.max_model_len = resolve_max_model_len(config.cache, self.hf_config)
+        check_model_config(self.hf_config, self.max_model_len)
         self.tokenizer = load_tokenizer(config.model.model)
         self.model = load_model(config.model.model, self.device, self.dtype, config.model.attention_backend)
         sched = config.scheduler

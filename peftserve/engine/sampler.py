@@ -38,6 +38,8 @@ _MIX_B = 0x846CA68B
 _GOLDEN = 0x9E3779B9
 
 
+_INT32_MAX = 2**31 - 1  # the step buffers hold top_k as int32
+
 @dataclass
 class SamplingTensors:
     """Per-row sampling parameters of one step (``S`` rows) on the logits' device, and their
@@ -214,12 +216,13 @@ class RowParams:
             self.repetition.append(p.repetition_penalty)
             self.histories.append(history)
             self.any_repetition = self.any_repetition or p.repetition_penalty != 1.0
-        self.temps.append(p.temperature)
-        if p.temperature == 0.0:  # greedy: the other parameters do not apply
+        if p.greedy:  # the other parameters do not apply (a tiny temperature counts as 0)
+            self.temps.append(0.0)
             self.top_k.append(0)
             self.top_p.append(1.0)
             return
-        k = p.top_k if p.top_k > 0 else 0
+        self.temps.append(p.temperature)
+        k = min(p.top_k, _INT32_MAX) if p.top_k > 0 else 0  # any k >= the vocabulary keeps all
         self.top_k.append(k)
         self.top_p.append(p.top_p)
         self.all_greedy = False
@@ -325,7 +328,10 @@ class Sampler:
             scaled = apply_top_p(scaled, st.top_p)
         probs = scaled.softmax(dim=-1)  # [S, V]
         sampled = (probs / self._noise(probs, st)).argmax(dim=-1)  # [S]
-        return torch.where(greedy, greedy_ids, sampled)
+        # Sample only from a distribution: a row whose probabilities are not finite or hold no
+        # mass (an overflow, not only non-finite logits) falls back to its greedy token.
+        usable = torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)  # [S]
+        return torch.where(greedy | ~usable, greedy_ids, sampled)
 
     def _noise(self, probs: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
         """Exp(1) noise [S, V]: unseeded rows in one call, seeded rows in one more."""
@@ -401,5 +407,7 @@ def apply_top_p(scaled: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     sorted_logits, order = scaled.sort(dim=-1, descending=True)  # [S, V]
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # [S, V]
-    sorted_logits = sorted_logits.masked_fill(mass_before >= top_p[:, None], -float("inf"))
+    drop = mass_before >= top_p[:, None]
+    drop[:, 0] = False  # the most likely token always stays (top_p may round to 0 in fp32)
+    sorted_logits = sorted_logits.masked_fill(drop, -float("inf"))
     return torch.empty_like(scaled).scatter_(-1, order, sorted_logits)

@@ -5,6 +5,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+MIN_TEMPERATURE = 1e-5
+"""Temperatures below this sample as greedy: dividing fp32 logits by a smaller one can
+overflow (1e-39 is subnormal in fp32, 5e-324 rounds to 0), and any gap between the two
+best logits above 1e-3 makes such a softmax one-hot anyway."""
+
 
 class InvalidParameter(ValueError):
     """A request parameter is out of range; ``param`` names it (OpenAI's error field)."""
@@ -19,7 +24,7 @@ class SamplingParams:
     max_tokens: int = 16
     """Most tokens to generate."""
     temperature: float = 1.0
-    """0 means greedy."""
+    """0 (or below ``MIN_TEMPERATURE``) means greedy."""
     top_p: float = 1.0
     """Nucleus sampling mass, in (0, 1]."""
     top_k: int = -1
@@ -59,6 +64,8 @@ class SamplingParams:
             raise InvalidParameter("top_p", f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < -1:
             raise InvalidParameter("top_k", f"top_k must be -1 (all) or positive, got {self.top_k}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise InvalidParameter("seed", f"seed must be a 64-bit integer, got {self.seed}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise InvalidParameter("logprobs", f"logprobs must be in 0..20, got {self.logprobs}")
         if self.score_from is not None and self.score_from < 1:
@@ -84,7 +91,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < MIN_TEMPERATURE
 
     @property
     def scored_from(self) -> int | None:

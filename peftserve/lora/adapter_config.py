@@ -111,6 +111,8 @@ def show(value: object, limit: int = 60) -> str:
 
 def _field_error(exc: ValidationError, raw: dict[str, Any]) -> AdapterError:
     first = exc.errors()[0]
+    if not first["loc"] or first["loc"][0] not in AdapterConfig.model_fields:
+        return AdapterError(f"{CONFIG_NAME}: {first['msg']}")
     field = str(first["loc"][0])
     expected = AdapterConfig.model_fields[field].description
     if first["type"] == "missing":

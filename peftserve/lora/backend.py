@@ -72,7 +72,9 @@ class TorchBackend:
             if r == 0:
                 continue
             rows = slice(start, start + length)
-            y = torch.matmul(x[rows].float(), stack.lora_a[slot, :, :r].float().transpose(1, 2))  # [NS, n, r]
+            y = torch.matmul(
+                x[rows].float(), stack.lora_a[slot, :, :r].float().transpose(1, 2)
+            )  # [NS, n, r]
             for s, rs in enumerate(ranks):
                 if rs:
                     cols = slice(offsets[s], offsets[s + 1])
@@ -86,7 +88,9 @@ class TorchBackend:
         if meta is self._plan_meta and meta.step_id == self._plan_step:
             return
         segs = [s for s in meta.host_segments if s[2] != 0 and s[1] > 0]
-        short = _batchable(sorted((s for s in segs if s[1] <= self.short_segment), key=lambda s: s[1]))
+        short = _batchable(
+            sorted((s for s in segs if s[1] <= self.short_segment), key=lambda s: s[1])
+        )
         self._long = [s for s in segs if s not in short]
         self._plan = _BatchedPlan(short, device) if short else None
         self._plan_meta, self._plan_step = meta, meta.step_id
@@ -143,7 +147,9 @@ class _BatchedPlan:
                 continue
             cols = slice(stack.offsets[s], stack.offsets[s + 1])
             b = stack.lora_b[:, cols, :rs].index_select(0, self.slots).float()  # [S, N_s, rs]
-            delta = torch.bmm(y[:, s, :, :rs], b.transpose(1, 2)).view(num_segs * width, -1)  # [S*L, N_s]
+            delta = torch.bmm(y[:, s, :, :rs], b.transpose(1, 2)).view(
+                num_segs * width, -1
+            )  # [S*L, N_s]
             if self.padded:
                 delta = delta[self.valid]
             out[:, cols].index_add_(0, self.scatter, delta.to(out.dtype))

@@ -55,8 +55,12 @@ class LoRAStack:
         self.offsets = tuple(sum(slices[:i]) for i in range(len(slices) + 1))  # [NS + 1]
         self.out_features = self.offsets[-1]
         self.max_rank = max_rank
-        self.lora_a = torch.zeros(num_slots, len(slices), max_rank, in_features, dtype=dtype, device=device)
-        self.lora_b = torch.zeros(num_slots, self.out_features, max_rank, dtype=dtype, device=device)
+        self.lora_a = torch.zeros(
+            num_slots, len(slices), max_rank, in_features, dtype=dtype, device=device
+        )
+        self.lora_b = torch.zeros(
+            num_slots, self.out_features, max_rank, dtype=dtype, device=device
+        )
         self.ranks: list[list[int]] = [[0] * num_slots for _ in slices]  # [NS][num_slots] host
         self.slot_ranks = torch.zeros(num_slots, len(slices), dtype=torch.int32, device=device)
         """[num_slots, NS] device copy of ``ranks``; ``LoRAManager`` rebinds it to a view of
@@ -66,7 +70,9 @@ class LoRAStack:
     def num_slices(self) -> int:
         return len(self.slices)
 
-    def set_slot(self, slot: int, index: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
+    def set_slot(
+        self, slot: int, index: int, a: torch.Tensor | None, b: torch.Tensor | None
+    ) -> None:
         """Write one adapter's A [r, in] and scaled B [out_index, r] into slice ``index`` of
         ``slot`` (None clears it). The device rank table is refreshed by the manager."""
         cols = slice(self.offsets[index], self.offsets[index + 1])
@@ -91,7 +97,9 @@ class LoRAStack:
 class MultiLoRALinear(nn.Module):
     """``y = base(x) + expand(shrink(x, A[slot]), B[slot])`` for each segment of tokens."""
 
-    def __init__(self, base_layer: nn.Linear, num_slots: int, max_rank: int, ctx: LoRAStepContext) -> None:
+    def __init__(
+        self, base_layer: nn.Linear, num_slots: int, max_rank: int, ctx: LoRAStepContext
+    ) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.in_features = base_layer.in_features
@@ -137,7 +145,9 @@ class ProjectionGroup:
     alone, stays correct; it is dropped once every member has taken its slice.
     """
 
-    def __init__(self, linears: list[nn.Linear], num_slots: int, max_rank: int, ctx: LoRAStepContext) -> None:
+    def __init__(
+        self, linears: list[nn.Linear], num_slots: int, max_rank: int, ctx: LoRAStepContext
+    ) -> None:
         first = linears[0]
         with torch.no_grad():
             self.weight = torch.cat([lin.weight for lin in linears])  # [N, in]
@@ -151,7 +161,9 @@ class ProjectionGroup:
                     lin.bias = nn.Parameter(self.bias[offset : offset + n], requires_grad=False)
                 offset += n
         slices = tuple(lin.out_features for lin in linears)
-        self.stack = LoRAStack(first.in_features, slices, num_slots, max_rank, first.weight.dtype, first.weight.device)
+        self.stack = LoRAStack(
+            first.in_features, slices, num_slots, max_rank, first.weight.dtype, first.weight.device
+        )
         self.ctx = ctx
         self._input: torch.Tensor | None = None
         self._output: torch.Tensor | None = None

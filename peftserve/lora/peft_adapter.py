@@ -39,8 +39,12 @@ from peftserve.lora.adapter_config import (
     show,
 )
 
-TARGET_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-"""Projections the engine can carry LoRA on (embeddings and lm_head are not among them)."""
+TARGET_NAMES = (
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj",
+)  # fmt: skip
+"""Projections the engine can carry LoRA on (embeddings and lm_head are not among them).
+Phi-3 fuses q/k/v into ``qkv_proj`` and gate/up into ``gate_up_proj``: its adapters target
+those fused modules, one LoRA pair each, like any other projection."""
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -126,6 +130,17 @@ def load_adapter(path: str | Path, model: nn.Module, max_rank: int, name: str = 
     )
 
 
+def _lone_surrogate_field(raw: dict[str, object]) -> str | None:
+    """The field (key or value) holding a lone surrogate, shown in ASCII; json.loads lets
+    ``"\\ud800"`` through, and such a string cannot be stored, compared or answered as text."""
+    for key, value in raw.items():
+        try:
+            json.dumps([key, value], ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            return key.encode("ascii", "backslashreplace").decode()
+    return None
+
+
 def _read_config(path: Path) -> tuple[dict, AdapterConfig]:
     if not path.is_dir():
         raise AdapterError(f"adapter directory {path} does not exist")
@@ -140,6 +155,10 @@ def _read_config(path: Path) -> tuple[dict, AdapterConfig]:
         raise AdapterError(f"{CONFIG_NAME} is not valid JSON: {exc}") from None
     if not isinstance(raw, dict):
         raise AdapterError(f"{CONFIG_NAME} must hold a JSON object")
+    field = _lone_surrogate_field(raw)
+    if field is not None:
+        raise AdapterError(f"{CONFIG_NAME}: {field} holds a lone UTF-16 surrogate (such as \\ud800), "
+                           "which is not Unicode text", field)  # fmt: skip
     if raw.get("peft_type", "LORA") != "LORA":
         peft_type = show(raw.get("peft_type"))
         raise AdapterError(f"peft_type {peft_type} is not supported; only LORA adapters are")
@@ -220,7 +239,11 @@ def _pair_tensors(
             leaf = module.rsplit(".", 1)[-1]
             if leaf in ("embed_tokens", "lm_head"):
                 raise AdapterError(f"target module {leaf!r} is not supported (embedding and lm_head targets)")
-            raise AdapterError(f"weight {key!r} targets {module!r}, which is not a supported projection of this base model")
+            have = ", ".join(sorted({name.rsplit(".", 1)[-1] for name in shapes}))
+            raise AdapterError(
+                f"weight {key!r} targets {module!r}, which is not a supported projection of this base "
+                f"model (its projections: {have}); was the adapter made for another model?"
+            )
         halves.setdefault(module, {})[match["ab"]] = tensor
     pairs = {}
     for module, ab in halves.items():

@@ -75,24 +75,39 @@ class TritonBackend:
         r_max = stack.max_rank
         if num_tokens <= self.fused_max_tokens and r_max <= FUSED_MAX_RANK:
             kernels.lora_shrink_expand(
-                x, stack.lora_a, stack.lora_b, stack.slot_ranks, *segs, out, slices=stack.slices, check=False
+                x,
+                stack.lora_a,
+                stack.lora_b,
+                stack.slot_ranks,
+                *segs,
+                out,
+                slices=stack.slices,
+                check=False,
             )
             return
         split = split_k(num_tokens)
         y = self._intermediate(x.device, max(meta.max_tokens, num_tokens), r_max)
-        y = y[: stack.num_slices * split * num_tokens * r_max].view(stack.num_slices, split, num_tokens, r_max)
+        y = y[: stack.num_slices * split * num_tokens * r_max].view(
+            stack.num_slices, split, num_tokens, r_max
+        )
         kernels.lora_shrink(x, stack.lora_a, stack.slot_ranks, *segs, y, check=False)  # partials
-        kernels.lora_expand(y, stack.lora_b, stack.slot_ranks, *segs, out, slices=stack.slices, check=False)
+        kernels.lora_expand(
+            y, stack.lora_b, stack.slot_ranks, *segs, out, slices=stack.slices, check=False
+        )
 
     def _intermediate(self, device: torch.device, max_tokens: int, r_max: int) -> torch.Tensor:
         """Flat fp32 buffer that holds ``[NS, split_k(T), T, r_max]`` for every T <= max_tokens."""
         key = (device, max_tokens, r_max)
         buf = self._intermediates.get(key)
         if buf is None:
-            rows = max(split_k(t) * t for t in {min(max_tokens, b) for b in SPLIT_BOUNDS} | {max_tokens})
+            rows = max(
+                split_k(t) * t for t in {min(max_tokens, b) for b in SPLIT_BOUNDS} | {max_tokens}
+            )
             buf = torch.empty(MAX_SLICES * rows * r_max, dtype=torch.float32, device=device)
             self._intermediates[key] = buf
-            logger.debug("LoRA intermediate: %d x %d x %d fp32 on %s", MAX_SLICES, rows, r_max, device)
+            logger.debug(
+                "LoRA intermediate: %d x %d x %d fp32 on %s", MAX_SLICES, rows, r_max, device
+            )
         return buf
 
 
@@ -104,7 +119,9 @@ def _check_metadata(meta: LoRAStepMetadata, device: torch.device) -> None:
     for name in ("seg_start", "seg_len", "seg_slot"):
         t = getattr(meta, name)
         if t.dtype != torch.int32 or t.dim() != 1 or not t.is_contiguous() or t.device != device:
-            raise ValueError(f"LoRA metadata {name} must be a contiguous 1-d int32 tensor on {device}")
+            raise ValueError(
+                f"LoRA metadata {name} must be a contiguous 1-d int32 tensor on {device}"
+            )
     if meta.seg_start.numel() > MAX_SEGMENTS:
         raise ValueError(
             f"{meta.seg_start.numel()} segment slots, more than the kernels' {MAX_SEGMENTS}:"

@@ -85,8 +85,6 @@ class AdapterService:
     """Extra delete protection (the rollout layer adds its stable and candidate versions)."""
     on_delete: list[Callable[[str, str], None]] = field(default_factory=list)
     """Called with (task, version) after a version is deleted."""
-    _sources: dict[str, str] = field(default_factory=dict, init=False)
-    """lora_id -> the directory given at start-up (shown as the model card's root)."""
     _serving: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
     """Serializes serving a stored version (concurrent identical uploads serve it once)."""
     _runtime: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
@@ -114,7 +112,6 @@ class AdapterService:
                 "adapter %s from %s is registered as %s, but %s@%s stays the stable version; "
                 "pin it with model %r or roll it out", name, path, record.ref, name, stable, record.ref,
             )  # fmt: skip
-        self._sources[record.ref] = str(Path(path).resolve())
         return record
 
     def restore(self) -> None:
@@ -226,7 +223,6 @@ class AdapterService:
             raise
         if record.ref in self.engine.lora_status():
             await self.engine.unregister_lora(record.ref)
-        self._sources.pop(record.ref, None)
         for hook in self.on_delete:
             hook(task, version)
         return {**self.view(record, {}), "status": "deleted", "deleted": True}
@@ -310,7 +306,6 @@ class AdapterService:
         for record in records:
             if record.ref in self.engine.lora_status():
                 await self.engine.unregister_lora(record.ref)
-            self._sources.pop(record.ref, None)
             for hook in self.on_delete:
                 hook(task, record.version)
         logger.info("task %s retired (%d versions)", task, len(records))
@@ -390,7 +385,8 @@ class AdapterService:
         return True
 
     def _root(self, record: AdapterRecord) -> str:
-        return self._sources.get(record.ref) or str(self.registry.path_of(record))
+        """The model card's ``root``: the content address, never a path on this server."""
+        return f"sha256:{record.sha256}"
 
     async def _servable(self, task: str, version: str) -> AdapterRecord:
         record = await to_thread.run_sync(self.registry.get, task, version)

@@ -73,7 +73,7 @@ class ModelEntry:
 @dataclass
 class ServedVersion:
     root: str
-    """Where the adapter's files are (shown as the model card's ``root``)."""
+    """The model card's ``root``: the adapter's content address (``sha256:...``)."""
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -82,7 +82,8 @@ class ModelTable:
     """The base model, and every servable task with its versions and stable version."""
 
     base_name: str
-    base_path: str
+    base_root: str
+    """The base model card's ``root``: its directory's name, never a path on this server."""
     max_model_len: int
     created: int = field(default_factory=lambda: int(time.time()))
     router: Router = field(default_factory=Router)
@@ -180,7 +181,7 @@ class ModelTable:
 
     def cards(self) -> list[ModelEntry]:
         """The base model, then each task (its stable version's files) and each ``task@version``."""
-        cards = [ModelEntry(self.base_name, self.created, self.base_path, None, self.max_model_len)]
+        cards = [ModelEntry(self.base_name, self.created, self.base_root, None, self.max_model_len)]
         for task in self.tasks:
             versions = self.versions.get(task, {})
             stable = versions.get(self.router.tasks[task])

@@ -111,7 +111,7 @@ def model_table(settings: ServeSettings) -> ModelTable:
 
     model_dir = Path(settings.engine.model.model).resolve()
     return ModelTable(
-        base_name=served_model_name(settings), base_path=str(model_dir), max_model_len=0
+        base_name=served_model_name(settings), base_root=model_dir.name, max_model_len=0
     )
 
 
