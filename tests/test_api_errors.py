@@ -122,7 +122,11 @@ def test_completion_invalid_parameter(url: str, fields: dict, param: str, needle
         ({"tool_choice": "required"}, "tool_choice", "not supported"),
         ({"functions": [{"name": "f"}]}, "functions", "not supported"),
         ({"function_call": {"name": "f"}}, "function_call", "not supported"),
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format", "json_schema"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+            "response_format",
+            "json_schema",
+        ),
         ({"audio": {"voice": "alloy", "format": "wav"}}, "audio", "not supported"),
         ({"modalities": ["text", "audio"]}, "modalities", "not supported"),
         ({"top_logprobs": 2}, "top_logprobs", "requires logprobs"),

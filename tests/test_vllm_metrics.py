@@ -18,6 +18,7 @@ they hold no spaces.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Iterator
@@ -59,9 +60,19 @@ def url(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[s
         "alpha": make_peft_adapter(model_dir, root / "alpha", seed=1, std=0.3),
         "beta": make_peft_adapter(model_dir, root / "beta", seed=2, std=0.3),
     }
-    with running_server(
-        model_dir, adapters, served_model_name="base", max_loras=MAX_LORAS, block_size=8
-    ) as base_url:
+    # Started with vLLM's flag names: --lora-modules (both forms), --max-loras, --max-lora-rank,
+    # --max-cpu-loras.
+    modules = [
+        f"alpha={adapters['alpha']}",
+        json.dumps({"name": "beta", "path": str(adapters["beta"])}),
+    ]
+    flags = {
+        "max_loras": MAX_LORAS,
+        "max_lora_rank": 8,
+        "max_cpu_loras": 4,
+        "lora_modules": modules,
+    }
+    with running_server(model_dir, served_model_name="base", block_size=8, **flags) as base_url:
         yield base_url
 
 

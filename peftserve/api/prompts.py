@@ -150,7 +150,8 @@ def completion_prompts(
             message = f"At most {max_prompts} prompts per request, got {len(prompt)}."
             raise invalid_request(message, "prompt")
         return [
-            _prompt_ids(tokenizer, one, vocab_size, limits, f"prompt[{i}]") for i, one in enumerate(prompt)
+            _prompt_ids(tokenizer, one, vocab_size, limits, f"prompt[{i}]")
+            for i, one in enumerate(prompt)
         ]
     return [_prompt_ids(tokenizer, prompt, vocab_size, limits, "prompt")]
 
@@ -158,11 +159,18 @@ def completion_prompts(
 def prompt_texts(tokenizer: Any, prompt: str | list, prompt_ids: list[list[int]]) -> list[str]:
     """Each prompt's text (``echo``): as sent, or its token ids decoded."""
     given = prompt if is_prompt_list(prompt) else [prompt]
-    return [one if isinstance(one, str) else tokenizer.decode(ids) for one, ids in zip(given, prompt_ids, strict=True)]
+    return [
+        one if isinstance(one, str) else tokenizer.decode(ids)
+        for one, ids in zip(given, prompt_ids, strict=True)
+    ]
 
 
 def _prompt_ids(
-    tokenizer: Any, prompt: str | list[int], vocab_size: int, limits: PromptLimits | None, param: str
+    tokenizer: Any,
+    prompt: str | list[int],
+    vocab_size: int,
+    limits: PromptLimits | None,
+    param: str,
 ) -> list[int]:
     if isinstance(prompt, str):
         if limits is not None:
@@ -270,7 +278,9 @@ def reject_unsupported(body: SamplingFields) -> None:
     response_format = body.response_format
     if response_format is not None and response_format.get("type", "text") != "text":
         kind = response_format.get("type")
-        raise unsupported("response_format", f"response_format of type {kind!r} (structured output)")
+        raise unsupported(
+            "response_format", f"response_format of type {kind!r} (structured output)"
+        )
     for name in ("min_p", "min_tokens"):
         if getattr(body, name):
             raise unsupported(name, name)
@@ -278,7 +288,13 @@ def reject_unsupported(body: SamplingFields) -> None:
         raise unsupported("stop_token_ids", "stop_token_ids")
     if body.use_beam_search:
         raise unsupported("use_beam_search", "Beam search")
-    for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs"):
+    for name in (
+        "guided_json",
+        "guided_regex",
+        "guided_choice",
+        "guided_grammar",
+        "structured_outputs",
+    ):
         if getattr(body, name) is not None:
             raise unsupported(name, f"{name} (guided decoding)")
     if isinstance(body, CompletionRequest):
@@ -291,7 +307,9 @@ def _reject_completion_only(body: CompletionRequest) -> None:
     if body.suffix:
         raise unsupported("suffix", "suffix")
     if body.best_of is not None and body.stream and body.best_of != (body.n or 1):
-        raise invalid_request("best_of cannot be used with stream (choices are picked at the end).", "best_of")
+        raise invalid_request(
+            "best_of cannot be used with stream (choices are picked at the end).", "best_of"
+        )
     if body.max_tokens == 0 and not body.echo:
         raise invalid_request("max_tokens must be at least 1 (0 only with echo).", "max_tokens")
 

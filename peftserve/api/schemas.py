@@ -68,7 +68,9 @@ class SamplingFields(_Request):
     """Extension (vLLM): divides the positive and multiplies the negative logits of the tokens
     in the prompt or generated so far (1: off)."""
     logit_bias: dict[str, float] | None = _doc(
-        None, propertyNames={"pattern": "^[0-9]+$"}, additionalProperties={"minimum": -100, "maximum": 100}
+        None,
+        propertyNames={"pattern": "^[0-9]+$"},
+        additionalProperties={"minimum": -100, "maximum": 100},
     )
     """Token id (decimal digits, below the vocabulary size) -> a bias in -100..100 added to its
     logit."""

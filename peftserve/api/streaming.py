@@ -174,6 +174,9 @@ class UsageCounter:
         self._prompts: dict[int, int] = {}
         self._completions: dict[tuple[int, int], int] = {}
 
+    def start(self, prompt: int, prompt_tokens: int) -> None:
+        self._prompts[prompt] = prompt_tokens
+
     def add(self, prompt: int, out: RequestOutput) -> None:
         self._prompts[prompt] = out.prompt_tokens
         self._completions[(prompt, out.index)] = 0 if self.prompt_only else out.completion_tokens
@@ -181,6 +184,13 @@ class UsageCounter:
     @property
     def usage(self) -> Usage:
         return Usage.of(sum(self._prompts.values()), sum(self._completions.values()))
+
+
+def _event(chunk: BaseModel, info: StreamInfo, counter: UsageCounter) -> str:
+    """A chunk's event; with vLLM's ``continuous_usage_stats`` it carries the usage so far."""
+    if info.continuous_usage and info.include_usage:
+        chunk.usage = counter.usage  # type: ignore[attr-defined]
+    return sse_event(chunk, info.include_usage)
 
 
 def sse_event(chunk: BaseModel, include_usage: bool) -> str:
@@ -192,10 +202,13 @@ async def sse_body(
 ) -> AsyncIterator[str]:
     """The event stream of one request (its prompts' engine streams, merged); closing or
     cancelling it aborts every one."""
+    counter = UsageCounter(info.prompt_only)
+    for i, stream in enumerate(streams):
+        counter.start(i, stream.first.prompt_tokens)
     try:
         for chunk in chunker.start(range(len(streams) * info.n)):
-            yield sse_event(chunk, info.include_usage)
-        async for event in _output_events(streams, chunker, info):
+            yield _event(chunk, info, counter)
+        async for event in _output_events(streams, chunker, info, counter):
             yield event
     except Exception:
         logger.exception("request %s: stream failed", info.request_id)
@@ -207,9 +220,8 @@ async def sse_body(
 
 
 async def _output_events(
-    streams: list[OutputStream], chunker: Chunker, info: StreamInfo
+    streams: list[OutputStream], chunker: Chunker, info: StreamInfo, counter: UsageCounter
 ) -> AsyncIterator[str]:
-    counter = UsageCounter(info.prompt_only)
     async with aclosing(merged(streams)) as outputs:
         async for prompt, out in outputs:
             error = output_error(out, info.request_id)
@@ -218,9 +230,7 @@ async def _output_events(
                 return
             counter.add(prompt, out)
             for chunk in chunker.on_output(out, prompt):
-                if info.continuous_usage and info.include_usage:
-                    chunk.usage = counter.usage  # type: ignore[attr-defined]
-                yield sse_event(chunk, info.include_usage)
+                yield _event(chunk, info, counter)
     if info.include_usage:
         yield sse_event(chunker.usage(counter.usage), True)
 

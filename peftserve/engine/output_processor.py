@@ -181,7 +181,10 @@ class OutputProcessor:
         if raw is None or prompt is None or len(raw) != len(prompt) - 1:
             return None
         first = TokenLogprob(self.detokenizer.token_text(prompt[0]), None)
-        return [first, *(self._token_logprob(t, item) for t, item in zip(prompt[1:], raw, strict=True))]
+        return [
+            first,
+            *(self._token_logprob(t, item) for t, item in zip(prompt[1:], raw, strict=True)),
+        ]
 
     def _token_logprob(self, token: int, raw: RawLogprob) -> TokenLogprob:
         value, top_ids, top_lps = raw

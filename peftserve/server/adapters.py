@@ -298,7 +298,9 @@ class AdapterService:
         try:
             await to_thread.run_sync(self.stable.remove, task)
             for record in records:
-                await to_thread.run_sync(self.registry.delete, task, record.version, self._in_rollout)
+                await to_thread.run_sync(
+                    self.registry.delete, task, record.version, self._in_rollout
+                )
                 deleted.append(record)
         except Exception:
             await self._serve_again(task, [r for r in records if r not in deleted], stable)
@@ -311,7 +313,9 @@ class AdapterService:
         logger.info("task %s retired (%d versions)", task, len(records))
         return [{**self.view(r, {}), "status": "deleted", "deleted": True} for r in records]
 
-    async def _serve_again(self, task: str, records: list[AdapterRecord], stable: str | None) -> None:
+    async def _serve_again(
+        self, task: str, records: list[AdapterRecord], stable: str | None
+    ) -> None:
         """After a failed ``retire``: serve what is still registered, under its stable version."""
         if stable is not None and any(r.version == stable for r in records):
             await to_thread.run_sync(self.stable.ensure, task, stable)
@@ -320,7 +324,6 @@ class AdapterService:
                 self.table.add_version(task, record.version, self._root(record), record.created_at)
         if stable is not None and self.table.is_served(task, stable):
             self.table.set_stable(task, stable)
-
 
     async def load(self, task: str, version: str) -> dict[str, Any]:
         """Make ``task@version`` resident in an adapter slot."""
