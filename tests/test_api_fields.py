@@ -333,6 +333,7 @@ def test_harmless_values_of_unsupported_fields_are_accepted(client: openai.OpenA
     out = client.chat.completions.create(
         model="base", messages=MESSAGES, max_tokens=2, tools=[], tool_choice="none",
         response_format={"type": "text"}, modalities=["text"],
+        extra_body={"skip_special_tokens": True, "add_generation_prompt": True, "bad_words": []},
     )  # fmt: skip
     assert out.choices[0].message.content is not None
     with pytest.raises(openai.BadRequestError) as info:

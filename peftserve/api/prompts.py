@@ -297,10 +297,38 @@ def reject_unsupported(body: SamplingFields) -> None:
     ):
         if getattr(body, name) is not None:
             raise unsupported(name, f"{name} (guided decoding)")
+    _reject_values(body, _VLLM_ONLY)
     if isinstance(body, CompletionRequest):
         _reject_completion_only(body)
     elif isinstance(body, ChatCompletionRequest):
+        _reject_values(body, _VLLM_CHAT_ONLY)
         _reject_chat_only(body)
+
+
+_VLLM_ONLY: tuple[tuple[str, tuple[Any, ...]], ...] = (
+    ("prompt_logprobs", (None,)),
+    ("allowed_token_ids", (None,)),
+    ("bad_words", (None, [])),
+    ("truncate_prompt_tokens", (None,)),
+    ("include_stop_str_in_output", (None, False)),
+    ("skip_special_tokens", (None, True)),
+    ("return_tokens_as_token_ids", (None, False)),
+)
+"""vLLM's request extensions we do not implement, with the values that change nothing."""
+_VLLM_CHAT_ONLY: tuple[tuple[str, tuple[Any, ...]], ...] = (
+    ("echo", (None, False)),
+    ("add_generation_prompt", (None, True)),
+    ("continue_final_message", (None, False)),
+    ("chat_template", (None,)),
+    ("chat_template_kwargs", (None, {})),
+)
+
+
+def _reject_values(body: SamplingFields, fields: tuple[tuple[str, tuple[Any, ...]], ...]) -> None:
+    for name, harmless in fields:
+        value = getattr(body, name)
+        if not any(value is h or (type(value) is type(h) and value == h) for h in harmless):
+            raise unsupported(name, f"{name}={json.dumps(value)[:80]}")
 
 
 def _reject_completion_only(body: CompletionRequest) -> None:

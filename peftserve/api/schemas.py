@@ -95,6 +95,20 @@ class SamplingFields(_Request):
     """Extension (vLLM), not supported (guided decoding)."""
     structured_outputs: Any = _doc(None, **_NULL)
     """Extension (vLLM), not supported (guided decoding)."""
+    prompt_logprobs: Any = _doc(None, **_NULL)
+    """Extension (vLLM), not supported (completions' ``echo`` with ``logprobs`` scores the prompt)."""
+    allowed_token_ids: Any = _doc(None, **_NULL)
+    """Extension (vLLM), not supported (``logit_bias`` can ban tokens)."""
+    bad_words: list[str] | None = _doc(None, maxItems=0)
+    """Extension (vLLM), not supported: only empty."""
+    truncate_prompt_tokens: Any = _doc(None, **_NULL)
+    """Extension (vLLM), not supported."""
+    include_stop_str_in_output: bool | None = _doc(None, enum=[False, None])
+    """Extension (vLLM), not supported: only false (a stop string is never in the output)."""
+    skip_special_tokens: bool | None = _doc(None, enum=[True, None])
+    """Extension (vLLM): only true (special tokens are never in the text)."""
+    return_tokens_as_token_ids: bool | None = _doc(None, enum=[False, None])
+    """Extension (vLLM), not supported: only false."""
 
     @property
     def stop_list(self) -> list[str]:
@@ -167,6 +181,16 @@ class ChatCompletionRequest(SamplingFields):
     """Not supported."""
     reasoning_effort: Any = _doc(None, **_NULL)
     """Not supported (no reasoning models here)."""
+    echo: bool | None = _doc(None, enum=[False, None])
+    """Extension (vLLM), not supported on chat: only false."""
+    add_generation_prompt: bool | None = _doc(None, enum=[True, None])
+    """Extension (vLLM): only true (the template's assistant prompt is always added)."""
+    continue_final_message: bool | None = _doc(None, enum=[False, None])
+    """Extension (vLLM), not supported: only false."""
+    chat_template: Any = _doc(None, **_NULL)
+    """Extension (vLLM), not supported (the model's own template is used)."""
+    chat_template_kwargs: dict[str, Any] | None = _doc(None, maxProperties=0)
+    """Extension (vLLM), not supported: only empty."""
 
 
 # ---- vLLM's runtime adapter API ------------------------------------------------------------
