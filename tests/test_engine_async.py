@@ -34,6 +34,13 @@ def _wait_until(cond, timeout: float = 10.0) -> None:
         time.sleep(0.01)
 
 
+async def _ran_to_first_await() -> None:
+    """Let the tasks created just before run up to their first await: asyncio runs ready
+    callbacks in order, so one yield suffices (generate submits its request before it awaits
+    anything), however loaded the machine is."""
+    await asyncio.sleep(0)
+
+
 def test_concurrent_streams_match_the_sync_engine(model_dir):
     prompts = random_prompts((4, 12, 20, 28, 7), seed=12)
     want = generate_all(make_engine(model_dir), prompts, greedy(12))
@@ -97,7 +104,7 @@ def test_errors_come_before_the_first_output(model_dir):
     async def main():
         first = engine.generate("a", [5, 6], greedy(4))
         pending = asyncio.create_task(first.__anext__())
-        await asyncio.sleep(0.05)
+        await _ran_to_first_await()  # "a" is submitted (it waits in the queue)
         with pytest.raises(QueueFull):
             await engine.generate("b", [5, 6], greedy(4)).__anext__()
         with pytest.raises(UnknownAdapter):
@@ -122,7 +129,7 @@ def test_shutdown_ends_open_requests(model_dir):
     async def main():
         gen = engine.generate("r", [5] * 10, greedy(8))
         task = asyncio.create_task(gen.__anext__())
-        await asyncio.sleep(0.05)
+        await _ran_to_first_await()
         engine.shutdown()  # never started: the request is still waiting
         out = await task
         assert out.finished and out.finish_reason == "abort"
