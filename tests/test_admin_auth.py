@@ -97,7 +97,7 @@ def test_the_right_token_gets_in_and_inference_needs_no_admin_token(url: str) ->
 
 def _bare_admin_app(token: str) -> FastAPI:
     app = FastAPI()
-    app.state.serving = SimpleNamespace(admin_token=token, adapters=None)
+    app.state.serving = SimpleNamespace(admin_token=token, adapters=None, max_request_bytes=1 << 20)
     install_error_handlers(app)
     app.include_router(admin.router)
     app.include_router(admin.vllm_router)
