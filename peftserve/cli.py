@@ -299,7 +299,7 @@ _ADAPTER_COMMANDS: dict[str, Callable[[Any, argparse.Namespace], int]] = {
 
 ROLLOUT_ACTIONS = {"pause": "paused", "resume": "resumed", "promote": "promoted", "rollback": "rolled back",
                    "retry": "retried"}  # fmt: skip
-HISTORY_COLUMNS = ("TIME", "EVENT", "WEIGHT", "RESULT", "SCORE", "REASON")
+HISTORY_COLUMNS = ("TIME", "EVENT", "WEIGHT", "RESULT", "PROGRESS", "REASON")
 
 
 def _argument(parser: str) -> Callable[[str], Any]:
@@ -316,6 +316,11 @@ def _argument(parser: str) -> Callable[[str], Any]:
     return convert
 
 
+def _merged(values: list[dict[str, float]] | None) -> dict[str, float] | None:
+    """The --tolerance / --mde flags (each parsed to ``{metric: x}``) as one mapping, or None."""
+    return {k: v for d in values for k, v in d.items()} if values else None
+
+
 def add_rollout_parser(commands: Any) -> None:
     """``peftserve rollout start|status|pause|resume|promote|rollback|retry|history``."""
     common = _client_options()
@@ -326,14 +331,19 @@ def add_rollout_parser(commands: Any) -> None:
     start.add_argument("--candidate", required=True, metavar="VERSION", help="the version to roll out")
     start.add_argument("--stable", default=None, metavar="VERSION", help="the version serving today (default: the task's stable version)")
     start.add_argument("--steps", type=_argument("parse_steps"), default=None, metavar="W1,W2,...", help="candidate weights in percent, increasing (default: 1,5,10,25,50)")
-    start.add_argument("--interval", type=float, default=None, metavar="SECONDS", help="least time at each step (default: 60)")
-    start.add_argument("--min-samples", type=int, default=None, metavar="N", help="fewest samples per arm for a metric to be judged (default: 200)")
+    start.add_argument("--interval", type=float, default=None, metavar="SECONDS", help="least time at each step; a step advances as soon as the evidence suffices after it (default: 30)")
+    start.add_argument("--min-samples", type=int, default=None, metavar="N", help="fewest units (users, prompts) per arm before a large-sample test decides (default: 30)")
+    start.add_argument("--tolerance", type=_argument("parse_metric_values"), action="append", default=None, metavar="METRIC=X", help="harm accepted on METRIC before a rollback, e.g. latency=0.2 (relative metrics: a fraction); repeatable")
+    start.add_argument("--mde", type=_argument("parse_metric_values"), action="append", default=None, metavar="METRIC=X", help="smallest harm on METRIC a promotion must rule out, e.g. probe_accuracy=0.05; repeatable")
+    start.add_argument("--probe-temperature", type=float, default=None, metavar="T", help="sample the probes at T (> 0: the eval set is cycled, answers are repeated measurements; default 0, greedy: each prompt once per version)")
     start.add_argument("--shadow-percent", type=float, default=None, metavar="P", help="share of stable requests also copied to the candidate; above 0 the rollout starts in a shadow phase")
     start.add_argument("--eval-set", type=Path, default=None, metavar="FILE.jsonl", help="known-answer probes, one {\"prompt\", \"answer\"} per line (judged as probe_accuracy)")
     start.add_argument("--target-header", type=_argument("parse_target_header"), action="append", default=None, metavar="HEADER=V1[,V2]", help="only requests whose header holds one of the values may reach the candidate (repeatable; all must match)")
     start.add_argument("--reason", default=None, help="why, for the history")
-    status = sub.add_parser("status", parents=[common], help="where a task's rollout stands (all rollouts without TASK)")
+    status = sub.add_parser("status", parents=[common], help="where a task's rollout stands and what its next decision waits for (all rollouts without TASK)")
     status.add_argument("task", metavar="TASK", nargs="?")
+    status.add_argument("--watch", action="store_true", help="follow the rollout live until it ends (Ctrl-C stops)")
+    status.add_argument("--every", type=float, default=2.0, metavar="SECONDS", help="refresh period of --watch (default: %(default)s)")
     for name, text in (("pause", "stop the automatic progression (the weight stays)"),
                        ("resume", "resume a paused rollout"), ("promote", "promote the candidate now"),
                        ("rollback", "roll back now (the candidate's weight drops to 0)"),
@@ -365,7 +375,8 @@ def _cmd_rollout_start(client: Any, args: argparse.Namespace) -> int:
     rollout = client.start_rollout(
         args.task, args.candidate, stable=args.stable, steps=args.steps, interval=args.interval,
         min_samples=args.min_samples, shadow_percent=args.shadow_percent, eval_set=args.eval_set,
-        target_header=args.target_header, reason=args.reason,
+        target_header=args.target_header, reason=args.reason, tolerance=_merged(args.tolerance),
+        mde=_merged(args.mde), probe_temperature=args.probe_temperature,
     )  # fmt: skip
     if args.json:
         return _print_json(rollout)
@@ -375,6 +386,8 @@ def _cmd_rollout_start(client: Any, args: argparse.Namespace) -> int:
 
 
 def _cmd_rollout_status(client: Any, args: argparse.Namespace) -> int:
+    if args.watch:
+        return _watch_rollout(client, args)
     rollouts = [client.rollout(args.task)] if args.task else client.rollouts()
     if args.json:
         return _print_json(rollouts[0] if args.task else rollouts)
@@ -385,6 +398,28 @@ def _cmd_rollout_status(client: Any, args: argparse.Namespace) -> int:
             print()
         _print_rollout(rollout)
     return 0
+
+
+def _watch_rollout(client: Any, args: argparse.Namespace) -> int:
+    """Redraw the status every ``--every`` seconds until the rollout ends (or Ctrl-C)."""
+    if not args.task:
+        return _fail("peftserve rollout status: error: --watch needs a TASK", EXIT_USAGE)
+    tty = sys.stdout.isatty()
+    try:
+        while True:
+            rollout = client.rollout(args.task)
+            if tty:
+                print("\033[2J\033[H", end="")  # clear the screen, cursor home
+            print(time.strftime("%H:%M:%S"), end="  ")
+            _print_rollout(rollout)
+            sys.stdout.flush()
+            if not rollout.active:
+                return 0
+            time.sleep(max(args.every, 0.1))
+            if not tty:
+                print()
+    except KeyboardInterrupt:
+        return 0
 
 
 def _cmd_rollout_action(client: Any, args: argparse.Namespace) -> int:
@@ -421,9 +456,9 @@ def _history_row(event: Any) -> tuple[str, ...]:
     else:
         what = event.kind
     weight = f"{event.weight:g} %" if event.weight is not None else ""
-    score = f"{event.score:.1f}" if event.score is not None else ""
+    progress = f"{event.progress:.0%}" if event.progress is not None else ""
     result = event.result or ""
-    return (_when(event.at), what, weight, result, score, event.reason or "")
+    return (_when(event.at), what, weight, result, progress, event.reason or "")
 
 
 def _print_rollout(r: Any) -> None:
@@ -434,10 +469,19 @@ def _print_rollout(r: Any) -> None:
              ("started", f"{_when(r.started_at)}; last change {_when(r.updated_at)}")]  # fmt: skip
     j = r.last_judgment
     if j is not None:
-        score = f"score {j.score:.1f}" if j.score is not None else "no score"
-        lines.append(("judgment", f"{j.result}, {score}, {_when(j.at)}: {j.reason}"))
+        progress = f"progress {j.progress:.0%}" if j.progress is not None else "progress unknown"
+        lines.append(("judgment", f"{j.result}, {progress}, {_when(j.at)}: {j.reason}"))
     if r.last_decision:
         lines.append(("decision", f"{r.last_decision.get('action')}: {r.last_decision.get('reason')}"))
+    nxt = r.next or {}
+    for m in nxt.get("metrics", ()):
+        need = f"~{m['needed']:.0f}" if m.get("needed") is not None else "?"
+        left = f", ~{_seconds(m['time_left_s'])} left" if m.get("time_left_s") is not None else ""
+        harm = f", harm {m['harm']:+.3g} (upper {m['upper']:+.3g} vs mde {m['mde']:g})" \
+            if m.get("harm") is not None and m.get("upper") is not None else ""
+        lines.append((f"  {m['name']}", f"{m['status']}: {m['samples']:.0f} of {need} samples{left}{harm}"))
+    if r.plan and r.plan.get("warnings"):
+        lines.extend(("warning", w) for w in r.plan["warnings"])
     for arm, version in (("stable", r.stable), ("candidate", r.candidate)):
         lines.append((arm, f"{version}: {_arm_line(r.arms.get(arm) or {})}"))
     if r.shadow:
@@ -446,11 +490,15 @@ def _print_rollout(r: Any) -> None:
         print(f"  {key:<10} {value}")
 
 
+def _seconds(s: float) -> str:
+    return f"{s:.0f} s" if s < 90 else (f"{s / 60:.0f} min" if s < 5400 else f"{s / 3600:.1f} h")
+
+
 def _arm_line(arm: dict[str, Any]) -> str:
     parts = [f"{arm.get('requests', 0)} requests ({arm.get('in_experiment', 0)} judged)",
              f"{arm.get('errors', 0)} errors"]  # fmt: skip
-    if arm.get("median_latency_e2e") is not None:
-        parts.append(f"median latency {arm['median_latency_e2e']:.3f} s")
+    if arm.get("mean_latency_e2e") is not None:
+        parts.append(f"mean latency {arm['mean_latency_e2e']:.3f} s")
     if arm.get("feedback"):
         parts.append(f"feedback {arm['mean_feedback_score']:.2f} (n={arm['feedback']})")
     if arm.get("probes"):

@@ -229,20 +229,21 @@ class RolloutJudgment:
 
     at: float
     result: str
-    """pass, marginal, fail, nodata (inconclusive) or error (the evaluator failed)."""
-    score: float | None
-    """0-100, None without data."""
+    """pass, fail, pending, nodata or error (the evaluator failed)."""
+    progress: float | None
+    """0-1: share of the evidence the next decision needs (least over the metrics); None: unknown."""
     reason: str
     deciding_metric: str | None
     metrics: tuple[dict[str, Any], ...]
-    """Per metric: classification, samples per arm, values, estimate, interval, tolerance, detail."""
+    """Per metric (and failed or suspect segment): status, test, samples per arm, harm and its
+    bounds, tolerance, mde, samples needed, detail."""
 
     @classmethod
     def from_json(cls, data: dict[str, Any] | None) -> RolloutJudgment | None:
         if not data:
             return None
         return cls(
-            at=float(data.get("at", 0.0)), result=data["result"], score=data.get("score"),
+            at=float(data.get("at", 0.0)), result=data["result"], progress=data.get("progress"),
             reason=data.get("reason", ""), deciding_metric=data.get("deciding_metric"),
             metrics=tuple(data.get("metrics", ())),
         )  # fmt: skip
@@ -273,7 +274,12 @@ class Rollout:
     last_decision: dict[str, Any] | None
     """``action``, ``reason``, ``at`` of the controller's latest decision."""
     arms: dict[str, Any]
-    """Per arm (stable, candidate): requests, errors, latencies, feedback, probes in the judged window."""
+    """Per arm (stable, candidate): requests, errors, latencies, feedback, probes of the rollout."""
+    next: dict[str, Any] | None
+    """What the rollout waits for: ``action`` (advance or promote), ``ready``, ``summary`` and per
+    required metric ``samples``, ``needed``, ``time_left_s``."""
+    plan: dict[str, Any] | None
+    """The estimate made at start: ``expected_s``, per step and metric, ``warnings``."""
     shadow: dict[str, Any] | None
     """Shadow copies (agreement, LLR, noise floor, divergence) when the rollout shadows."""
     spec: dict[str, Any]
@@ -287,7 +293,8 @@ class Rollout:
             steps=tuple(float(s) for s in data.get("steps", ())), summary=data.get("summary", ""),
             started_at=float(data.get("started_at", 0.0)), updated_at=float(data.get("updated_at", 0.0)),
             last_judgment=RolloutJudgment.from_json(data.get("last_judgment")),
-            last_decision=data.get("last_decision"), arms=data.get("arms", {}), shadow=data.get("shadow"),
+            last_decision=data.get("last_decision"), arms=data.get("arms", {}), next=data.get("next"),
+            plan=data.get("plan"), shadow=data.get("shadow"),
             spec=data.get("spec", {}),
         )  # fmt: skip
 
@@ -312,7 +319,8 @@ class RolloutEvent:
     """Decisions (and state changes): advance, hold, pause, resume, promote, rollback."""
     result: str | None = None
     """Judgments and decisions: the judgment's result."""
-    score: float | None = None
+    progress: float | None = None
+    """Judgments and decisions: the judgment's progress toward the next decision (0-1)."""
     metric: str | None = None
     """Judgments and decisions: the deciding metric."""
     payload: dict[str, Any] | None = None
@@ -325,7 +333,7 @@ class RolloutEvent:
             rollout_id=int(data.get("rollout_id", 0)), actor=data.get("actor"), reason=data.get("reason"),
             weight=data.get("weight"), state_from=data.get("state_from"), state_to=data.get("state_to"),
             action=data.get("action") or payload.get("action"), result=data.get("result"),
-            score=data.get("score"), metric=data.get("metric"), payload=payload,
+            progress=data.get("progress"), metric=data.get("metric"), payload=payload,
         )  # fmt: skip
 
 
@@ -562,6 +570,25 @@ def parse_steps(steps: str | Sequence[float]) -> builtins.list[float]:
     return values
 
 
+def parse_metric_values(values: str | Mapping[str, float] | Sequence[str]) -> dict[str, float]:
+    """Per-metric numbers: ``"latency=0.2"`` (the CLI's form, repeatable), a list of them, or a
+    mapping ``{"latency": 0.2}`` -> ``{"latency": 0.2}``; ValueError when malformed."""
+    if isinstance(values, Mapping):
+        return {str(k): float(v) for k, v in values.items()}
+    items = [values] if isinstance(values, str) else builtins.list(values)
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, value = str(item).partition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if not sep or not name.strip() or number is None:
+            raise ValueError(f"expected METRIC=NUMBER, e.g. latency=0.2, not {item!r}")
+        out[name.strip()] = number
+    return out
+
+
 def parse_target_header(rule: str | Mapping[str, Any]) -> dict[str, Any]:
     """``'x-tier=internal,beta'`` (the CLI's form) -> a targeting rule: the header must hold one of the values.
 
@@ -609,13 +636,18 @@ def rollout_body(
     analysis: Mapping[str, Any] | None = None,
     policy: Mapping[str, Any] | None = None,
     reason: str | None = None,
+    tolerance: str | Mapping[str, float] | Sequence[str] | None = None,
+    mde: str | Mapping[str, float] | Sequence[str] | None = None,
+    probe_temperature: float | None = None,
 ) -> dict[str, Any]:
     """The JSON body of ``POST /admin/rollouts``; arguments left None take the server's defaults.
 
     The names are the CLI's (``peftserve rollout start --help``): ``steps`` as ``"1,5,10"`` or
     a list of percentages; ``interval`` seconds at each step; ``eval_set`` a JSONL file path or
     a list of ``{"prompt", "answer"}``; ``target_header`` one or more ``"HEADER=V1[,V2]"`` (or
-    rule mappings); ``min_samples`` goes into ``analysis``.
+    rule mappings); ``min_samples`` goes into ``analysis``; ``tolerance`` and ``mde`` per metric
+    (``{"latency": 0.2}`` or ``"latency=0.2"`` strings): the harm accepted, and the smallest harm
+    a promotion must rule out.
     """
     body: dict[str, Any] = {"task": task, "candidate": candidate}
     if isinstance(target_header, (str, Mapping)):
@@ -629,6 +661,9 @@ def rollout_body(
         "targeting": targeting,
         "policy": dict(policy) if policy is not None else None,
         "reason": reason,
+        "tolerances": parse_metric_values(tolerance) if tolerance is not None else None,
+        "mdes": parse_metric_values(mde) if mde is not None else None,
+        "probe_temperature": probe_temperature,
     }
     body.update({k: v for k, v in optional.items() if v is not None})
     if analysis is not None or min_samples is not None:
@@ -819,18 +854,24 @@ class _Api:
         analysis: Mapping[str, Any] | None = None,
         policy: Mapping[str, Any] | None = None,
         reason: str | None = None,
+        tolerance: str | Mapping[str, float] | Sequence[str] | None = None,
+        mde: str | Mapping[str, float] | Sequence[str] | None = None,
+        probe_temperature: float | None = None,
     ) -> Request[Rollout]:
         """Start rolling ``candidate`` out for ``task``, with the options of ``peftserve rollout start``.
 
         ``steps="1,5,10"`` or ``[1, 5, 10]`` (percent), ``interval`` (seconds at each step),
         ``eval_set`` (a JSONL file or a list of ``{"prompt", "answer"}``), ``target_header``
-        (``"x-tier=internal,beta"`` or a list of them); ``analysis`` and ``policy`` as in
-        ``POST /admin/rollouts``. Arguments left None take the server's defaults.
+        (``"x-tier=internal,beta"`` or a list of them), ``tolerance`` and ``mde`` per metric
+        (``{"latency": 0.2}``: the harm accepted, the smallest harm a promotion must rule out),
+        ``probe_temperature``; ``analysis`` and ``policy`` as in ``POST /admin/rollouts``.
+        Arguments left None take the server's defaults.
         """
         body = rollout_body(
             task, candidate, stable=stable, steps=steps, interval=interval, min_samples=min_samples,
             shadow_percent=shadow_percent, eval_set=eval_set, target_header=target_header,
-            analysis=analysis, policy=policy, reason=reason,
+            analysis=analysis, policy=policy, reason=reason, tolerance=tolerance, mde=mde,
+            probe_temperature=probe_temperature,
         )  # fmt: skip
         return Request("POST", _rollout_path(), _body(Rollout.from_json), "admin", json=body)
 

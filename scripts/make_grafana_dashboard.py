@@ -179,10 +179,10 @@ def rollouts() -> list[dict[str, Any]]:
             mergeValues=True,
         ),
         panel(
-            "Last judgment score",
+            "Progress toward the next decision",
             "timeseries",
             [
-                (f"peftserve_rollout_last_score_ratio{{{task}}}", "{{task}}"),
+                (f"peftserve_rollout_progress_ratio{{{task}}}", "{{task}}"),
             ],
             "percentunit",
             defaults={"min": 0, "max": 1},
@@ -214,7 +214,7 @@ def rollouts() -> list[dict[str, Any]]:
             defaults={"custom": {"drawStyle": "bars", "stacking": {"mode": "normal"}}},
         ),
         panel(
-            "Probe accuracy per arm (judged window)",
+            "Probe accuracy per arm (the rollout)",
             "timeseries",
             [
                 (
@@ -227,7 +227,7 @@ def rollouts() -> list[dict[str, Any]]:
             defaults={"min": 0, "max": 1},
         ),
         panel(
-            "Feedback score per arm (judged window)",
+            "Feedback score per arm (the rollout)",
             "timeseries",
             [
                 (

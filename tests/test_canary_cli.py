@@ -4,6 +4,7 @@ eval set, and failures that exit non-zero with the server's message."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -15,12 +16,13 @@ import httpx
 import pytest
 
 from peftserve.cli import main
-from peftserve.client import Client, PeftserveError
+from peftserve.client import AsyncClient, Client, PeftserveError
 from tests.server_utils import running_server, wait_for
 from tests.tiny_models import make_peft_adapter, make_tiny_model
 
 PROBE_TOKENS = 6
-PROMPTS = [f"{c} abc" for c in "abcdefghij"]
+PROMPTS = [f"{c}{d} abc" for c in "abcdef" for d in "xyzw"]
+"""24 prompts: a greedy set answered once per version can show a drop only with enough prompts."""
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +90,7 @@ def test_start_with_eval_set_and_targeting_then_status_and_history(
     code, out, err = cli(url, capsys, "history", "cli")
     assert code == 0, err
     lines = out.splitlines()
-    assert lines[0].split() == ["TIME", "EVENT", "WEIGHT", "RESULT", "SCORE", "REASON"]
+    assert lines[0].split() == ["TIME", "EVENT", "WEIGHT", "RESULT", "PROGRESS", "REASON"]
     assert "state start -> ramping" in lines[1] and "10 %" in lines[1] and "from the cli" in lines[1]
     assert any("decision hold" in line for line in lines)
     code, out, _ = cli(url, capsys, "history", "cli", "--kind", "state", "--json")
@@ -150,6 +152,55 @@ def test_shadow_percent_starts_a_shadow_phase(url: str, capsys: pytest.CaptureFi
     code, out, _ = cli(url, capsys, "status", "--json")
     assert code == 0 and {"cli", "probe", "shade"} <= {r["task"] for r in json.loads(out)}
     assert cli(url, capsys, "rollback", "shade")[0] == 0
+
+
+def test_per_metric_tolerances_and_watch(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = cli(url, capsys, "start", "shade", "--candidate", "v2", "--interval", "3600",
+                         "--tolerance", "error_rate=0.01", "--mde", "non_finite=0.2", "--mde", "error_rate=0.05",
+                         "--probe-temperature", "0.7", "--json")  # fmt: skip
+    assert code == 0, err
+    spec = json.loads(out)["spec"]
+    metrics = {m["name"]: m for m in spec["analysis"]["metrics"]}
+    assert metrics["error_rate"]["tolerance"] == 0.01 and metrics["error_rate"]["mde"] == 0.05
+    assert metrics["non_finite"]["mde"] == 0.2 and spec["probe_temperature"] == 0.7
+    code, out, _ = cli(url, capsys, "status", "shade")
+    assert code == 0 and "next: advance" in out.splitlines()[0]
+    assert cli(url, capsys, "rollback", "shade")[0] == 0
+    code, out, _ = cli(url, capsys, "status", "shade", "--watch", "--every", "0.1")  # ended: one frame
+    assert code == 0 and "shade: v1 -> v2 rolled_back" in out
+    code, _, err = cli(url, capsys, "start", "shade", "--candidate", "v2", "--tolerance", "bleu=0.1")
+    assert code == 1 and "no metric bleu" in err
+    with pytest.raises(SystemExit):
+        main(["rollout", "start", "shade", "--candidate", "v2", "--mde", "latency"])
+    assert "expected METRIC=NUMBER" in capsys.readouterr().err
+
+
+def test_the_clients_carry_tolerances_mdes_and_the_probe_temperature(url: str) -> None:
+    """Client and AsyncClient (one request builder) send per-metric margins in either spelling
+    (a mapping, ``METRIC=X`` strings) and the probe temperature; the server's spec holds them."""
+
+    def judged(rollout) -> dict[str, tuple[float, float]]:
+        return {m["name"]: (m["tolerance"], m["mde"]) for m in rollout.spec["analysis"]["metrics"]}
+
+    with Client(url) as client:
+        rollout = client.start_rollout("shade", "v2", interval=3600, tolerance={"error_rate": 0.02},
+                                       mde=["non_finite=0.3", "error_rate=0.1"], probe_temperature=0.5)  # fmt: skip
+        client.rollback_rollout("shade")
+    assert judged(rollout)["error_rate"] == (0.02, 0.1) and judged(rollout)["non_finite"][1] == 0.3
+    assert rollout.spec["probe_temperature"] == 0.5
+
+    async def start_async():
+        async with AsyncClient(url) as client:
+            started = await client.start_rollout("shade", "v2", interval=3600, tolerance="non_finite=0.001",
+                                                 mde={"non_finite": 0.05})  # fmt: skip
+            await client.rollback_rollout("shade")
+            return started
+
+    rollout = asyncio.run(start_async())
+    assert judged(rollout)["non_finite"] == (0.001, 0.05) and rollout.spec["probe_temperature"] == 0.0
+    with Client(url) as client, pytest.raises(PeftserveError, match="no metric bleu") as refused:
+        client.start_rollout("shade", "v2", mde={"bleu": 0.1})
+    assert refused.value.status == 400
 
 
 def test_failures_exit_non_zero_with_the_servers_message(

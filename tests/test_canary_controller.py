@@ -13,13 +13,16 @@ import numpy as np
 import pytest
 
 from peftserve.canary.controller import (
+    LATENCY_PROMPTS,
     ControllerConfig,
     ControllerHooks,
+    ProbeAnswer,
     RolloutController,
     RolloutNotFoundError,
 )
 from peftserve.canary.metrics import MetricWindows
 from peftserve.canary.router import Router
+from peftserve.canary.samples import BatchShare, RequestRecord, stratum_of, unit_id
 from peftserve.canary.spec import (
     AnalysisSpec,
     DecisionPolicy,
@@ -33,15 +36,18 @@ from peftserve.server.model_table import ModelTable
 
 T0 = 1_700_000_000.0
 EVAL = [{"prompt": f"reverse {i:03d}", "answer": f"{i:03d}"[::-1]} for i in range(50)]
-ERROR_ONLY = AnalysisSpec(metrics=(MetricSpec("error_rate", "proportion", "increase", 0.01, critical=True),
-                                   MetricSpec("latency_e2e", "continuous", "increase", 0.2, relative=True)),
+ERROR_ONLY = AnalysisSpec(metrics=(MetricSpec("error_rate", "proportion", "increase", 0.0, mde=0.05),),
                           min_samples=50)
+QUALITY = AnalysisSpec(metrics=(MetricSpec("error_rate", "proportion", "increase", 0.0, mde=0.05),
+                                MetricSpec("latency", "continuous", "increase", 0.1, mde=0.3, relative=True),
+                                MetricSpec("probe_accuracy", "proportion", "decrease", 0.0, mde=0.2)),
+                       min_samples=30)
 
 
 def _spec(**kw) -> RolloutSpec:
-    kw.setdefault("analysis", AnalysisSpec(min_samples=50))
-    return RolloutSpec("reverse", kw.pop("stable", "v1"), kw.pop("candidate", "v2"), steps=(1.0, 5.0, 25.0),
-                       step_interval_s=60.0, **kw)
+    kw.setdefault("analysis", QUALITY)
+    kw.setdefault("steps", (1.0, 5.0, 25.0))
+    return RolloutSpec("reverse", kw.pop("stable", "v1"), kw.pop("candidate", "v2"), step_interval_s=60.0, **kw)
 
 
 class Clock:
@@ -53,7 +59,7 @@ class Clock:
 
 
 class FakeHooks:
-    """The API layer's side: a registry, a set of loaded adapters, a probe answering by rule."""
+    """The server's side: a registry, loaded adapters, probes answering by rule with step times."""
 
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
@@ -63,8 +69,13 @@ class FakeHooks:
         self.stable: dict[str, str] = {}
         self.wrong: dict[str, float] = {}
         """version -> share of probes it answers wrongly."""
+        self.slow: dict[str, float] = {}
+        """version -> factor on its probes' engine time per step."""
         self.probe_fails: set[str] = set()
         self.set_stable_fails = False
+        self.probed: list[tuple[str, str, float]] = []
+        self.ended: list[tuple[str, str, str]] = []
+        self.rng = np.random.default_rng(0)
 
     async def versions(self, task: str) -> list[str] | None:
         return self.registry.get(task)
@@ -81,16 +92,23 @@ class FakeHooks:
             raise OSError("disk full")
         self.stable[task] = version
 
-    async def probe(self, task: str, version: str, prompt: str) -> str:
+    async def probe(self, task: str, version: str, prompt: str, temperature: float) -> ProbeAnswer:
+        self.probed.append((version, prompt, temperature))
         if version in self.probe_fails:
             raise RuntimeError("engine overloaded")
-        i = int(prompt.split()[-1])
-        if i % 10 < 10 * self.wrong.get(version, 0.0):
-            return "wrong"
-        return f" {prompt.split()[-1][::-1]}\n"  # surrounding whitespace does not matter
+        step_s = 10 * 0.02 * self.slow.get(version, 1.0) * float(self.rng.lognormal(0, 0.05))
+        record = RequestRecord(task, version, 0, "", 0.0, finish_reason="stop", batch=BatchShare(10, step_s, 40))
+        digits = prompt.split()[-1]
+        if digits.isdigit() and int(digits) % 10 < 10 * self.wrong.get(version, 0.0):
+            return ProbeAnswer("wrong", record)
+        return ProbeAnswer(f" {digits[::-1]}\n", record)  # surrounding whitespace does not matter
+
+    async def end(self, task: str, stable: str, candidate: str) -> None:
+        self.ended.append((task, stable, candidate))
 
     def hooks(self) -> ControllerHooks:
-        return ControllerHooks(self.versions, self.ensure_loaded, self.unload, self.set_stable, self.probe)
+        return ControllerHooks(self.versions, self.ensure_loaded, self.unload, self.set_stable, self.probe,
+                               self.end)
 
 
 class World:
@@ -109,23 +127,22 @@ class World:
         self.controller = RolloutController(self.store, self.metrics, self.router, self.fake.hooks(),
                                             config=ControllerConfig(**config), clock=self.clock)
         self.rng = np.random.default_rng(0)
+        self.users = 0
 
-    def traffic(self, task: str = "reverse", n: int = 100, errors: dict[str, float] | None = None,
-                slow: dict[str, float] | None = None) -> None:
-        """``n`` judged requests per arm; in the shadow phase the candidate's are shadow copies."""
+    def traffic(self, task: str = "reverse", n: int = 100, errors: dict[str, float] | None = None) -> None:
+        """``n`` new users per arm, one request each; in the shadow phase the candidate's are shadow copies."""
         rollout = self.router.rollout(task)
-        errors, slow = errors or {}, slow or {}
-        for version in (rollout.spec.stable, rollout.spec.candidate):
+        errors = errors or {}
+        spec = rollout.spec
+        stratum = stratum_of(rollout.weight)
+        for version, arm in ((spec.stable, "stable"), (spec.candidate, "candidate")):
             for _ in range(n):
+                self.users += 1
                 failed = bool(self.rng.random() < errors.get(version, 0.0))
-                e2e = float(self.rng.lognormal(0.0, 0.3)) * slow.get(version, 1.0)
-                ttft = float(self.rng.lognormal(-2.0, 0.3)) * slow.get(version, 1.0)
-                if rollout.state == "shadow" and version == rollout.spec.candidate:
-                    self.metrics.record_shadow(task, rollout.spec.stable, version, exact_match=True, llr=0.0,
-                                               e2e=e2e, error=failed, out_len=8, ttft=ttft)
-                else:
-                    self.metrics.record_request(task, version, error=failed, e2e=e2e, ttft=ttft,
-                                                output_tokens=8, finish_reason="stop")
+                self.metrics.record(RequestRecord(
+                    task, version, unit_id(f"user:{self.users}"), stratum, self.clock(), arm=arm, error=failed,
+                    e2e=None if failed else float(self.rng.lognormal(0.0, 0.3)), output_tokens=8,
+                    finish_reason="error" if failed else "stop"))
 
     async def round(self, dt: float = 10.0, task: str = "reverse", **traffic) -> None:
         """Advance the clock, send a round of traffic if the task has a rollout, run one tick."""
@@ -160,9 +177,13 @@ def test_good_candidate_advances_through_every_step_and_is_promoted(tmp_path):
                 break
         promoted_at = w.clock.t
         assert w.states() == [("ramping", 1.0), ("ramping", 5.0), ("ramping", 25.0), ("promoted", 100.0)]
-        assert promoted_at == T0 + 180  # 60 s per step: advanced as soon as each step's interval passed
+        assert promoted_at == T0 + 180  # 60 s per step: the evidence sufficed, the least time ruled
         assert w.fake.stable == {"reverse": "v2"} and w.router.tasks["reverse"] == "v2"
         assert w.router.route("reverse", user="anyone").version == "v2"
+        assert w.fake.ended == [("reverse", "v1", "v2")]  # the server drops its probe twins
+        # Greedy probes: each prompt answered once per version for the whole rollout.
+        answered = [(v, p) for v, p, _ in w.fake.probed if p.startswith("reverse")]
+        assert sorted(answered) == sorted({(v, item["prompt"]) for v in ("v1", "v2") for item in EVAL})
 
         # The old stable stays warm for instant rollback, then is unloaded.
         await w.round(dt=599.0)
@@ -176,17 +197,38 @@ def test_good_candidate_advances_through_every_step_and_is_promoted(tmp_path):
         assert status["last_decision"]["action"] == "promote"
         assert "v1 -> v2 promoted at 100 %" in status["summary"]
         history = w.controller.history("reverse")
+        start = history[0]
+        assert start["kind"] == "state" and "plan: about" in start["reason"] and start["payload"]["plan"]["steps"]
         decisions = [e for e in history if e["kind"] == "decision"]
         assert [d["action"] for d in decisions if d["action"] != "hold"] == ["advance", "advance", "promote"]
         assert all(d["reason"] for d in decisions)
         judgments = [e for e in history if e["kind"] == "judgment"]
         assert len(judgments) == len(decisions) and all(j["payload"]["metrics"] for j in judgments)
+        for m in judgments[-1]["payload"]["metrics"]:  # each names its test, margin and evidence
+            assert m["test"] and "tolerance" in m["detail"] and "mde" in m["detail"] and m["status"] == "pass"
         assert history[-1]["kind"] == "unload" and "kept warm" in history[-1]["reason"]
         snap = w.controller.metrics_snapshot()
         assert snap["tasks"]["reverse"]["state"] == "promoted" and snap["tasks"]["reverse"]["weight"] == 100.0
-        assert snap["tasks"]["reverse"]["last_score"] == 100.0
-        assert snap["decisions"]["reverse"]["promote"] == 1 and snap["judgments"]["reverse"]["pass"] == len(judgments)
+        assert snap["tasks"]["reverse"]["last_progress"] == 1.0
+        assert snap["decisions"]["reverse"]["promote"] == 1 and snap["judgments"]["reverse"]["pass"] >= 1
         assert snap["active_rollouts"] == 0 and snap["pending_unloads"] == 0
+
+    run(main())
+
+
+def test_status_says_what_the_next_decision_waits_for(tmp_path):
+    w = World(tmp_path)
+
+    async def main():
+        await w.controller.start(_spec(analysis=ERROR_ONLY, steps=(50.0,)), None)
+        await w.round(n=20)
+        status = w.controller.status("reverse")
+        nxt = status["next"]
+        assert nxt["action"] == "promote" and not nxt["ready"]
+        row = next(m for m in nxt["metrics"] if m["name"] == "error_rate")
+        assert row["samples"] == 20 and row["needed"] > 20 and row["time_left_s"] > 0
+        assert "next: promote when error_rate 20 of ~" in status["summary"]
+        assert status["plan"]["summary"].startswith("about")
 
     run(main())
 
@@ -197,8 +239,9 @@ def test_critical_error_rate_rolls_back_at_once_and_names_the_metric(tmp_path):
     async def main():
         await w.controller.start(_spec(), EVAL)
         w.clock.t += 5
-        for _ in range(40):  # candidate requests that failed and were answered by stable
-            w.controller.record_canary_failure("reverse", "v2")
+        for i in range(40):  # candidate requests that failed (stable answered for them)
+            w.metrics.record(RequestRecord("reverse", "v2", unit_id(f"user:x{i}"), "1%", w.clock.t,
+                                           arm="candidate", error=True))
         await w.round(dt=5)
         assert w.router.rollout("reverse") is None  # weight 0 at once
         assert all(w.router.route("reverse", user=f"u{i}").version == "v1" for i in range(200))
@@ -206,6 +249,7 @@ def test_critical_error_rate_rolls_back_at_once_and_names_the_metric(tmp_path):
         rollback = [e for e in w.controller.history("reverse") if e["kind"] == "decision"][-1]
         assert rollback["action"] == "rollback" and rollback["metric"] == "error_rate"
         assert "critical metric failed" in rollback["reason"] and "error_rate" in rollback["reason"]
+        assert "e-process" in rollback["reason"] and "rate ratio <= 1" in rollback["reason"]
         assert w.controller.status("reverse")["last_judgment"]["deciding_metric"] == "error_rate"
         rolled_back_at = w.clock.t
         await w.round(dt=59.0)
@@ -218,7 +262,7 @@ def test_critical_error_rate_rolls_back_at_once_and_names_the_metric(tmp_path):
 
 def test_lower_probe_accuracy_rolls_back(tmp_path):
     w = World(tmp_path)
-    w.fake.wrong["v2"] = 0.3
+    w.fake.wrong["v2"] = 0.5
 
     async def main():
         await w.controller.start(_spec(), EVAL)
@@ -231,46 +275,47 @@ def test_lower_probe_accuracy_rolls_back(tmp_path):
         assert decision["action"] == "rollback" and decision["metric"] == "probe_accuracy"
         judgment = [e for e in w.controller.history("reverse") if e["kind"] == "judgment"][-1]["payload"]
         probe = next(m for m in judgment["metrics"] if m["name"] == "probe_accuracy")
-        assert probe["classification"] == "fail" and probe["stable_value"] == 1.0
-        assert probe["candidate_value"] == pytest.approx(0.7)
-        assert probe["interval"][1] < -0.05  # the whole interval beyond the 5-point tolerance
+        assert probe["status"] == "fail" and probe["stable_value"] == 1.0 and probe["candidate_value"] == 0.5
+        assert "McNemar" in probe["test"] and probe["lower"] > 0
 
     run(main())
 
 
-def test_slower_candidate_fails_on_score_and_rolls_back_after_max_failed(tmp_path):
+def test_slower_candidate_is_rolled_back_on_latency(tmp_path):
     w = World(tmp_path)
+    w.fake.slow["v2"] = 1.5
 
     async def main():
-        await w.controller.start(_spec(analysis=ERROR_ONLY), None)
+        await w.controller.start(_spec(), EVAL)
         for _ in range(5):
-            await w.round(slow={"v2": 2.0})
+            await w.round()
             if w.router.rollout("reverse") is None:
                 break
         assert w.states()[-1] == ("rolled_back", 0.0)
         decision = [e for e in w.controller.history("reverse") if e["kind"] == "decision"][-1]
-        assert "3 failed judgments" in decision["reason"] and decision["metric"] == "latency_e2e"
+        assert decision["metric"] == "latency" and "twin of stable" in decision["reason"]
 
     run(main())
 
 
-def test_too_little_data_holds_then_pauses_after_the_limit(tmp_path):
+def test_without_evidence_it_holds_then_pauses_after_the_limit(tmp_path):
     w = World(tmp_path)
     spec = _spec(analysis=ERROR_ONLY, policy=DecisionPolicy(nodata_pause_s=120.0))
 
     async def main():
         await w.controller.start(spec, None)
         for _ in range(11):
-            await w.round(n=2)  # 2 requests per arm a round: far below min_samples
+            await w.round(n=0)  # no traffic, and no probes feed error_rate without an eval set
             assert w.router.rollout("reverse").state == "ramping"
-        await w.round(n=2)
+        await w.round(n=0)
         rollout = w.router.rollout("reverse")
         assert rollout.state == "paused" and rollout.weight == 1.0  # pausing moves no user
         decisions = [e for e in w.controller.history("reverse") if e["kind"] == "decision"]
         assert [d["action"] for d in decisions] == ["hold"] * 11 + ["pause"]
-        assert all("inconclusive for" in d["reason"] for d in decisions[:-1])
-        assert "no conclusive judgment for 120 s" in decisions[-1]["reason"]
+        assert "no new sample for 120 s" in decisions[-1]["reason"]
         assert {j["result"] for j in w.controller.history("reverse") if j["kind"] == "judgment"} == {"nodata"}
+        start = w.controller.history("reverse")[0]
+        assert any("no traffic" in x for x in start["payload"]["plan"]["warnings"])
         n_events = len(w.controller.history("reverse"))
         await w.round()  # paused: neither probed nor judged
         assert len(w.controller.history("reverse")) == n_events
@@ -284,15 +329,36 @@ def test_shadow_phase_judges_shadow_copies_then_ramps(tmp_path):
     async def main():
         rollout = await w.controller.start(_spec(shadow_percent=10.0), EVAL)
         assert rollout.state == "shadow" and rollout.weight == 0.0
+        await w.round()
+        first = [e for e in w.controller.history("reverse") if e["kind"] == "judgment"][0]["payload"]
+        errors = next(m for m in first["metrics"] if m["name"] == "error_rate")
+        assert errors["n_candidate"] == 150  # 100 shadow copies' users (stratum "shadow") + 50 probe prompts
         for _ in range(6):
             await w.round()
         rollout = w.router.rollout("reverse")
-        assert rollout.state == "ramping" and rollout.weight == 1.0
-        first = [e for e in w.controller.history("reverse") if e["kind"] == "judgment"][0]["payload"]
-        errors = next(m for m in first["metrics"] if m["name"] == "error_rate")
-        assert errors["n_candidate"] == 100  # the shadow copies
-        shadow = w.controller.status("reverse")["shadow"]
-        assert shadow["candidate"] == "v2"
+        assert rollout.state == "ramping" and rollout.weight >= 1.0
+        assert w.controller.status("reverse")["shadow"]["candidate"] == "v2"
+
+    run(main())
+
+
+def test_probes_without_an_eval_set_measure_latency_and_sampled_probes_repeat(tmp_path):
+    w = World(tmp_path, probes_per_tick=4)
+    latency_only = AnalysisSpec(metrics=(MetricSpec("latency", "continuous", "increase", 0.1, mde=0.3,
+                                                    relative=True),), min_samples=10)
+
+    async def main():
+        await w.controller.start(_spec(analysis=latency_only), None)
+        await w.round()
+        assert {p for _, p, _ in w.fake.probed} <= set(LATENCY_PROMPTS) and len(w.fake.probed) == 8
+        await w.controller.rollback_now("reverse")
+        w.fake.probed.clear()
+        await w.controller.start(_spec(candidate="v3", probe_temperature=0.8), EVAL[:3])
+        for _ in range(3):
+            await w.round()
+        prompts = [p for v, p, _ in w.fake.probed if v == "v3"]
+        assert len(prompts) == 12 and len(set(prompts)) == 3  # cycled: repeated measurements
+        assert {t for _, _, t in w.fake.probed} == {0.8}
 
     run(main())
 
@@ -309,6 +375,7 @@ def test_judge_and_probe_errors_are_never_failures(tmp_path, monkeypatch):
         await w.round()
         errors = [e for e in w.controller.history("reverse") if e["kind"] == "evaluator_error"]
         assert len(errors) == 1 and "50 of 100 probes failed" in errors[0]["reason"]
+        assert "v2: RuntimeError: engine overloaded" in errors[0]["reason"]
         assert "not counted against either version" in errors[0]["reason"]
         assert w.router.rollout("reverse").state == "ramping"  # probe_accuracy lacks data: hold
         w.fake.probe_fails.clear()
@@ -316,7 +383,7 @@ def test_judge_and_probe_errors_are_never_failures(tmp_path, monkeypatch):
         def broken(*args, **kwargs):
             raise RuntimeError("metrics backend down")
 
-        monkeypatch.setattr(w.metrics, "samples", broken)
+        monkeypatch.setattr(w.metrics, "evidence", broken)
         for _ in range(3):
             await w.round()
             assert w.router.rollout("reverse").state == "ramping"
@@ -335,7 +402,7 @@ def test_promotion_waits_until_the_stable_pointer_is_saved(tmp_path):
 
     async def main():
         await w.controller.start(_spec(), EVAL)
-        for _ in range(18):
+        for _ in range(24):
             await w.round()
         rollout = w.router.rollout("reverse")
         assert rollout.state == "ramping" and rollout.is_last_step  # promote failed: stays
@@ -354,7 +421,7 @@ def test_promotion_waits_until_the_stable_pointer_is_saved(tmp_path):
 
 
 def test_manual_controls(tmp_path):
-    w = World(tmp_path, rollback_keep_warm_s=60.0)
+    w = World(tmp_path, rollback_keep_warm_s=60.0, probes_per_tick=0)
     c = w.controller
 
     async def main():
@@ -530,20 +597,35 @@ def test_restore_skips_a_rollout_whose_task_is_not_served(tmp_path):
 def test_feedback_for_an_unknown_completion_is_refused(tmp_path):
     w = World(tmp_path)
     assert w.controller.metrics.record_feedback("cmpl-unknown", 1.0) is False
-    w.metrics.register_completion("cmpl-1", "reverse", "v2", arm="candidate")
+    w.metrics.register_completion("cmpl-1", RequestRecord("reverse", "v2", 1, "5%", T0, arm="candidate"))
     assert w.controller.metrics.record_feedback("cmpl-1", 0.5) is True
 
 
-def test_run_loop_ticks_until_stopped(tmp_path):
+def test_run_loop_ticks_until_stopped_and_survives_a_failed_round(tmp_path):
+    """run() rounds until stop(), a round that raises included; synchronised on the rounds
+    themselves (an event set by the fourth), not on a sleep."""
     w = World(tmp_path, interval_s=0.01)
+    real_tick, rounds = w.controller.tick, []
 
     async def main():
+        fourth = asyncio.Event()
+
+        async def tick():
+            rounds.append(w.clock())
+            if len(rounds) == 1:
+                raise RuntimeError("a round that fails")
+            await real_tick()
+            if len(rounds) == 4:
+                fourth.set()
+
+        w.controller.tick = tick
         await w.controller.start(_spec(analysis=ERROR_ONLY))
         task = asyncio.create_task(w.controller.run())
-        await asyncio.sleep(0.2)
+        await asyncio.wait_for(fourth.wait(), timeout=60)
         w.controller.stop()
-        await asyncio.wait_for(task, timeout=5)
+        await asyncio.wait_for(task, timeout=60)
+        assert len(rounds) == 4  # stop() ends the loop after the round in progress
         judgments = [e for e in w.controller.history("reverse") if e["kind"] == "judgment"]
-        assert len(judgments) >= 3
+        assert len(judgments) == 3  # rounds 2-4; the failed one judged nothing and did not end the loop
 
     run(main())

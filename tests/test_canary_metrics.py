@@ -1,208 +1,186 @@
-"""Metric windows: judged arms, experiment flag, feedback TTL, probes, shadow, bounds, threads."""
+"""Metric windows: records folded into per-unit sums, feedback attribution, probes per prompt,
+the columnar path, memory, thread safety, and the metrics a spec may name."""
 
 from __future__ import annotations
 
+import json
 import threading
 
 import numpy as np
 import pytest
 
-from peftserve.canary.judge import Counts, judge
-from peftserve.canary.metrics import METRICS, MetricWindows, check_metrics, metric_kind
-from peftserve.canary.router import Router
-from peftserve.canary.spec import (
-    AnalysisSpec,
-    MetricSpec,
-    Rollout,
-    RolloutSpec,
-    RolloutSpecError,
-    default_metrics,
+from peftserve.canary.metrics import (
+    COL,
+    COLUMNS,
+    Columns,
+    MetricWindows,
+    check_metrics,
+    metric_kind,
 )
+from peftserve.canary.samples import (
+    BatchShare,
+    ProbeRecord,
+    RequestRecord,
+    length_bucket,
+    segment_labels,
+    stratum_of,
+    unit_id,
+)
+from peftserve.canary.spec import MetricSpec, RolloutSpecError
 
 
 class Clock:
-    def __init__(self, t: float = 1_000.0) -> None:
-        self.t = t
+    def __init__(self) -> None:
+        self.t = 1000.0
 
     def __call__(self) -> float:
         return self.t
 
 
-ALL = AnalysisSpec(metrics=(
-    *default_metrics(),
-    MetricSpec("tpot", "continuous", "increase", 0.2, relative=True),
-    MetricSpec("output_tokens", "continuous", "increase", 10.0),
-    MetricSpec("finish_length", "proportion", "increase", 0.05),
-    MetricSpec("shadow_divergence", "continuous", "increase", 0.5),
-))
+def rec(version: str, user: str, **kw) -> RequestRecord:
+    kw.setdefault("finish_reason", "stop")
+    return RequestRecord("t", version, unit_id(f"user:{user}"), kw.pop("stratum", "10%"), kw.pop("at", 1.0), **kw)
 
 
-def test_request_metrics_count_experiment_requests_only():
+def test_records_are_self_describing_and_travel_as_json():
+    r = rec("v2", "ann", arm="candidate", e2e=0.5, ttft=float("nan"), segments=("meta:tier=gold",),
+            batch=BatchShare(4, 0.08, 40, stable_steps=4, stable_tokens=30, candidate_steps=4, candidate_tokens=10))
+    assert r.ttft is None  # a non-finite timing is never judged
+    again = RequestRecord.from_dict(json.loads(json.dumps(r.to_dict())))
+    assert again == r
+    p = ProbeRecord("t", "v2", 3, 1.0, 2.0, r)
+    assert ProbeRecord.from_dict(json.loads(json.dumps(p.to_dict()))) == p
+    assert p.step_time == pytest.approx(0.02)
+    assert RequestRecord("t", "v", 1, "1%", 0.0, non_finite=True).error  # non-finite implies error
+    assert stratum_of(0) == "shadow" and stratum_of(12.5) == "12.5%"
+    assert [length_bucket(n) for n in (3, 64, 300, 5000)] == ["length=0-63", "length=64-255", "length=256-1023",
+                                                              "length>=1024"]
+    assert segment_labels(10, {"X-Tier": " gold "}, {"team": "a"}) == ("length=0-63", "header:x-tier=gold",
+                                                                        "meta:team=a")
+
+
+def test_only_experiment_requests_are_judged_and_units_are_shared_by_both_arms():
+    w = MetricWindows()
+    w.record(rec("v1", "ann", error=True))
+    w.record(rec("v1", "ann"))
+    w.record(rec("v1", "bob", in_experiment=False))  # pinned: shown, not judged
+    w.record(rec("v2", "ann", stratum="25%"))  # ann moved to the candidate at 25 %
+    ev = w.evidence("t", "v1", "v2")
+    s = ev.arm("v1", "errors", "requests")
+    assert s.samples == 2 and s.units == 1 and s.total.sum() == 1
+    c = ev.arm("v2", "errors", "requests")
+    assert c.unit.tolist() == s.unit.tolist()  # the same user is one cluster in both arms
+    assert ev.strata == {"10%": 0, "25%": 1}
+    summary = w.summary("t", "v1")
+    assert summary["requests"] == 3 and summary["in_experiment"] == 2 and summary["errors"] == 1
+
+
+def test_feedback_counts_for_the_answering_version_unit_and_segment():
     clock = Clock()
-    w = MetricWindows(clock=clock)
-    for i in range(10):
-        w.record_request("t", "v1", e2e=1.0 + i, ttft=0.1, tpot=0.01, output_tokens=5, finish_reason="stop")
-        w.record_request("t", "v2", e2e=2.0, ttft=0.2, tpot=0.02, output_tokens=9, finish_reason="length",
-                         error=i < 2)
-    w.record_request("t", "v2", non_finite=True)
-    w.record_request("t", "v2", e2e=99.0, finish_reason="abort")  # aborted: no latency
-    w.record_request("t", "v2", e2e=50.0, in_experiment=False)  # pinned: never judged
-    data = w.samples("t", "v1", "v2", 0.0, ALL)
-    assert data["error_rate"].stable == Counts(0, 10)
-    assert data["error_rate"].candidate == Counts(3, 12)  # non-finite is also an error
-    assert data["non_finite"].candidate == Counts(1, 12)
-    assert data["latency_e2e"].stable.tolist() == [1.0 + i for i in range(10)]
-    assert data["latency_e2e"].candidate.tolist() == [2.0] * 8  # failed, aborted and pinned left out
-    assert len(data["ttft"].candidate) == 10
-    assert data["tpot"].candidate.tolist() == [0.02] * 8
-    assert data["output_tokens"].stable.tolist() == [5.0] * 10
-    assert data["finish_length"].candidate == Counts(10, 12)
-    for name in ("feedback_score", "probe_accuracy", "shadow_divergence"):
-        assert name not in data  # no data at all: left out, the judge reads nodata
-    assert set(data) <= {m.name for m in ALL.metrics}
-    judge(ALL, data)  # exactly the judge's input: no ValueError
-    s = w.summary("t", "v2", 0.0)
-    assert (s["requests"], s["in_experiment"], s["errors"], s["non_finite"]) == (13, 12, 3, 1)
-    assert s["finish_reasons"] == {"length": 10, "abort": 1}
-
-
-def test_router_decisions_set_the_experiment_flag():
-    router = Router()
-    router.set_task("t", "v1", ["v1", "v2"])
-    router.set_rollout(Rollout(RolloutSpec("t", "v1", "v2", steps=(50.0,)), "ramping", 0, 0.0, 0.0, 0.0))
-    w = MetricWindows(clock=Clock())
-    for i in range(400):
-        w.record_route(router.route("t", user=f"u{i}"), e2e=1.0)
-    for i in range(50):
-        w.record_route(router.route("t@v2", user=f"p{i}"), e2e=1.0)  # pins
-        w.record_route(router.route("t", user=f"o{i}", headers={"X-Canary": "always"}, is_admin=True), e2e=1.0)
-    data = w.samples("t", "v1", "v2", 0.0, AnalysisSpec(metrics=(default_metrics()[0],)))
-    n_s, n_c = data["error_rate"].stable.total, data["error_rate"].candidate.total
-    assert n_s + n_c == 400 and 150 < n_c < 250
-    assert w.summary("t", "v2", 0.0)["requests"] == n_c + 100
-
-
-def test_window_starts_at_since_and_nonfinite_timings_are_dropped():
-    clock = Clock(100.0)
-    w = MetricWindows(clock=clock)
-    w.record_request("t", "v1", e2e=1.0)
-    clock.t = 200.0
-    w.record_request("t", "v1", e2e=float("nan"), ttft=float("inf"))
-    w.record_request("t", "v1", e2e=3.0, at=250.0)
-    data = w.samples("t", "v1", "v2", 150.0, ALL)
-    assert data["error_rate"].stable == Counts(0, 2)
-    assert data["latency_e2e"].stable.tolist() == [3.0]
-    assert "ttft" not in data
-
-
-def test_feedback_attribution_ttl_and_validation():
-    clock = Clock()
-    w = MetricWindows(clock=clock, feedback_ttl_s=60.0, max_completions=3)
-    assert w.record_feedback("nope", 1.0) is False  # unknown id: the API answers 404
-    w.register_completion("a", "t", "v1", arm="stable")
-    w.register_completion("b", "t", "v2", arm="candidate")
-    w.register_completion("pin", "t", "v2", in_experiment=False)
-    assert w.record_feedback("a", True) and w.record_feedback("b", 0.25)
-    assert w.record_feedback("b", 0.5)  # a second score replaces the first
-    assert w.record_feedback("pin", 1.0)
-    data = w.samples("t", "v1", "v2", 0.0, ALL)
-    assert data["feedback_score"].stable.tolist() == [1.0]
-    assert data["feedback_score"].candidate.tolist() == [0.5]  # the pinned completion is not judged
-    for bad in (1.5, -0.1, float("nan"), "good", None):
-        with pytest.raises(ValueError):
-            w.record_feedback("a", bad)
+    w = MetricWindows(clock=clock, feedback_ttl_s=60.0)
+    r = rec("v2", "ann", segments=("meta:tier=gold",))
+    w.record(r)
+    w.register_completion("c1", r)
+    assert w.record_feedback("c1", 0.4)
+    assert w.record_feedback("c1", True)  # a second score replaces the first
+    assert not w.record_feedback("nope", 1.0)
+    with pytest.raises(ValueError):
+        w.record_feedback("c1", 1.5)
+    ev = w.evidence("t", "v1", "v2")
+    fb = ev.arm("v2", "feedback", "feedback_n")
+    assert fb.samples == 1 and fb.total.sum() == 1.0
+    gold = ev.segments["meta:tier=gold"]
+    assert ev.arm("v2", "feedback", "feedback_n", gold).samples == 1
+    assert ev.total("v2", "feedback_graded") == 0  # 0.4 was replaced: all binary now
     clock.t += 61
-    assert w.record_feedback("a", 1.0) is False  # expired
-    w.register_completion("c", "t", "v1")
-    for i in range(3):
-        w.register_completion(f"n{i}", "t", "v1")
-    assert w.record_feedback("c", 1.0) is False  # evicted by the cap on remembered ids
+    assert not w.record_feedback("c1", 1.0)  # expired
 
 
-def test_probes_and_shadow_feed_the_candidate_arm():
+def test_probes_pair_by_prompt_and_carry_the_engine_time():
+    w = MetricWindows()
+    for version, scores in (("v1", [1, 1, 0]), ("v2", [1, 0])):
+        for i, s in enumerate(scores):
+            req = RequestRecord("t", version, 0, "probe", 0.0, batch=BatchShare(10, 0.2 if version == "v2" else 0.1, 0))
+            w.record_probe(ProbeRecord("t", version, i, float(s), 0.0, req))
+    w.record_probe(ProbeRecord("t", "v1", 1, None, 0.0, None))  # latency-only, untimed: counts nowhere
+    ev = w.evidence("t", "v1", "v2")
+    idx, s, c = ev.paired_probes()
+    assert idx.tolist() == [0, 1] and s.tolist() == [1.0, 1.0] and c.tolist() == [1.0, 0.0]
+    _, s_t, c_t = ev.paired_probes(latency=True)
+    assert np.allclose(np.exp(c_t - s_t), 2.0)
+    assert ev.arm("v2", "errors", "requests").samples == 2  # probes are requests too (stratum probe)
+    assert w.summary("t", "v1")["probe_prompts"] == 3
+
+
+def test_columns_and_records_fold_into_the_same_sums():
+    by_record, by_column = MetricWindows(), MetricWindows()
+    rng = np.random.default_rng(0)
+    users = rng.integers(0, 50, 300)
+    errors = rng.random(300) < 0.1
+    for u, e in zip(users.tolist(), errors.tolist(), strict=True):
+        by_record.record(rec("v1", str(u), error=e, e2e=None if e else 0.2, segments=(f"meta:g={u % 3}",)))
+    values = np.zeros((300, len(COLUMNS)))
+    values[:, COL["requests"]] = 1
+    values[:, COL["errors"]] = errors
+    values[:, COL["completed"]] = ~errors
+    values[:, COL["e2e_n"]] = ~errors
+    values[:, COL["e2e"]] = np.where(errors, 0, 0.2)
+    values[:, COL["finish_stop"]] = ~errors
+    values[:, COL["finish_error"]] = errors
+    by_column.record_columns(Columns(
+        "t", "v1", "stable", "10%", np.array([unit_id(f"user:{u}") for u in users.tolist()]), values,
+        np.ones(300, bool), np.ones(300), [np.array([f"meta:g={u % 3}" for u in users.tolist()])]))
+    a, b = by_record.evidence("t", "v1", "v2"), by_column.evidence("t", "v1", "v2")
+    for seg in ("", "meta:g=1"):
+        x = a.arm("v1", "errors", "requests", a.segments[seg])
+        y = b.arm("v1", "errors", "requests", b.segments[seg])
+        assert x.samples == y.samples and x.total.sum() == y.total.sum() and x.units == y.units
+
+
+def test_forget_starts_a_rollout_afresh_and_fold_bounds_pending_records():
+    w = MetricWindows()
+    w.record(rec("v1", "ann"))
+    w.forget("t")
+    assert w.evidence("t", "v1", "v2").tables == {}
+    for i in range(100):
+        w.record(rec("v1", f"u{i}", in_experiment=False))
+    w.fold()
+    assert not w._pending and w.summary("t", "v1")["requests"] == 100
+
+
+def test_recent_rate_counts_the_last_five_minutes():
     clock = Clock()
     w = MetricWindows(clock=clock)
-    for i in range(20):
-        w.record_probe("t", "v1", True)
-        w.record_probe("t", "v2", i % 4 != 0)
-        w.record_request("t", "v1", e2e=1.0, ttft=0.1)
-        w.record_shadow("t", "v1", "v2", exact_match=i % 2 == 0, llr=0.5, e2e=1.5, error=i == 0, out_len=7, ttft=0.2)
-        w.record_noise_floor("t", 0.25)
-    w.record_noise_floor("t", float("nan"))  # not finite: ignored
-    ramping = w.samples("t", "v1", "v2", 0.0, ALL)
-    assert ramping["probe_accuracy"].stable == Counts(20, 20)
-    assert ramping["probe_accuracy"].candidate == Counts(15, 20)
-    assert ramping["error_rate"].candidate == Counts(0, 0)  # no live candidate traffic
-    assert ramping["shadow_divergence"].stable.tolist() == [0.25] * 20
-    shadow = w.samples("t", "v1", "v2", 0.0, ALL, shadow=True)
-    assert shadow["error_rate"].candidate == Counts(1, 20)
-    assert shadow["latency_e2e"].candidate.tolist() == [1.5] * 19
-    assert shadow["ttft"].candidate.tolist() == [0.2] * 20
-    assert shadow["output_tokens"].candidate.tolist() == [7.0] * 19
-    assert shadow["finish_length"].candidate == Counts(0, 0)  # copies carry no finish reason
-    judge(ALL, shadow)
-    s = w.shadow_summary("t", 0.0)
-    assert s["candidate"] == "v2" and s["n"] == 20 and s["errors"] == 1
-    assert s["agreement_rate"] == 0.5 and s["mean_llr"] == 0.5
-    assert s["noise_floor_mean_llr"] == 0.25 and s["divergence"] == pytest.approx(0.25)
-    assert w.shadow_summary("other", 0.0)["n"] == 0
-
-
-def test_bounded_memory_and_prune():
-    clock = Clock(0.0)
-    w = MetricWindows(clock=clock, max_samples=100)
-    for i in range(1000):
-        clock.t = float(i)
-        w.record_request("t", "v1", e2e=1.0)
-        w.record_request("idle", "v1", e2e=1.0)
-        w.record_probe("t", "v1", True)
-    assert w.samples("t", "v1", "v2", 0.0, ALL)["error_rate"].stable.total == 100  # the newest 100
-    w.prune({"t": 950.0}, default=2000.0)
-    assert w.samples("t", "v1", "v2", 0.0, ALL)["error_rate"].stable.total == 50
-    assert w.summary("idle", "v1", 0.0)["requests"] == 0
-    assert ("idle", "v1") not in w._requests  # empty series are removed
+    for i in range(600):
+        w.record(rec("v1", "u", at=clock.t - 300 + i * 0.5))
+    assert w.recent_rate("t") == pytest.approx(2.0, rel=0.1)
+    assert w.recent_rate("other") == 0.0
+    clock.t += 3600
+    assert w.recent_rate("t") == 0.0
 
 
 def test_thread_safe_recording():
-    w = MetricWindows(clock=Clock())
+    w = MetricWindows()
 
-    def work(k: int) -> None:
-        for i in range(2000):
-            w.record_request("t", "v1" if i % 2 else "v2", error=i % 10 == 0)
-            w.register_completion(f"{k}-{i}", "t", "v1")
-            w.record_feedback(f"{k}-{i}", 1.0)
-            if i % 100 == 0:
-                w.samples("t", "v1", "v2", 0.0, ALL)
+    def send(k: int) -> None:
+        for i in range(500):
+            w.record(rec("v1", f"{k}-{i % 20}", error=i % 10 == 0))
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    threads = [threading.Thread(target=send, args=(k,)) for k in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    data = w.samples("t", "v1", "v2", 0.0, ALL)
-    assert data["error_rate"].stable.total + data["error_rate"].candidate.total == 8000
-    assert len(data["feedback_score"].stable) == 8000
+    arm = w.evidence("t", "v1", "v2").arm("v1", "errors", "requests")
+    assert arm.samples == 4000 and arm.total.sum() == 400 and arm.units == 160
 
 
 def test_check_metrics_refuses_unknown_names_and_wrong_kinds():
-    check_metrics(ALL.metrics)
-    assert metric_kind("finish_stop") == "proportion" and metric_kind("finish_") is None
-    assert set(METRICS) >= {m.name for m in default_metrics()}
-    with pytest.raises(RolloutSpecError, match="unknown metric 'latency_p99'"):
-        check_metrics([MetricSpec("latency_p99", "continuous", "increase", 0.1)])
-    with pytest.raises(RolloutSpecError, match="is a proportion metric"):
-        check_metrics([MetricSpec("error_rate", "continuous", "increase", 0.1)])
-    with pytest.raises(ValueError):
-        MetricWindows(clock=Clock()).samples(
-            "t", "a", "b", 0.0, AnalysisSpec(metrics=(MetricSpec("nope", "continuous", "increase", 1.0),)))
-
-
-def test_samples_judge_identical_arms_as_pass():
-    rng = np.random.default_rng(0)
-    w = MetricWindows(clock=Clock())
-    for v in ("v1", "v2"):
-        for _ in range(300):
-            w.record_request("t", v, e2e=float(rng.lognormal(0, 0.3)), ttft=float(rng.lognormal(-2, 0.3)))
-            w.record_probe("t", v, bool(rng.random() < 0.9))
-    j = judge(AnalysisSpec(), w.samples("t", "v1", "v2", 0.0, AnalysisSpec()))
-    assert j.result == "pass", j.reason
+    check_metrics([MetricSpec("finish_length", "proportion", "increase", 0.05)])
+    assert metric_kind("latency") == "continuous" and metric_kind("finish_bogus") is None
+    with pytest.raises(RolloutSpecError, match="unknown metric"):
+        check_metrics([MetricSpec("vibes", "continuous", "increase", 0.1)])
+    with pytest.raises(RolloutSpecError, match="is a continuous metric"):
+        check_metrics([MetricSpec("ttft", "proportion", "increase", 0.1)])
+    with pytest.raises(RolloutSpecError, match="relative"):
+        check_metrics([MetricSpec("latency", "continuous", "increase", 0.1)])

@@ -29,9 +29,10 @@ EVAL = [{"prompt": "abc", "answer": "cba"}, {"prompt": "xy", "answer": "yx", "id
 
 
 def _judgment(at: float) -> Judgment:
-    m = MetricResult("error_rate", "proportion", "increase", True, 1.0, "fail", 300, 310, 0.0, 0.2, 0.2,
-                     (0.15, 0.25), 0.01, 1e-9, "error_rate: 0 -> 0.2; fail")
-    return Judgment("fail", 0.0, "fail: critical metric(s) error_rate failed", (m,), at)
+    m = MetricResult("error_rate", "fail", "exact conditional-binomial e-process", n_stable=300, n_candidate=310,
+                     stable_value=0.0, candidate_value=0.2, harm=0.2, lower=0.15, upper=0.25, mde=0.02,
+                     evalue=1e6, detail="error_rate: 0 -> 0.2; fail")
+    return Judgment("fail", "fail: critical metric(s) error_rate failed", (m,), at, 610.0)
 
 
 def test_create_update_get_history_round_trip(tmp_path):
@@ -51,7 +52,7 @@ def test_create_update_get_history_round_trip(tmp_path):
         assert [e["kind"] for e in events] == ["state", "judgment", "state", "decision"]
         assert [e["at"] for e in events] == [100.0, 160.0, 160.0, 170.0]
         assert events[2]["actor"] == "controller" and events[2]["reason"] == "step passed"
-        assert events[1]["payload"]["metrics"][0]["interval"] == [0.15, 0.25]
+        assert events[1]["payload"]["metrics"][0]["lower"] == 0.15 and events[1]["payload"]["metrics"][0]["evalue"] == 1e6
         assert [e["kind"] for e in store.history("reverse", 2)] == ["state", "decision"]  # the latest two
         assert [e["kind"] for e in store.history("reverse", 10, kinds=["decision"])] == ["decision"]
         assert store.judgments(rid) == [_judgment(160.0)]

@@ -119,7 +119,7 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[set[str]]:
             text = httpx.get(f"{url}/metrics", timeout=10).text
             return {s.name for f in text_string_to_metric_families(text) for s in f.samples}
 
-        assert wait_for(lambda: "peftserve_rollout_last_score_ratio" in sample_names(), timeout=30)
+        assert wait_for(lambda: "peftserve_rollout_progress_ratio" in sample_names(), timeout=30)
         yield sample_names()
 
 

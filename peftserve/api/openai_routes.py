@@ -219,7 +219,7 @@ def _resolve(
     """The (task, version) serving this request; 404 for an unknown model (before any metric)."""
     return state.models.resolve(
         body.model, user=body.user, headers=request.headers, request_id=request_id,
-        is_admin=is_admin(request),
+        is_admin=is_admin(request), metadata=body.metadata,
     )  # fmt: skip
 
 

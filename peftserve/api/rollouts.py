@@ -4,19 +4,21 @@ Admin routes (the admin token, as every /admin route)::
 
     POST /admin/rollouts                       start: a RolloutSpec as JSON (+ eval_set, reason) -> 201
     GET  /admin/rollouts                       the latest rollout of every task that had one
-    GET  /admin/rollouts/{task}                where it stands: state, weight, step, versions,
-                                               last judgment (score, result, reason), arms
+    GET  /admin/rollouts/{task}                where it stands: state, weight, step, versions, the
+                                               next decision and its progress (samples vs needed,
+                                               time left), last judgment, plan, arms
     GET  /admin/rollouts/{task}/history        its events, oldest first (?limit=, ?kind=)
     GET  /admin/rollouts/{task}/timeline       the same as time series, for the web page's charts
     POST /admin/rollouts/{task}/pause|resume|promote|rollback|retry   (body: {"reason": ...})
 
 The start body is ``RolloutSpec.to_dict()``'s shape: ``task`` and ``candidate`` are required;
 ``stable`` defaults to the task's current stable version; ``steps``, ``step_interval_s``,
-``shadow_percent``, ``targeting``, ``analysis`` and ``policy`` to the spec's defaults.
-``eval_set`` (known-answer probes) is a list of ``{"prompt", "answer"}`` or the same as a
-JSONL string. Without an eval set and without ``analysis.metrics``, the default metrics are
-judged minus ``probe_accuracy`` (nothing would feed it: the rollout could only hold, then
-pause). Invalid specs answer 400 with the reason, a second active rollout or a transition that
+``shadow_percent``, ``targeting``, ``analysis``, ``policy`` and ``probe_temperature`` to the
+spec's defaults. ``eval_set`` (known-answer probes) is a list of ``{"prompt", "answer"}`` or the
+same as a JSONL string; ``tolerances`` and ``mdes`` (``{"metric": number}``) replace those of the
+named metrics of the analysis. Without an eval set and without ``analysis.metrics``, the
+default metrics are judged minus ``probe_accuracy`` (nothing would feed it: the rollout could
+only hold, then pause), and minus ``latency`` on a server that runs no probes. Invalid specs answer 400 with the reason, a second active rollout or a transition that
 does not fit the state 409, a task without a rollout 404; the error ``code`` is
 ``invalid_rollout``, ``rollout_conflict`` or ``rollout_not_found``.
 
@@ -32,6 +34,7 @@ import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 from anyio import to_thread
@@ -54,7 +57,7 @@ admin_router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
 feedback_router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
 ACTIONS = ("pause", "resume", "promote", "rollback", "retry")
-START_FIELDS = ("eval_set", "reason")
+START_FIELDS = ("eval_set", "reason", "tolerances", "mdes")
 """Fields of the start body beside the spec's."""
 _ERROR_CODES = {400: "invalid_rollout", 404: "rollout_not_found", 409: "rollout_conflict"}
 
@@ -123,13 +126,24 @@ def parse_eval_set(value: Any) -> list[Any] | None:
     return [item for _, item in numbered]
 
 
-def _default_analysis(data: dict[str, Any], has_eval_set: bool) -> None:
-    """Without an eval set and explicit metrics, judge the default metrics minus probe_accuracy."""
+def _default_analysis(data: dict[str, Any], has_eval_set: bool, probes: bool) -> None:
+    """Without explicit metrics, the default metrics minus those nothing would feed:
+    probe_accuracy without an eval set, latency on a server without probes."""
     analysis = data.get("analysis", {})
-    if has_eval_set or not isinstance(analysis, dict) or "metrics" in analysis:
+    if not isinstance(analysis, dict) or "metrics" in analysis:
         return
-    metrics = [m.to_dict() for m in default_metrics() if m.name != "probe_accuracy"]
-    data["analysis"] = {**analysis, "metrics": metrics}
+    drop = ({"probe_accuracy"} if not has_eval_set else set()) | ({"latency"} if not probes else set())
+    if drop:
+        data["analysis"] = {**analysis, "metrics": [m.to_dict() for m in default_metrics() if m.name not in drop]}
+
+
+def _per_metric(body: dict[str, Any], field: str) -> dict[str, float]:
+    value = body.get(field)
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise RolloutSpecError(f'{field} must be an object {{"metric": number}}, not {value!r:.100}')
+    return value
 
 
 def parse_start(body: dict[str, Any], runtime: CanaryRuntime) -> tuple[RolloutSpec, list[Any] | None, str | None]:
@@ -145,8 +159,12 @@ def parse_start(body: dict[str, Any], runtime: CanaryRuntime) -> tuple[RolloutSp
         if stable is None:
             raise RolloutSpecError(f"unknown task {task!r} (it has no served version)")
         data["stable"] = stable
-    _default_analysis(data, eval_set is not None)
-    return RolloutSpec.from_dict(data), eval_set, reason
+    _default_analysis(data, eval_set is not None, runtime.controller.hooks.probe is not None)
+    spec = RolloutSpec.from_dict(data)
+    tolerances, mdes = _per_metric(body, "tolerances"), _per_metric(body, "mdes")
+    if tolerances or mdes:
+        spec = replace(spec, analysis=spec.analysis.with_overrides(tolerances, mdes))
+    return spec, eval_set, reason
 
 
 @admin_router.post("/rollouts", status_code=201)

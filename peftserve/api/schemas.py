@@ -55,6 +55,9 @@ class SamplingFields(_Request):
     n: int | None = _doc(1, minimum=1)
     """Choices per prompt, sharing the prompt's prefill; at most the server's ``max_num_seqs``."""
     user: str | None = None
+    metadata: dict[str, str] | None = None
+    """Labels of the request (OpenAI: up to 16 string pairs); canary rollouts judge each value as a
+    segment, so a regression confined to one label's users is caught."""
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     """Only with ``stream: true``."""

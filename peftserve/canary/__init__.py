@@ -17,15 +17,20 @@ _EXPORTS: dict[str, str] = {
     "RolloutController": "controller",
     "RolloutNotFoundError": "controller",
     "deciding_metric": "controller",
-    "Counts": "judge",
+    "ProbeAnswer": "controller",
     "Decision": "judge",
     "Judgment": "judge",
-    "MetricSamples": "judge",
+    "MetricResult": "judge",
     "decide": "judge",
     "METRICS": "metrics",
+    "Evidence": "metrics",
     "MetricWindows": "metrics",
     "check_metrics": "metrics",
     "metric_kind": "metrics",
+    "plan_rollout": "plan",
+    "BatchShare": "samples",
+    "ProbeRecord": "samples",
+    "RequestRecord": "samples",
     "RouteDecision": "router",
     "Router": "router",
     "RoutingError": "router",
@@ -46,18 +51,22 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = [
     "AnalysisSpec",
+    "BatchShare",
     "ControllerConfig",
     "ControllerHooks",
-    "Counts",
     "Decision",
     "DecisionPolicy",
     "Event",
+    "Evidence",
     "Judgment",
     "METRICS",
-    "MetricSamples",
+    "MetricResult",
     "MetricSpec",
     "MetricWindows",
     "PendingUnload",
+    "ProbeAnswer",
+    "ProbeRecord",
+    "RequestRecord",
     "Rollout",
     "RolloutConflictError",
     "RolloutController",
@@ -76,6 +85,7 @@ __all__ = [
     "default_metrics",
     "ensure_schema",
     "metric_kind",
+    "plan_rollout",
 ]
 # ``judge`` (the function) is not re-exported: the name belongs to the submodule
 # ``peftserve.canary.judge``; exporting both made ``from peftserve.canary import judge``
@@ -86,13 +96,22 @@ if TYPE_CHECKING:
         ControllerConfig,
         ControllerHooks,
         PendingUnload,
+        ProbeAnswer,
         RolloutController,
         RolloutNotFoundError,
         deciding_metric,
     )
-    from peftserve.canary.judge import Counts, Decision, Judgment, MetricSamples, decide
-    from peftserve.canary.metrics import METRICS, MetricWindows, check_metrics, metric_kind
+    from peftserve.canary.judge import Decision, Judgment, MetricResult, decide
+    from peftserve.canary.metrics import (
+        METRICS,
+        Evidence,
+        MetricWindows,
+        check_metrics,
+        metric_kind,
+    )
+    from peftserve.canary.plan import plan_rollout
     from peftserve.canary.router import RouteDecision, Router, RoutingError
+    from peftserve.canary.samples import BatchShare, ProbeRecord, RequestRecord
     from peftserve.canary.spec import (
         AnalysisSpec,
         DecisionPolicy,

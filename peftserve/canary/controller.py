@@ -6,19 +6,28 @@ persist a task's stable version, run one probe completion) and calls its methods
 admin routes. One round (:meth:`RolloutController.tick`), for every rollout in the shadow phase
 or ramping:
 
-1. probes: ``probes_per_tick`` prompts of the rollout's eval set, round-robin, each sent to
-   both versions (greedy, pinned); an exact match (surrounding whitespace stripped) scores 1
-   in ``probe_accuracy``. A probe that raises is an evaluator error in the history, never a
-   failure of the candidate;
-2. judge: :func:`~peftserve.canary.judge.judge` on the samples since the window began (the
-   current step's start; see Restart), stored with its evidence; an exception in the judge is
-   an evaluator error (:meth:`Judgment.error`), never a failure;
-3. decide: :func:`~peftserve.canary.judge.decide` on all of this rollout's judgments, stored
-   with its reason in words; advance, pause, promote and roll back change the state, hold
-   changes nothing (every hold is still stored: its reason is why the rollout did not move).
+1. probes: up to ``probes_per_tick`` prompts of the rollout's eval set, in an order shuffled
+   once per rollout, each sent to both versions (pinned). Greedy probes (the spec's
+   ``probe_temperature`` 0) answer each prompt once per version for the whole rollout: a
+   repeat would give the same answer, so it would add samples, not evidence. Sampled probes
+   cycle through the set; repeated answers are repeated measurements of their prompt. An exact
+   match (surrounding whitespace stripped) scores 1 in ``probe_accuracy``, paired by prompt; the
+   probe is also a request of its version (errors, engine time) in stratum ``probe``. A probe
+   that raises is an evaluator error in the history, never a failure of the candidate;
+2. judge: :func:`~peftserve.canary.judge.judge` on the evidence of the whole rollout (see
+   Restart), stored with its evidence; an exception in the judge is an evaluator error
+   (:meth:`Judgment.error`), never a failure;
+3. decide: :func:`~peftserve.canary.judge.decide` on this rollout's judgments, stored with its
+   reason in words; advance, pause, promote and roll back change the state, hold changes
+   nothing (every hold is still stored: its reason is why the rollout did not move).
 
-Paused rollouts are neither probed nor judged: a person decides, and judgments made while
-paused would count toward ``max_failed`` after a resume.
+Evidence accumulates over the whole rollout; it is stratified by the step a request was routed
+under, so the judge compares the arms within each step's allocation. At start the controller
+writes a *plan* (:func:`~peftserve.canary.plan.plan_rollout`): how long the rollout should take
+at the task's recent traffic for the chosen mdes, with warnings when it cannot finish.
+
+Paused rollouts are neither probed nor judged: a person decides (their traffic still adds to the
+evidence, which a resume judges with the rest).
 
 Order of effects, so that a crash or a failing hook never sends users somewhere the store does
 not know about: a transition is persisted (new state and the events explaining it, in one
@@ -37,10 +46,10 @@ by then (a new rollout, a retry). They live in memory only: after a restart the 
 with no adapter loaded, so there is nothing left to unload.
 
 Restart: :meth:`~RolloutController.restore` re-installs every active rollout from the store in
-the router, state and weight unchanged, and re-reads its judgments for ``decide``. The metric
-samples were in memory and are gone, so the judged window restarts at the restore: for a
-restored rollout the step interval and the no-data timer count from then (the stored
-``step_started_at`` is left as it was). The probe cursor restarts at the eval set's first prompt.
+the router, state and weight unchanged, and re-reads its judgments for ``decide``. The evidence
+was in memory and is gone, so it restarts at the restore (and greedy probes are answered
+again): for a restored rollout the step interval and the no-data timer count from then (the
+stored ``step_started_at`` is left as it was).
 """
 
 from __future__ import annotations
@@ -48,15 +57,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
-from peftserve.canary.judge import Judgment, decide, harm_margin, judge
+from peftserve.canary.judge import DONE, Judgment, decide, judge, step_ready
 from peftserve.canary.metrics import MetricWindows, check_metrics
+from peftserve.canary.plan import plan_rollout
 from peftserve.canary.router import Router
+from peftserve.canary.samples import PROBE_STRATUM, ProbeRecord, RequestRecord, unit_id
 from peftserve.canary.spec import (
     TERMINAL_STATES,
     Action,
@@ -75,6 +87,8 @@ JUDGED_STATES = frozenset({"shadow", "ramping"})
 
 ADMIN, CONTROLLER = "admin", "controller"
 """Actors of state changes."""
+LATENCY_PROMPTS = ("The", "Hello,", "Once upon a time", "1, 2, 3,", "Question:", "def main():", "Dear", "In")
+"""Prompts of latency-only probes for rollouts without an eval set (their answers are not judged)."""
 
 
 class RolloutNotFoundError(RolloutSpecError):
@@ -94,9 +108,8 @@ class ControllerConfig:
     rollback_keep_warm_s: float = 60.0
     """After a rollback, the candidate stays loaded this long, then is unloaded."""
     probes_per_tick: int = 5
-    """Eval-set prompts sent to each version per round (each prompt goes to both)."""
-    idle_retention_s: float = 300.0
-    """Metric samples of tasks without an active rollout are kept this long (for status pages)."""
+    """Eval-set prompts sent to each version per round (each prompt goes to both versions that
+    have not answered it yet)."""
     max_eval_set: int = 100_000
     """Most prompts an eval set may hold."""
 
@@ -104,7 +117,7 @@ class ControllerConfig:
         for name in ("interval_s",):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, not {getattr(self, name)!r}")
-        for name in ("promote_keep_warm_s", "rollback_keep_warm_s", "idle_retention_s"):
+        for name in ("promote_keep_warm_s", "rollback_keep_warm_s"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, not {getattr(self, name)!r}")
         if self.probes_per_tick < 0 or self.max_eval_set < 1:
@@ -123,8 +136,24 @@ class ControllerHooks:
     """Unload ``(task, version)`` from the engine (it may be loaded again on demand)."""
     set_stable: Callable[[str, str], Awaitable[None]]
     """Persist ``version`` as the task's stable version (on promotion)."""
-    probe: Callable[[str, str, str], Awaitable[str]] | None = None
-    """One greedy completion of ``prompt`` by ``(task, version)``, pinned; None: no probes."""
+    probe: Callable[[str, str, str, float], Awaitable[str | ProbeAnswer]] | None = None
+    """One completion of ``prompt`` by ``(task, version)`` at ``temperature``, pinned; returns its
+    text, or a :class:`ProbeAnswer` with the request's outcome too (the ``latency`` metric needs
+    its engine step times). The stable version's probes must run in a *twin* slot (a second copy
+    of stable's weights), so that both probes are minority adapters in the same traffic.
+    None: no probes."""
+    ended: Callable[[str, str, str], Awaitable[None]] | None = None
+    """Called with ``(task, stable, candidate)`` once a rollout is promoted or rolled back (the
+    server drops the probe twins)."""
+
+
+@dataclass(frozen=True)
+class ProbeAnswer:
+    """A probe's text and, when the server measured it, its outcome as a request record (task,
+    version, unit, stratum, arm and time are filled in by the controller)."""
+
+    text: str
+    record: RequestRecord | None = None
 
 
 @dataclass(frozen=True)
@@ -147,8 +176,25 @@ class _Live:
     judgments: list[Judgment]
     eval_set: list[dict[str, Any]] | None
     window_start: float
-    """Start of the judged window: the step start, or the restore time after a restart."""
+    """Start of the step's timers: the step start, or the restore time after a restart."""
+    plan: dict[str, Any] | None = None
+    probe_order: list[int] | None = None
+    """Eval-set indices in this rollout's shuffled order."""
+    answered: dict[str, set[int]] | None = None
+    """Greedy probes: prompts each version has answered."""
     probe_cursor: int = 0
+    evidence_start: float = 0.0
+    """Since when the evidence has been gathered: the start, or the restore after a restart."""
+    latency_cursor: int = 0
+    """Latency-only probes sent (they cycle through the prompts)."""
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _iso(at: float) -> str:
@@ -156,29 +202,23 @@ def _iso(at: float) -> str:
 
 
 def deciding_metric(judgment: Judgment) -> str | None:
-    """The metric a judgment turned on, by the judge's own order of rules.
-
-    A failed critical metric, else the failed metric furthest past its tolerance, else the
-    inconclusive one furthest past it, else a critical metric without data, else (pass or
-    marginal) the metric closest to its tolerance.
-    """
-    ms = judgment.metrics
+    """The metric a judgment turned on: the failed one (critical first), else the slowest
+    required metric still undecided, else (a pass) the one closest to its mde."""
+    ms = [m for m in judgment.metrics]
     if not ms:
         return None
-    for hits in (
-        [m for m in ms if m.critical and m.classification == "fail"],
-        [m for m in ms if m.classification == "fail"],
-        [m for m in ms if m.classification == "inconclusive"],
-    ):
-        if hits:
-            return max(hits, key=harm_margin).name
-    missing = [m for m in ms if m.critical and m.classification == "nodata"]
-    if missing:
-        return missing[0].name
-    with_data = [m for m in ms if m.classification != "nodata"]
-    if not with_data:
-        return min(ms, key=lambda m: min(m.n_stable, m.n_candidate)).name
-    return max(with_data, key=harm_margin).name
+    failed = [m for m in ms if m.status == "fail"]
+    if failed:
+        m = max(failed, key=lambda m: (m.critical, (m.lower or 0.0) - m.tolerance))
+        return f"{m.name}[{m.segment}]" if m.segment else m.name
+    overall = [m for m in ms if not m.segment]
+    waiting = [m for m in overall if m.required and m.status not in DONE]
+    if waiting:
+        return min(waiting, key=lambda m: m.progress if m.progress is not None else -1.0).name
+    with_bounds = [m for m in overall if m.upper is not None]
+    if with_bounds:
+        return max(with_bounds, key=lambda m: m.upper - m.mde).name
+    return overall[0].name if overall else None
 
 
 def _check_eval_set(eval_set: Sequence[Mapping[str, Any]] | None, spec: RolloutSpec,
@@ -189,6 +229,9 @@ def _check_eval_set(eval_set: Sequence[Mapping[str, Any]] | None, spec: RolloutS
     only hold until it paused, and an eval set on a server that runs no probes.
     """
     judged = any(m.name == "probe_accuracy" for m in spec.analysis.metrics)
+    if not can_probe and any(m.name == "latency" for m in spec.analysis.metrics):
+        raise RolloutSpecError("the analysis judges latency, which is measured with probes, but this server runs "
+                               "no probes: remove latency from analysis.metrics (or run the server with probes)")
     if eval_set is None:
         if judged:
             raise RolloutSpecError(
@@ -211,11 +254,6 @@ def _check_eval_set(eval_set: Sequence[Mapping[str, Any]] | None, spec: RolloutS
             raise RolloutSpecError(f"eval set item {i} must be an object with a non-empty string \"prompt\" "
                                    f"and a string \"answer\", not {item!r:.200}")
         items.append(dict(item))
-    if judged and len(items) < spec.analysis.min_samples:
-        # Greedy answers repeat with their prompt: round-robin repeats add samples, not evidence.
-        logger.warning("task %s: eval set has %d prompts, fewer than min_samples (%d); repeated prompts "
-                       "make probe_accuracy look more certain than it is", spec.task, len(items),
-                       spec.analysis.min_samples)
     return items
 
 
@@ -280,12 +318,13 @@ class RolloutController:
                     continue
                 judgments = await asyncio.to_thread(self.store.judgments, rollout_id)
                 eval_set = await asyncio.to_thread(self.store.eval_set, rollout_id)
-                self._live[spec.task] = _Live(rollout_id, rollout, judgments, eval_set,
-                                              window_start=max(rollout.step_started_at, now))
+                self.metrics.forget(spec.task)
+                self._live[spec.task] = self._new_live(rollout_id, rollout, judgments, eval_set,
+                                                       max(rollout.step_started_at, now))
                 self.router.set_rollout(rollout)
                 self._note(rollout)
                 reason = (f"restored after a restart: {rollout.state} at {rollout.weight:g} %, "
-                          f"{len(judgments)} judgment(s) re-read; the judged window restarts now")
+                          f"{len(judgments)} judgment(s) re-read; the evidence restarts now")
                 try:
                     await self.hooks.ensure_loaded(spec.task, spec.candidate)
                 except Exception as e:  # the engine loads on demand; record and go on
@@ -342,6 +381,11 @@ class RolloutController:
         self._unloads = [u for u in self._unloads
                          if not (u.task == spec.task and u.version in (spec.stable, spec.candidate))]
         now = self._clock()
+        rate = self.metrics.recent_rate(spec.task, now)
+        probes = self.hooks.probe is not None and (items or any(m.name == "latency" for m in spec.analysis.metrics))
+        probe_rate = self.config.probes_per_tick / self.config.interval_s if probes else 0.0
+        plan = plan_rollout(spec, rate, probe_rate, len(items) if items else None, self.config.interval_s)
+        self.metrics.forget(spec.task)
         rollout = Rollout.start(spec, now)
         steps = ", ".join(f"{s:g}" for s in spec.steps)
         phase = f"shadow phase ({spec.shadow_percent:g} % of stable requests copied)" if rollout.state == "shadow" \
@@ -351,14 +395,28 @@ class RolloutController:
             words += f"; retry of rollout #{retry_of}"
         if reason:
             words += f": {reason}"
+        words += f"; plan: {plan['summary']}"
         event = Event("state", {"from": None, "to": rollout.state, "action": "start", "weight": rollout.weight,
-                                "step_index": rollout.step_index, "actor": ADMIN, "reason": words}, now)
+                                "step_index": rollout.step_index, "actor": ADMIN, "reason": words,
+                                "plan": plan}, now)
         rollout_id = await asyncio.to_thread(self.store.create, rollout, items, [event], retry_of=retry_of)
-        self._live[spec.task] = _Live(rollout_id, rollout, [], items, window_start=now)
+        self._live[spec.task] = self._new_live(rollout_id, rollout, [], items, now, plan)
         self.router.set_rollout(rollout)
         self._note(rollout)
         logger.info("task %s: rollout #%d %s", spec.task, rollout_id, words)
+        for warning in plan["warnings"]:
+            logger.warning("task %s: %s", spec.task, warning)
         return rollout
+
+    @staticmethod
+    def _new_live(rollout_id: int, rollout: Rollout, judgments: list[Judgment], items: list[dict[str, Any]] | None,
+                  window_start: float, plan: dict[str, Any] | None = None) -> _Live:
+        order = None
+        if items:
+            order = list(range(len(items)))
+            random.Random(f"{rollout.spec.task}/{rollout.spec.candidate}/{rollout.started_at}").shuffle(order)
+        return _Live(rollout_id, rollout, judgments, items, window_start, plan, order,
+                     {rollout.spec.stable: set(), rollout.spec.candidate: set()}, evidence_start=window_start)
 
     # ---- one round ----------------------------------------------------------------------
 
@@ -371,15 +429,15 @@ class RolloutController:
                 live = self._live.get(task)
                 if live is not None and live.rollout.state in JUDGED_STATES:
                     await self._judge_and_act(live, self._clock())
-        now = self._clock()
-        self.metrics.prune({t: live.window_start for t, live in self._live.items()},
-                           default=now - self.config.idle_retention_s)
+        self.metrics.fold()
 
     def _judge(self, live: _Live, now: float) -> Judgment:
-        r = live.rollout
-        data = self.metrics.samples(r.spec.task, r.spec.stable, r.spec.candidate, live.window_start,
-                                    r.spec.analysis, shadow=r.state == "shadow")
-        return judge(r.spec.analysis, data, at=now)
+        r, spec = live.rollout, live.rollout.spec
+        evidence = self.metrics.evidence(spec.task, spec.stable, spec.candidate)
+        limit = spec.policy.max_duration_s
+        return judge(spec.analysis, evidence, at=now, eval_set_size=len(live.eval_set) if live.eval_set else None,
+                     probe_sampled=spec.probe_temperature > 0, elapsed_s=now - live.evidence_start,
+                     budget_s=max(0.0, limit - (now - r.started_at)) if limit > 0 else None)
 
     async def _judge_and_act(self, live: _Live, now: float) -> None:
         r, task = live.rollout, live.rollout.spec.task
@@ -394,13 +452,13 @@ class RolloutController:
         metric = deciding_metric(judgment)
         self._count(self._judgment_counts, task, judgment.result)
         self._count(self._decision_counts, task, decision.action)
-        self._last.setdefault(task, {}).update(last_score=judgment.score, last_result=judgment.result,
+        self._last.setdefault(task, {}).update(last_progress=judgment.progress, last_result=judgment.result,
                                                last_judgment_at=now)
-        events = [
-            Event("judgment", judgment.to_dict(), now),
-            Event("decision", {"action": decision.action, "reason": decision.reason, "actor": CONTROLLER,
-                               "result": judgment.result, "score": judgment.score, "metric": metric}, now),
-        ]
+        payload = {"action": decision.action, "reason": decision.reason, "actor": CONTROLLER,
+                   "result": judgment.result, "progress": judgment.progress, "metric": metric}
+        if decision.action != "hold":  # what the move rests on: every metric's test, margin and evidence
+            payload["evidence"] = [m.detail for m in judgment.metrics]
+        events = [Event("judgment", judgment.to_dict(), now), Event("decision", payload, now)]
         if decision.action == "hold":
             logger.debug("task %s: hold: %s", task, decision.reason)
             await asyncio.to_thread(self.store.append_events, live.id, events)
@@ -420,22 +478,31 @@ class RolloutController:
         old = live.rollout
         new = old.apply(action, now)  # RolloutConflictError when the action does not fit the state
         spec = new.spec
-        state_event = Event("state", {"from": old.state, "to": new.state, "action": action, "weight": new.weight,
-                                      "previous_weight": old.weight, "step_index": new.step_index,
-                                      "actor": actor, "reason": reason}, now)
+        payload = {"from": old.state, "to": new.state, "action": action, "weight": new.weight,
+                   "previous_weight": old.weight, "step_index": new.step_index, "actor": actor, "reason": reason}
+        if new.state in TERMINAL_STATES:  # the evidence goes with the rollout: keep what the arms did
+            payload["arms"] = {arm: self.metrics.summary(spec.task, v)
+                               for arm, v in (("stable", spec.stable), ("candidate", spec.candidate))}
+        state_event = Event("state", payload, now)
         if action == "rollback":
             self.router.set_rollout(new)  # weight 0 before anything else can fail
         if action == "promote":
             await self.hooks.set_stable(spec.task, spec.candidate)
         await asyncio.to_thread(self.store.update, live.id, new, [*events, state_event])
         live.rollout = new
-        if new.step_started_at != old.step_started_at:  # advance or resume: a new window
+        if new.step_started_at != old.step_started_at:  # advance or resume: the step's timers restart
             live.window_start = new.step_started_at
         self.router.set_rollout(new)
         self._note(new)
         logger.info("task %s: %s -> %s (%g %%) by %s: %s", spec.task, old.state, new.state, new.weight, actor, reason)
         if new.state in TERMINAL_STATES:
             del self._live[spec.task]
+            self.metrics.forget(spec.task)
+            if self.hooks.ended is not None:
+                try:
+                    await self.hooks.ended(spec.task, spec.stable, spec.candidate)
+                except Exception:  # cleanup only: the rollout has ended either way
+                    logger.exception("task %s: the ended hook failed", spec.task)
             if new.state == "promoted":
                 self._schedule_unload(live.id, spec.task, spec.stable, now + self.config.promote_keep_warm_s,
                                       f"previous stable {spec.stable} kept warm {self.config.promote_keep_warm_s:g} s "
@@ -449,31 +516,97 @@ class RolloutController:
     # ---- probes -------------------------------------------------------------------------
 
     async def _probe(self, task: str) -> None:
-        """Send this round's probes of ``task``'s rollout to both versions and record exact matches."""
+        """Send this round's probes of ``task``'s rollout and record their answers."""
         live = self._live.get(task)
-        if live is None or not live.eval_set or self.hooks.probe is None or live.rollout.state not in JUDGED_STATES:
+        if live is None or self.hooks.probe is None or live.rollout.state not in JUDGED_STATES:
             return
         spec = live.rollout.spec
         errors: list[str] = []
         sent = 0
-        for _ in range(self.config.probes_per_tick):
-            item = live.eval_set[live.probe_cursor % len(live.eval_set)]
-            live.probe_cursor += 1
-            for version in (spec.stable, spec.candidate):
+        for index, prompt, scored in self._next_prompts(live):
+            for version in self._probe_order(live, index):
+                if scored and spec.probe_temperature == 0 and index in live.answered[version]:
+                    continue
                 sent += 1
                 try:
-                    answer = await self.hooks.probe(task, version, item["prompt"])
+                    answer = await self.hooks.probe(task, version, prompt, spec.probe_temperature)
                 except Exception as e:  # an evaluator error, never a failure
                     errors.append(f"{version}: {type(e).__name__}: {e}")
                     continue
-                correct = isinstance(answer, str) and answer.strip() == item["answer"].strip()
-                self.metrics.record_probe(task, version, correct)
+                self._record_probe(live, version, index, answer, scored)
         if errors:
             now = self._clock()
             reason = f"{len(errors)} of {sent} probes failed (not counted against either version); first: {errors[0]}"
             logger.warning("task %s: %s", task, reason)
             await asyncio.to_thread(self.store.append_event, live.id, "evaluator_error",
                                     {"actor": CONTROLLER, "reason": reason, "errors": errors[:10]}, now)
+
+    @staticmethod
+    def _probe_order(live: _Live, index: int) -> tuple[str, str]:
+        """Stable first for even prompts, candidate first for odd ones: drift within a round cancels."""
+        spec = live.rollout.spec
+        return (spec.stable, spec.candidate) if index % 2 == 0 else (spec.candidate, spec.stable)
+
+    def _latency_pending(self, live: _Live) -> bool:
+        """Whether the ``latency`` metric is judged and not decided yet."""
+        if not any(m.name == "latency" for m in live.rollout.spec.analysis.metrics):
+            return False
+        latest = next((j for j in reversed(live.judgments) if j.result != "error"), None)
+        if latest is None:
+            return True
+        return any(m.name == "latency" and not m.segment and m.status not in ("pass", "fail")
+                   for m in latest.metrics)
+
+    def _next_prompts(self, live: _Live) -> list[tuple[int, str, bool]]:
+        """This round's ``(index, prompt, scored)``: greedy eval sets, prompts not yet answered by
+        both versions (once each, scored); sampled ones round-robin (scored); then, while latency
+        is undecided, latency-only pairs (not scored; each its own index), on the eval set's
+        prompts or, without one, :data:`LATENCY_PROMPTS`."""
+        spec, k = live.rollout.spec, self.config.probes_per_tick
+        out: list[tuple[int, str, bool]] = []
+        if live.eval_set:
+            assert live.probe_order is not None and live.answered is not None
+            order = live.probe_order
+            if spec.probe_temperature > 0:
+                out = [(i, live.eval_set[i]["prompt"], True)
+                       for i in (order[(live.probe_cursor + j) % len(order)] for j in range(k))]
+                live.probe_cursor += k
+                return out
+            both = live.answered[spec.stable] & live.answered[spec.candidate]
+            while live.probe_cursor < len(order) and len(out) < k:
+                index = order[live.probe_cursor]
+                live.probe_cursor += 1
+                if index not in both:
+                    out.append((index, live.eval_set[index]["prompt"], True))
+            if len(out) < k:  # a failed probe left a prompt half answered: retry it
+                taken = {i for i, _, _ in out}
+                out += [(i, live.eval_set[i]["prompt"], True) for i in order
+                        if i not in both and i not in taken][: k - len(out)]
+        if len(out) < k and self._latency_pending(live):
+            # Each latency-only pair is its own unit (an index past the eval set's): a prompt's
+            # timing repeats no more than the traffic around it does.
+            prompts = [item["prompt"] for item in live.eval_set] if live.eval_set else list(LATENCY_PROMPTS)
+            base = len(live.eval_set) if live.eval_set else 0
+            for _ in range(k - len(out)):
+                out.append((base + live.latency_cursor, prompts[live.latency_cursor % len(prompts)], False))
+                live.latency_cursor += 1
+        return out
+
+    def _record_probe(self, live: _Live, version: str, index: int, answer: str | ProbeAnswer, scored: bool) -> None:
+        spec = live.rollout.spec
+        text = answer.text if isinstance(answer, ProbeAnswer) else answer
+        score = None
+        if scored and live.eval_set:
+            correct = isinstance(text, str) and text.strip() == live.eval_set[index]["answer"].strip()
+            score = 1.0 if correct else 0.0
+            live.answered[version].add(index)
+        now = self._clock()
+        record = None
+        if isinstance(answer, ProbeAnswer) and answer.record is not None:
+            record = replace(answer.record, task=spec.task, version=version, unit=unit_id(f"probe:{index}"),
+                             stratum=PROBE_STRATUM, at=now, in_experiment=True,
+                             arm="candidate" if version == spec.candidate else "stable")
+        self.metrics.record_probe(ProbeRecord(spec.task, version, index, score, now, record))
 
     # ---- unloads ------------------------------------------------------------------------
 
@@ -555,17 +688,6 @@ class RolloutController:
             eval_set = await asyncio.to_thread(self.store.eval_set, rollout_id)
             return await self._start(rollout.spec, eval_set, reason=reason, retry_of=rollout_id)
 
-    # ---- request accounting -------------------------------------------------------------
-
-    def record_canary_failure(self, task: str, version: str, *, non_finite: bool = False) -> None:
-        """Count a candidate request that failed (and was answered by stable) as a candidate error.
-
-        Call it from the request path (any thread) when the candidate raised or produced
-        non-finite logits; record the stable answer that replaced it with
-        ``in_experiment=False``, so the request counts once, against the candidate.
-        """
-        self.metrics.record_request(task, version, in_experiment=True, error=True, non_finite=non_finite)
-
     # ---- reading ------------------------------------------------------------------------
 
     def _current(self, task: str) -> tuple[int, Rollout, _Live | None]:
@@ -580,9 +702,11 @@ class RolloutController:
     def status(self, task: str) -> dict[str, Any]:
         """Where the task's latest rollout stands, for a person: the admin API's status body.
 
-        ``summary`` says it in one line; ``last_judgment`` has the score, result, reason and
-        the deciding metric, with each metric's verdict and numbers; ``arms`` the samples each
-        version has in the judged window. Raises :class:`RolloutNotFoundError` (404).
+        ``summary`` says it in one line; ``next`` what the rollout waits for (per metric its
+        samples, the samples its pass is expected to need and the time that takes at the current
+        traffic); ``last_judgment`` the result, reason and each metric's test, margin and bounds;
+        ``arms`` what each version has recorded; ``plan`` the estimate made at start. Raises
+        :class:`RolloutNotFoundError` (404).
         """
         rollout_id, r, live = self._current(task)
         spec = r.spec
@@ -593,11 +717,20 @@ class RolloutController:
             judgment = Judgment.from_dict(rows[0]["payload"]) if rows else None
         decisions = self.store.history(task, 1, rollout_id=rollout_id, kinds=["decision"])
         window = live.window_start if live is not None else r.step_started_at
+        if live is not None:
+            arms = {arm: self.metrics.summary(task, v) for arm, v in (("stable", spec.stable),
+                                                                      ("candidate", spec.candidate))}
+        else:
+            last_state = self.store.history(task, 1, rollout_id=rollout_id, kinds=["state"])
+            arms = last_state[0]["payload"].get("arms") if last_state else None
         step = "shadow phase" if r.step_index < 0 else f"step {r.step_index + 1} of {len(spec.steps)}"
         line = f"{task}: {spec.stable} -> {spec.candidate} {r.state} at {r.weight:g} % ({step})"
-        if judgment is not None:
-            score = f"score {judgment.score:.1f}" if judgment.score is not None else "no score"
-            line += f"; last judgment {judgment.result} ({score})"
+        now = self._clock()
+        nxt = self._next(live, judgment, now) if live is not None and r.state in JUDGED_STATES else None
+        if nxt is not None:
+            line += f"; {nxt['summary']}"
+        elif judgment is not None:
+            line += f"; last judgment {judgment.result}"
         out: dict[str, Any] = {
             "rollout_id": rollout_id,
             "task": task,
@@ -614,10 +747,11 @@ class RolloutController:
             "window_started_at": window,
             "updated_at": r.updated_at,
             "summary": line,
+            "next": nxt,
+            "plan": live.plan if live is not None else None,
             "last_judgment": None,
             "last_decision": None,
-            "arms": {arm: self.metrics.summary(task, v, window)
-                     for arm, v in (("stable", spec.stable), ("candidate", spec.candidate))},
+            "arms": arms or {"stable": None, "candidate": None},
             "eval_set_size": len(live.eval_set) if live is not None and live.eval_set else 0,
             "pending_unloads": [{"version": u.version, "due_at": u.due_at, "reason": u.reason}
                                 for u in self.pending_unloads if u.task == task],
@@ -625,21 +759,60 @@ class RolloutController:
         }
         if judgment is not None:
             out["last_judgment"] = {
-                "at": judgment.at, "time": _iso(judgment.at), "result": judgment.result, "score": judgment.score,
-                "reason": judgment.reason, "deciding_metric": deciding_metric(judgment),
-                "metrics": [{"name": m.name, "classification": m.classification, "critical": m.critical,
-                             "n_stable": m.n_stable, "n_candidate": m.n_candidate, "stable_value": m.stable_value,
-                             "candidate_value": m.candidate_value, "estimate": m.estimate,
-                             "interval": list(m.interval) if m.interval else None, "tolerance": m.tolerance,
-                             "detail": m.detail} for m in judgment.metrics],
+                "at": judgment.at, "time": _iso(judgment.at), "result": judgment.result,
+                "progress": judgment.progress, "reason": judgment.reason,
+                "deciding_metric": deciding_metric(judgment),
+                "metrics": [m.to_dict() for m in judgment.metrics],
             }
         if decisions:
             d = decisions[0]
             out["last_decision"] = {"at": d["at"], "time": _iso(d["at"]), "action": d["payload"]["action"],
                                     "reason": d["reason"]}
-        if spec.shadow_percent > 0:
-            out["shadow"] = self.metrics.shadow_summary(task, window, spec.candidate)
+        if spec.shadow_percent > 0 and live is not None:
+            out["shadow"] = self.metrics.shadow_summary(task, spec.candidate)
         return out
+
+    @staticmethod
+    def _next(live: _Live, judgment: Judgment | None, now: float) -> dict[str, Any]:
+        """What the rollout waits for: the next decision, and per metric samples vs needed."""
+        r = live.rollout
+        action = "promote" if r.state == "ramping" and r.is_last_step else "advance"
+        elapsed_step = now - live.window_start
+        dwell_left = max(0.0, r.spec.step_interval_s - elapsed_step)
+        if judgment is None or judgment.result == "error":
+            return {"action": action, "ready": False, "dwell_left_s": dwell_left, "metrics": [],
+                    "summary": f"next: {action}; no judgment yet"}
+        span = max(now - live.evidence_start, 1e-9)
+        rows = []
+        for m in judgment.metrics:
+            if m.segment or not m.required:
+                continue
+            rate = m.samples_candidate / span
+            left = None
+            if m.status not in DONE and m.needed is not None:
+                left = max(0.0, m.needed - m.samples_candidate) / rate if rate > 0 else None
+            rows.append({"name": m.name, "status": m.status, "samples": m.samples_candidate, "needed": m.needed,
+                         "time_left_s": left, "harm": m.harm, "upper": m.upper, "mde": m.mde,
+                         "tolerance": m.tolerance})
+        if action == "promote":
+            ready = judgment.result == "pass"
+            why = "every required metric passed" if ready else judgment.reason
+        else:
+            ready, why = step_ready(r, judgment)
+        waiting = [row for row in rows if row["status"] not in DONE]
+        lefts = [row["time_left_s"] for row in waiting if row["time_left_s"] is not None]
+        parts = []
+        for row in waiting[:3]:
+            need = f"~{row['needed']:.0f}" if row["needed"] is not None else "?"
+            eta = f", ~{_duration(row['time_left_s'])} left" if row["time_left_s"] is not None else ""
+            parts.append(f"{row['name']} {row['samples']:.0f} of {need} samples{eta}")
+        text = f"next: {action}"
+        if ready and dwell_left > 0:
+            text += f" in {dwell_left:.0f} s (least time per step)"
+        elif not ready:
+            text += " when " + ("; ".join(parts) if parts else why)
+        return {"action": action, "ready": ready, "why": why, "dwell_left_s": dwell_left, "metrics": rows,
+                "time_left_s": max(lefts) if lefts and len(lefts) == len(waiting) else None, "summary": text}
 
     def history(self, task: str, limit: int = 100, *, rollout_id: int | None = None,
                 kinds: Sequence[str] | None = None) -> list[dict[str, Any]]:
@@ -651,7 +824,9 @@ class RolloutController:
         Each event: ``at`` and ``time`` (ISO 8601, UTC), ``kind`` (state, judgment, decision,
         evaluator_error, unload, restored, restore_skipped), ``actor``, ``reason`` in words, ``rollout_id`` and
         the stored ``payload`` (a judgment's full evidence). Judgments and decisions also carry
-        ``result``/``score``/``metric`` (the deciding metric) at the top level.
+        ``result``/``progress``/``metric`` (the deciding metric) at the top level. A decision
+        other than hold names the deciding metric's test, margin and evidence in its ``reason``
+        and every metric's (segments shown included) in ``payload["evidence"]``.
         """
         events = self.store.history(task, limit, rollout_id=rollout_id, kinds=kinds)
         if not events and self.store.get(task) is None:
@@ -661,9 +836,10 @@ class RolloutController:
             p = e["payload"]
             if e["kind"] == "judgment":
                 j = Judgment.from_dict(p)
-                e.update(result=j.result, score=j.score, metric=deciding_metric(j))
+                e.update(result=j.result, progress=j.progress, metric=deciding_metric(j))
             elif e["kind"] == "decision":
-                e.update(action=p.get("action"), result=p.get("result"), score=p.get("score"), metric=p.get("metric"))
+                e.update(action=p.get("action"), result=p.get("result"), progress=p.get("progress"),
+                         metric=p.get("metric"))
             elif e["kind"] == "state":
                 e.update(state_from=p.get("from"), state_to=p.get("to"), weight=p.get("weight"))
         return events
@@ -687,7 +863,7 @@ class RolloutController:
 
         ``tasks``: per task with a rollout since this process started (or restored), its
         ``state``, ``weight`` (percent), ``step_index``, ``stable``, ``candidate``,
-        ``last_score`` (None before a judgment with data), ``last_result``; ``judgments`` and
+        ``last_progress`` (0-1 toward the next decision, None without data), ``last_result``; ``judgments`` and
         ``decisions``: counters per task and outcome (reset at restart, as counters may be);
         ``active_rollouts`` and ``pending_unloads``: gauges.
         """

@@ -1,72 +1,44 @@
-"""Statistical judge: is the candidate worse than stable, beyond tolerance? And what next?
+"""Statistical judge: has the candidate been shown worse than stable, or shown good enough?
 
-Pure functions over samples; no engine, no clock, no storage. Two parts:
+Pure functions over :class:`~peftserve.canary.metrics.Evidence`; no engine, no clock, no storage.
 
-* :func:`judge` compares the two arms on every metric of an :class:`AnalysisSpec` and returns a
-  :class:`Judgment` carrying its evidence (samples, estimates, intervals, the rule applied);
-* :func:`decide` turns a rollout's judgment history into one action for the controller.
+* :func:`judge` reads the evidence of the whole rollout so far and, per metric of the
+  :class:`~peftserve.canary.spec.AnalysisSpec`, bounds the candidate's *harm* (candidate minus
+  stable in the harmful direction, relative where the metric is) from below and from above with
+  bounds that hold at every look at once (see :mod:`peftserve.canary.sequential`):
 
-Statistics (all intervals two-sided at ``confidence``, 98 % by default, so 1 % per tail):
+  - **fail** when the lower bound exceeds the tolerance: the harm is shown to exceed what is
+    accepted. Each metric gets an even share of ``alpha`` (half of it when segments are judged;
+    the other half is split over the segment tests), so the chance that a candidate within
+    tolerance is ever rolled back, over all metrics, segments and looks, is at most ``alpha``;
+  - **pass** when the upper bound (at level ``beta``) is below the mde: a harm as large as the
+    mde is ruled out. A candidate whose harm reaches the mde passes with chance at most ``beta``;
+  - **pending** in between; **nodata** with fewer than ``min_samples`` units per arm for an
+    approximate test; **exhausted** when a greedy eval set has been answered in full by both
+    versions without a decision (it can say no more; the start plan warned about it).
 
-* continuous metrics (latencies, scores): the Hodges-Lehmann shift, the median of all pairwise
-  differences ``candidate_j - stable_i``, with its distribution-free interval from the
-  Mann-Whitney U distribution (Lehmann; normal approximation with continuity correction, which
-  is accurate for the >= 10 samples per arm the spec enforces), plus the Mann-Whitney U test
-  itself for the record. A relative tolerance is read against the stable median;
-* proportions (error rate, accuracy): the difference of proportions with Newcombe's hybrid
-  score interval (his method 10), built from the two Wilson intervals; it keeps its coverage
-  for rare events and small counts where the Wald interval collapses.
+* :func:`decide` turns the latest judgment into one action for the controller: roll back on a
+  critical failure, advance a step when the evidence suffices for it, promote from the last step
+  when every required metric has passed, hold otherwise, pause when a person should look.
 
-Classification rule, in the harmful orientation (for a harmful decrease, flip the signs):
+Tests by metric (docs/judge.md has the method and its references):
 
-* **fail** when the whole interval lies beyond the tolerance (``lower > tolerance``): we are at
-  least 99 % sure the harm exceeds the tolerance;
-* **pass** when the point estimate is within the tolerance;
-* **inconclusive** in between (estimate beyond the tolerance, interval reaching within it):
-  the judgment is ``nodata`` and the rollout holds at its weight until more data decide;
-* **nodata** with fewer than ``min_samples`` per arm.
-
-Only the harmful direction counts: an improvement of any size passes.
-
-Why this rule. Measured on the acceptance simulation (tests/test_canary_judge.py, 500 seeded
-rollouts per case, default analysis):
-
-=====================================  ==========  ================  ===============
-rule                                   identical   accuracy -10 pt   latency +50 %
-                                       rolled back rolled back       rolled back
-=====================================  ==========  ================  ===============
-Kayenta: interval excludes 0 and       11 %        100 %             100 %
-estimate beyond tolerance; else pass
-whole interval beyond tolerance;       0 %         82 %              99 %
-else pass
-**chosen**: as above, but hold while   0 %         100 %             100 %
-the estimate is beyond tolerance
-=====================================  ==========  ================  ===============
-
-Kayenta's rule fails a metric on a 1 % tail whenever ``z * SE`` is near the tolerance, the usual
-case at a few hundred samples; a rollout makes many judgments over several metrics, and
-critical ones roll back at once, so identical versions were rolled back in 11 % of rollouts.
-Requiring the whole interval beyond the tolerance makes a false failure far rarer than 1 % per
-judgment, but at ~200 samples a bad candidate's interval often still reaches the tolerance,
-and if that counted as a pass it advanced (18 % of 10-point-worse candidates were promoted).
-Holding instead is what an engineer watching the graphs would do: do not advance on a worrying
-estimate, do not roll back before the evidence is conclusive; the window grows until one of the
-two happens, or the no-data timer pauses the rollout for a person. Holding accumulates evidence
-only if the judged window grows within a step: the controller should judge the samples since
-the step began (as the simulation does), not a sliding window of fixed length.
-
-The simulation's traffic is 3,000 requests and 100 probes per version a minute. At 1,000
-requests and 50 probes a minute, the same rule rolled back 0 % of identical candidates (1 %
-paused), 97 % of the 10-point-worse ones (3 % paused) and 100 % of the slower ones; with less
-traffic than ``min_samples`` per step in ``nodata_pause_s``, rollouts pause rather than decide.
-
-Combining: the score is ``100 * (weight of passing metrics) / (weight of conclusive metrics)``.
-The judgment fails if a critical metric fails or the score is below ``marginal_threshold`` even
-counting every inconclusive metric as passing; it is ``nodata`` (inconclusive, never a
-failure) when a metric is inconclusive, a critical metric lacks data (a rollout never advances
-without evidence on a metric whose failure alone would roll it back) or no metric has data;
-otherwise marginal below ``pass_threshold`` and pass from it. Non-critical metrics without
-data (sparse feedback) are left out of the score.
+=================== =====================================================================
+metric              test
+=================== =====================================================================
+event rates         fail: exact conditional-binomial e-process on the rate ratio, stratified
+(error_rate,        by allocation step (tolerance 0 or relative); pass: asymptotic
+non_finite,         confidence sequence of the difference, clustered by unit
+finish_<reason>)
+latency             probes' engine time per step, candidate against a twin of stable (a second
+                    slot with stable's weights, so both are minority adapters), paired by prompt
+latency_e2e, ttft,  stratified difference of means (relative: of log means), clustered by
+tpot, output_tokens, unit, asymptotic confidence sequence
+feedback_score
+probe_accuracy      paired by prompt; greedy with tolerance 0: exact sequential McNemar
+                    (e-process on discordant pairs); pass: paired asymptotic sequence
+shadow_divergence   candidate LLRs against the stable noise floor
+=================== =====================================================================
 """
 
 from __future__ import annotations
@@ -74,516 +46,594 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from statistics import NormalDist
 from typing import Any, Literal
 
 import numpy as np
 
+from peftserve.canary import sequential as seq
+from peftserve.canary.metrics import COL, EMPTY_TABLE, EVENT_METRICS, MEAN_METRICS, Evidence
 from peftserve.canary.spec import Action, AnalysisSpec, DecisionPolicy, MetricSpec, Rollout
 
-Classification = Literal["pass", "fail", "inconclusive", "nodata"]
-Result = Literal["pass", "marginal", "fail", "nodata", "error"]
+Status = Literal["pass", "fail", "pending", "nodata", "exhausted", "suspect"]
+Result = Literal["pass", "fail", "pending", "nodata", "error"]
+DONE: frozenset[str] = frozenset({"pass", "exhausted"})
+"""Statuses with which a required metric lets the rollout promote."""
 
-_BRUTE_FORCE_PAIRS = 1 << 15
-"""Up to this many pairwise differences the HL order statistics are taken by brute force."""
-
-
-# --------------------------------------------------------------------------- inputs
-
-
-@dataclass(frozen=True)
-class Counts:
-    """A proportion's data as counts: ``events`` of ``total`` requests (e.g. errors)."""
-
-    events: int
-    total: int
-
-    def __post_init__(self) -> None:
-        for name in ("events", "total"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-                raise ValueError(f"Counts.{name} must be a non-negative integer, not {v!r}")
-            object.__setattr__(self, name, int(v))  # numpy integers are not JSON-serializable
-        if self.events > self.total:
-            raise ValueError(f"Counts.events ({self.events}) exceeds total ({self.total})")
+SEGMENT_METRICS = frozenset(MEAN_METRICS)
+"""Metrics also judged per segment (fail only: a segment can roll back, never hold a promotion)."""
+SHOWN_SEGMENTS = 3
+"""Segment results kept in a judgment per metric: the failed ones and the worst few."""
+SEGMENT_EFFECT = 3.0
+"""Segment tests tune their mixture to three times the metric's mde: a regression confined to a
+segment must be larger to matter, and is then caught with fewer samples."""
+SUSPECT_Z = 3.0
+"""A segment whose estimate is past the midpoint of tolerance and mde by this many standard
+errors is *suspect*: it holds the promotion (not the steps) until it fails or fades."""
 
 
-ArmData = Counts | Sequence[float] | np.ndarray
-"""One arm's data: values (continuous), 0/1 outcomes or :class:`Counts` (proportion)."""
-
-
-@dataclass(frozen=True)
-class MetricSamples:
-    """Both arms' data for one metric over the judged window."""
-
-    stable: ArmData
-    candidate: ArmData
-
-
-# --------------------------------------------------------------------------- statistics
-
-
-def z_value(confidence: float) -> float:
-    """Two-sided normal quantile: 2.326 for 0.98."""
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), not {confidence}")
-    return NormalDist().inv_cdf(0.5 + confidence / 2)
-
-
-def wilson_interval(events: int, total: int, confidence: float = 0.98) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion ``events / total``."""
-    if total <= 0:
-        raise ValueError("a proportion needs at least one observation")
-    z = z_value(confidence)
-    p = events / total
-    denom = 1.0 + z * z / total
-    center = (p + z * z / (2 * total)) / denom
-    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denom
-    return max(0.0, center - half), min(1.0, center + half)
-
-
-def newcombe_interval(
-    candidate: Counts, stable: Counts, confidence: float = 0.98
-) -> tuple[float, float, float]:
-    """Difference ``p_candidate - p_stable`` and Newcombe's hybrid score interval (method 10).
-
-    Returns ``(difference, lower, upper)``. Each bound combines the two Wilson intervals'
-    distances on the side it moves toward (Newcombe 1998, Statistics in Medicine 17:873).
-    """
-    p1, p2 = candidate.events / candidate.total, stable.events / stable.total
-    l1, u1 = wilson_interval(candidate.events, candidate.total, confidence)
-    l2, u2 = wilson_interval(stable.events, stable.total, confidence)
-    d = p1 - p2
-    return d, d - math.hypot(p1 - l1, u2 - p2), d + math.hypot(u1 - p1, p2 - l2)
-
-
-def _ranks(z: np.ndarray) -> tuple[np.ndarray, float]:
-    """Average ranks (1-based) of ``z`` and the tie term ``sum(t**3 - t)`` over tie groups."""
-    order = np.argsort(z, kind="mergesort")
-    zs = z[order]
-    new = np.empty(zs.size, dtype=bool)
-    new[0] = True
-    np.not_equal(zs[1:], zs[:-1], out=new[1:])
-    starts = np.flatnonzero(new)
-    counts = np.diff(np.append(starts, zs.size))
-    avg = starts + (counts + 1) / 2.0
-    ranks = np.empty(zs.size)
-    ranks[order] = np.repeat(avg, counts)
-    return ranks, float(np.sum(counts.astype(float) ** 3 - counts))
-
-
-def mann_whitney_u(candidate: np.ndarray, stable: np.ndarray) -> tuple[float, float]:
-    """Mann-Whitney U of ``candidate`` against ``stable`` and its two-sided p-value.
-
-    ``U = #{candidate > stable} + 0.5 * #{ties}`` over all pairs; the p-value uses the normal
-    approximation with tie and continuity corrections, the same as
-    ``scipy.stats.mannwhitneyu(candidate, stable, method="asymptotic")``.
-    """
-    y, x = np.asarray(candidate, float), np.asarray(stable, float)
-    n1, n2 = y.size, x.size
-    if n1 == 0 or n2 == 0:
-        raise ValueError("Mann-Whitney needs at least one sample per arm")
-    ranks, ties = _ranks(np.concatenate([y, x]))
-    u1 = float(ranks[:n1].sum() - n1 * (n1 + 1) / 2)
-    n = n1 + n2
-    mu = n1 * n2 / 2
-    var = n1 * n2 / 12 * ((n + 1) - ties / (n * (n - 1))) if n > 1 else 0.0
-    if var <= 0:
-        return u1, 1.0
-    z = (max(u1, n1 * n2 - u1) - mu - 0.5) / math.sqrt(var)
-    return u1, min(1.0, math.erfc(z / math.sqrt(2)))
-
-
-def _count_le(y: np.ndarray, x: np.ndarray, d: np.ndarray) -> np.ndarray:
-    """For each threshold in ``d``: #{(i, j): y_j - x_i <= d} (``x``, ``y`` sorted ascending)."""
-    # y_j - x_i <= d  <=>  x_i >= y_j - d: count of x at or above each y_j - d.
-    q = y[None, :] - d[:, None]  # [K, m]
-    below = np.searchsorted(x, q.ravel(), side="left").reshape(q.shape)
-    return (x.size - below).sum(axis=1)
-
-
-def pairwise_order_statistics(candidate: np.ndarray, stable: np.ndarray, ks: Sequence[int]) -> np.ndarray:
-    """The ``ks``-th smallest (1-based) of all ``candidate_j - stable_i``, exactly.
-
-    Brute force for small samples; otherwise bisection on the value, counting pairs with
-    ``searchsorted`` (O((n + m) log n) per step, never the n*m differences), until few enough
-    pairs remain in the bracket to enumerate them. Memory stays O(n + m).
-    """
-    y, x = np.sort(np.asarray(candidate, float)), np.sort(np.asarray(stable, float))
-    m, n = y.size, x.size
-    ks_arr = np.asarray(ks, dtype=np.int64)
-    if np.any(ks_arr < 1) or np.any(ks_arr > n * m):
-        raise ValueError(f"order statistics {list(ks)} outside 1..{n * m}")
-    if n * m <= _BRUTE_FORCE_PAIRS:
-        d = np.subtract.outer(y, x).ravel()
-        return np.partition(d, ks_arr - 1)[ks_arr - 1]
-    lo, hi, c_lo, c_hi = _initial_brackets(y, x, ks_arr)
-    budget = max(4 * (n + m), 1 << 14)
-    value = np.full(ks_arr.size, np.nan)  # set once a bracket holds a single distinct value
-    for it in range(200):
-        open_ = (c_hi - c_lo > budget) & np.isnan(value)
-        if not open_.any():
-            break
-        mid = lo + (hi - lo) / 2
-        stalled = (mid <= lo) | (mid >= hi)  # lo, hi adjacent floats
-        if it % 8 == 7 or (open_ & stalled).any():
-            # Runs of tied differences (discrete data) stop the count from shrinking; detect a
-            # bracket that holds one distinct value instead of bisecting to float resolution.
-            single, v = _single_value(y, x, lo, hi)
-            value = np.where(open_ & single, v, value)
-            open_ &= ~single
-        active = open_ & ~stalled
-        if not active.any():
-            break
-        c_mid = _count_le(y, x, mid)
-        go_low = active & (c_mid >= ks_arr)
-        go_high = active & (c_mid < ks_arr)
-        hi, c_hi = np.where(go_low, mid, hi), np.where(go_low, c_mid, c_hi)
-        lo, c_lo = np.where(go_high, mid, lo), np.where(go_high, c_mid, c_lo)
-    out = value.copy()
-    todo = [t for t in range(ks_arr.size) if np.isnan(value[t])]
-    while todo:
-        # Targets sharing a bracket (the two middle ranks, usually) are enumerated once.
-        t0 = todo[0]
-        group = [t for t in todo if lo[t] == lo[t0] and hi[t] == hi[t0]]
-        todo = [t for t in todo if t not in group]
-        # pairs with lo < y_j - x_i <= hi  <=>  y_j - hi <= x_i < y_j - lo
-        left = np.searchsorted(x, y - hi[t0], side="left")
-        right = np.searchsorted(x, y - lo[t0], side="left")
-        counts = right - left
-        rows = np.repeat(np.arange(m), counts)
-        cols = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts) + np.repeat(left, counts)
-        r = [int(ks_arr[t] - c_lo[t] - 1) for t in group]
-        vals = np.partition(y[rows] - x[cols], r)
-        out[group] = vals[r]
-    return out
-
-
-def _initial_brackets(
-    y: np.ndarray, x: np.ndarray, ks: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Brackets ``(lo, hi]`` with ``count_le(lo) < k <= count_le(hi)`` for each target rank.
-
-    Guessed from the quantiles of a fixed sample of 2,048 pairs (+-4 standard errors), which
-    leaves about a tenth of the pairs in the bracket; where a guess misses, the bracket
-    falls back to one strictly below / at or above every difference. The sample only affects
-    speed: the result is exact either way.
-    """
-    n, m = x.size, y.size
-    total = n * m
-    span = (y[-1] - x[0]) - (y[0] - x[-1])
-    floor_, ceil_ = (y[0] - x[-1]) - span - 1.0, (y[-1] - x[0]) + span + 1.0
-    # A Fibonacci lattice over the (sorted) n x m grid of pairs: spread like a quasi-random
-    # sample, deterministic, and cheaper than drawing random indices.
-    s = 2048
-    t = np.arange(s)
-    rows = (t * m) // s
-    cols = (np.modf(t * 0.6180339887498949)[0] * n).astype(np.int64)
-    sample = np.sort(y[rows] - x[cols])
-    q = ks / total
-    half = 4.0 * np.sqrt(q * (1 - q) / s) + 2.0 / s
-    i_lo = np.floor((q - half) * s).astype(np.int64)
-    i_hi = np.ceil((q + half) * s).astype(np.int64)
-    lo = np.where(i_lo >= 0, sample[np.clip(i_lo, 0, s - 1)], floor_)
-    hi = np.where(i_hi < s, sample[np.clip(i_hi, 0, s - 1)], ceil_)
-    c = _count_le(y, x, np.concatenate([lo, hi]))
-    c_lo, c_hi = c[: ks.size], c[ks.size :]
-    bad_lo, bad_hi = c_lo >= ks, c_hi < ks
-    lo, c_lo = np.where(bad_lo, floor_, lo), np.where(bad_lo, 0, c_lo)
-    hi, c_hi = np.where(bad_hi, ceil_, hi), np.where(bad_hi, total, c_hi)
-    return lo, hi, c_lo, c_hi
-
-
-def _single_value(y: np.ndarray, x: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per bracket (lo, hi]: whether all differences in it are equal, and that value."""
-    n = x.size
-    left = np.searchsorted(x, (y[None, :] - hi[:, None]).ravel(), side="left").reshape(-1, y.size)
-    right = np.searchsorted(x, (y[None, :] - lo[:, None]).ravel(), side="left").reshape(-1, y.size)
-    # Largest difference <= hi in row j uses the smallest x >= y_j - hi (index left_j); the
-    # smallest difference > lo uses the largest x < y_j - lo (index right_j - 1).
-    top = np.where(left < n, y[None, :] - x[np.minimum(left, n - 1)], -np.inf).max(axis=1)
-    bottom = np.where(right > 0, y[None, :] - x[np.maximum(right - 1, 0)], np.inf).min(axis=1)
-    return bottom >= top, top
-
-
-def hl_interval_ranks(n_candidate: int, n_stable: int, confidence: float = 0.98) -> tuple[int, int]:
-    """1-based ranks ``(k, nm + 1 - k)`` of the pairwise differences bounding the HL interval.
-
-    Under a pure shift, ``P(d_(k) > shift) = P(U <= k - 1)`` with U Mann-Whitney distributed;
-    the normal approximation with continuity correction gives
-    ``k = floor(nm/2 + 0.5 - z * sqrt(nm (n + m + 1) / 12))``. Rounding down widens the interval
-    (conservative). Ties are ignored here, which also only widens it.
-    """
-    nm = n_candidate * n_stable
-    sd = math.sqrt(nm * (n_candidate + n_stable + 1) / 12)
-    k = math.floor(nm / 2 + 0.5 - z_value(confidence) * sd)
-    k = min(max(k, 1), (nm + 1) // 2)
-    return k, nm + 1 - k
-
-
-def hodges_lehmann(candidate: np.ndarray, stable: np.ndarray, confidence: float = 0.98) -> tuple[float, float, float]:
-    """Hodges-Lehmann shift ``candidate - stable`` and its distribution-free interval.
-
-    Returns ``(estimate, lower, upper)``: the median of all pairwise differences and the
-    order statistics of :func:`hl_interval_ranks`.
-    """
-    y, x = np.asarray(candidate, float), np.asarray(stable, float)
-    nm = y.size * x.size
-    if nm == 0:
-        raise ValueError("Hodges-Lehmann needs at least one sample per arm")
-    k_lo, k_hi = hl_interval_ranks(y.size, x.size, confidence)
-    mid_lo, mid_hi = (nm + 1) // 2, nm // 2 + 1  # equal when nm is odd
-    ranks = sorted({k_lo, k_hi, mid_lo, mid_hi})
-    v = dict(zip(ranks, pairwise_order_statistics(y, x, ranks), strict=True))
-    return float((v[mid_lo] + v[mid_hi]) / 2), float(v[k_lo]), float(v[k_hi])
-
-
-# --------------------------------------------------------------------------- judgment
+# --------------------------------------------------------------------------- results
 
 
 @dataclass(frozen=True)
 class MetricResult:
-    """Evidence on one metric: what was compared, what came out, and the verdict."""
+    """Evidence on one metric (or one segment of it): the test, the margin and the numbers."""
 
     name: str
-    kind: str
-    direction: str
-    """The harmful direction (increase or decrease)."""
-    critical: bool
-    weight: float
-    classification: Classification
-    n_stable: int
-    n_candidate: int
+    status: Status
+    test: str
+    """The test that decided, in words (and its level)."""
+    critical: bool = True
+    required: bool = True
+    segment: str = ""
+    """Segment label ("" for all traffic)."""
+    direction: str = "increase"
+    relative: bool = False
+    n_stable: int = 0
+    """Units (users, sessions, prompts, time blocks) of the stable arm in the comparison."""
+    n_candidate: int = 0
+    samples_stable: float = 0.0
+    """Samples (requests, answers, scores) of the stable arm."""
+    samples_candidate: float = 0.0
     stable_value: float | None = None
-    """Stable median (continuous) or proportion."""
     candidate_value: float | None = None
-    """Candidate median (continuous) or proportion."""
-    estimate: float | None = None
-    """candidate - stable: Hodges-Lehmann shift or difference of proportions."""
-    interval: tuple[float, float] | None = None
-    """Confidence interval of ``estimate``."""
-    tolerance: float | None = None
-    """Tolerance in metric units (relative tolerances already multiplied by the stable value)."""
-    p_value: float | None = None
-    """Two-sided p-value (Mann-Whitney, or the pooled two-proportion z-test), for the record."""
+    harm: float | None = None
+    """Estimated harm (candidate minus stable in the harmful direction; relative where the metric is)."""
+    lower: float | None = None
+    """Lower bound of the harm, valid at every look (level ``alpha``)."""
+    upper: float | None = None
+    """Upper bound of the harm, valid at every look (level ``beta``)."""
+    tolerance: float = 0.0
+    mde: float = 0.0
+    alpha: float = 0.0
+    beta: float = 0.0
+    evalue: float | None = None
+    """E-value of an exact test (fail at ``1 / alpha``; ``2 / alpha`` for the greedy McNemar test, which
+    keeps half its alpha for the look at a fully answered eval set)."""
+    needed: float | None = None
+    """Candidate samples the pass is expected to need at the current variance (None: unknown)."""
     detail: str = ""
-    """One line a person can read: numbers, rule and verdict."""
+    """One line a person can read: numbers, test, margin and status."""
 
     def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d["interval"] = list(self.interval) if self.interval is not None else None
-        return d
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> MetricResult:
-        d = dict(data)
-        if d.get("interval") is not None:
-            d["interval"] = tuple(d["interval"])
-        return cls(**d)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @property
+    def progress(self) -> float | None:
+        """Share of the samples a pass needs that are in (None: unknown)."""
+        if self.status in DONE or self.status == "fail":
+            return 1.0
+        if self.needed is None or not self.needed > 0:
+            return None
+        return min(1.0, self.samples_candidate / self.needed)
 
 
 @dataclass(frozen=True)
 class Judgment:
-    """One comparison of candidate with stable over a window, with its evidence."""
+    """One look at the rollout's evidence: the verdict and what it rests on."""
 
     result: Result
-    """pass, marginal, fail, nodata (inconclusive) or error (the evaluator failed)."""
-    score: float | None
-    """0-100: weighted share of passing metrics among those with data (None without data)."""
+    """fail, pass (every required metric passed), pending, nodata or error."""
     reason: str
-    """Why, naming the deciding metric and its numbers."""
+    """Why, naming the deciding metric, its test, margin and evidence."""
     metrics: tuple[MetricResult, ...] = ()
     at: float = 0.0
-    """When the judgment was made (epoch seconds)."""
+    samples: float = 0.0
+    """Samples seen by the judged metrics so far (for the no-data timer)."""
+
+    @property
+    def failed(self) -> tuple[MetricResult, ...]:
+        return tuple(m for m in self.metrics if m.status == "fail")
 
     @property
     def failed_critical(self) -> tuple[str, ...]:
-        """Names of the critical metrics that failed."""
-        return tuple(m.name for m in self.metrics if m.critical and m.classification == "fail")
+        """Names (with segment) of the critical metrics that failed."""
+        return tuple(_label(m) for m in self.failed if m.critical)
 
     @property
-    def has_data(self) -> bool:
-        """Whether the judgment reached a verdict on the candidate (pass, marginal or fail)."""
-        return self.result in ("pass", "marginal", "fail")
+    def progress(self) -> float | None:
+        """Least progress over the required metrics not yet passed (1 when all passed)."""
+        values = [m.progress for m in self.metrics if m.required and not m.segment]
+        known = [v for v in values if v is not None]
+        return min(known) if known else None
 
     @classmethod
     def error(cls, message: str, at: float = 0.0) -> Judgment:
-        """The record of an evaluator error (missing metrics backend, exception...); never a failure."""
-        return cls("error", None, f"error: {message}", (), at)
+        """The record of an evaluator error (exception in the judge, failed probes); never a failure."""
+        return cls("error", f"error: {message}", (), at)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "result": self.result,
-            "score": self.score,
-            "reason": self.reason,
-            "metrics": [m.to_dict() for m in self.metrics],
-            "at": self.at,
-        }
+        return {"result": self.result, "reason": self.reason, "metrics": [m.to_dict() for m in self.metrics],
+                "at": self.at, "samples": self.samples, "progress": self.progress}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Judgment:
-        if data.get("result") not in ("pass", "marginal", "fail", "nodata", "error"):
-            raise ValueError(f"judgment result must be pass, marginal, fail, nodata or error, not {data.get('result')!r}")
-        return cls(
-            result=data["result"],
-            score=data.get("score"),
-            reason=data["reason"],
-            metrics=tuple(MetricResult.from_dict(m) for m in data.get("metrics", ())),
-            at=data.get("at", 0.0),
-        )
+        if data.get("result") not in ("pass", "fail", "pending", "nodata", "error"):
+            raise ValueError(f"judgment result must be pass, fail, pending, nodata or error, not {data.get('result')!r}")
+        return cls(data["result"], data["reason"], tuple(MetricResult.from_dict(m) for m in data.get("metrics", ())),
+                   data.get("at", 0.0), data.get("samples", 0.0))
 
 
-def _fmt(v: float) -> str:
-    return f"{v:+.4g}"
+def alarming(m: MetricResult) -> bool:
+    """Undecided, with the estimate past the midpoint of tolerance and mde: worth holding for."""
+    return (m.status not in DONE and m.status != "fail" and m.harm is not None
+            and m.harm > (m.tolerance + m.mde) / 2)
 
 
-def _values(metric: MetricSpec, data: ArmData, arm: str) -> np.ndarray:
-    if isinstance(data, Counts):
-        raise ValueError(f"{metric.name}: a continuous metric needs values, not counts ({arm} arm)")
-    v = np.asarray(data, dtype=float).ravel()
-    bad = int(np.count_nonzero(~np.isfinite(v)))
-    if bad:
-        raise ValueError(f"{metric.name}: {bad} non-finite value(s) in the {arm} arm")
-    return v
+def _label(m: MetricResult) -> str:
+    return f"{m.name}[{m.segment}]" if m.segment else m.name
 
 
-def _counts(metric: MetricSpec, data: ArmData, arm: str) -> Counts:
-    if isinstance(data, Counts):
-        return data
-    v = np.asarray(data).ravel()
-    if v.size and not np.all((v == 0) | (v == 1)):
-        raise ValueError(f"{metric.name}: a proportion needs 0/1 outcomes ({arm} arm)")
-    return Counts(int(np.count_nonzero(v)), int(v.size))
+def _fmt(v: float | None, relative: bool = False) -> str:
+    if v is None or not math.isfinite(v):
+        return "n/a" if v is None else ("+inf" if v > 0 else "-inf")
+    return f"{v:+.1%}" if relative else f"{v:+.4g}"
 
 
-def _size(metric: MetricSpec, data: ArmData | None) -> int:
-    if data is None:
-        return 0
-    if isinstance(data, Counts):
-        return data.total
-    return int(np.asarray(data).size)
+# --------------------------------------------------------------------------- one metric
 
 
-def _verdict(metric: MetricSpec, estimate: float, lower: float, upper: float, tol: float) -> Classification:
-    """The classification rule (module docstring), in the harmful orientation.
+@dataclass(frozen=True)
+class _Plan:
+    """A metric's levels and mixing precisions, fixed by the spec."""
 
-    fail: the whole interval lies beyond the tolerance; pass: the estimate is within it;
-    inconclusive: the estimate is beyond the tolerance but the interval still reaches within.
+    alpha: float
+    beta: float
+    rho_fail: float
+    rho_pass: float
+    tol: float
+    """Tolerance on the scale of the estimate (log for relative means)."""
+    mde: float
+
+
+def _plan(metric: MetricSpec, alpha: float, beta: float, log_scale: bool, scale: float = 1.0) -> _Plan:
+    """Levels and mixing precisions of a metric's tests; the mixture is tuned to tell the
+    tolerance from ``scale`` times the mde's distance to it."""
+    tol, mde = metric.tolerance, metric.detectable
+    if log_scale:
+        tol, mde = math.log1p(tol), math.log1p(mde)
+    effect = (mde - tol if mde > tol else max(mde, 1e-6)) * scale
+    return _Plan(alpha, beta, seq.mixing_precision(alpha, beta, effect), seq.mixing_precision(beta, alpha, effect),
+                 tol, mde)
+
+
+def _harm(metric: MetricSpec, est: seq.Estimate, plan: _Plan, log_scale: bool,
+          estimate: float | None = None) -> tuple[float, float, float]:
+    """(harm, lower at alpha, upper at beta) in the metric's reported units.
+
+    The harm is the difference in the harmful direction (``-d`` for a harmful decrease); the
+    lower bound, which decides a failure, is taken at the metric's ``alpha``, the upper bound,
+    which decides a pass, at ``beta``. On the log scale, the bounds are mapped back to relative
+    changes (``exp(x) - 1``).
     """
-    if metric.direction == "increase":
-        harm, harm_low = estimate, lower
-    else:
-        harm, harm_low = -estimate, -upper
-    if harm_low > tol:
+    d = est.estimate if estimate is None else estimate
+    harm = d if metric.direction == "increase" else -d
+    lower = harm - seq.mixture_halfwidth(est.variance, plan.rho_fail, plan.alpha)
+    upper = harm + seq.mixture_halfwidth(est.variance, plan.rho_pass, plan.beta)
+    if log_scale:
+        return math.expm1(harm), math.expm1(lower), math.expm1(min(upper, 700.0))
+    if metric.kind == "proportion":  # a difference of shares lies in [-1, 1]
+        return harm, max(lower, -1.0), min(upper, 1.0)
+    return harm, lower, upper
+
+
+def _needed(est: seq.Estimate, harm: float, plan: _Plan, samples: float) -> float | None:
+    """Candidate samples at which the upper bound is expected below the mde (harm as now)."""
+    room = plan.mde - max(harm, 0.0)
+    if room <= 0 or not est.variance > 0 or not math.isfinite(est.variance) or samples <= 0:
+        return None
+    info = seq.information_for(room, plan.rho_pass, plan.beta)
+    return samples * info * est.variance if math.isfinite(info) else None
+
+
+def _classify(lower: float, upper: float, metric: MetricSpec) -> Status:
+    if lower > metric.tolerance:
         return "fail"
-    return "inconclusive" if harm > tol else "pass"
+    if upper < metric.detectable:
+        return "pass"
+    return "pending"
 
 
-def _evaluate(metric: MetricSpec, samples: MetricSamples | None, analysis: AnalysisSpec) -> MetricResult:
-    """Compare both arms on one metric."""
-    n_s = _size(metric, samples.stable if samples else None)
-    n_c = _size(metric, samples.candidate if samples else None)
-    base = {"name": metric.name, "kind": metric.kind, "direction": metric.direction,
-            "critical": metric.critical, "weight": metric.weight, "n_stable": n_s, "n_candidate": n_c}
-    if min(n_s, n_c) < analysis.min_samples:
-        detail = (f"{metric.name}: {n_s} stable / {n_c} candidate samples, fewer than "
-                  f"{analysis.min_samples} per arm -> nodata")
-        return MetricResult(classification="nodata", detail=detail, **base)
-    assert samples is not None  # n_s > 0 implies samples
-    sign = "+" if metric.direction == "increase" else "-"
-    if metric.kind == "continuous":
-        x = _values(metric, samples.stable, "stable")
-        y = _values(metric, samples.candidate, "candidate")
-        est, lo, hi = hodges_lehmann(y, x, analysis.confidence)
-        _, p = mann_whitney_u(y, x)
-        s_val, c_val = float(np.median(x)), float(np.median(y))
-        tol = metric.tolerance * abs(s_val) if metric.relative else metric.tolerance
-        rel = f" ({est / s_val:+.1%} of the stable median)" if s_val else ""
-        what = (f"medians {s_val:.4g} -> {c_val:.4g}; HL shift {_fmt(est)} [{_fmt(lo)}, {_fmt(hi)}]{rel}; "
-                f"Mann-Whitney p={p:.2g}")
-    else:
-        ks, kc = _counts(metric, samples.stable, "stable"), _counts(metric, samples.candidate, "candidate")
-        est, lo, hi = newcombe_interval(kc, ks, analysis.confidence)
-        s_val, c_val = ks.events / ks.total, kc.events / kc.total
-        pooled = (ks.events + kc.events) / (ks.total + kc.total)
-        se = math.sqrt(pooled * (1 - pooled) * (1 / ks.total + 1 / kc.total))
-        p = math.erfc(abs(est) / se / math.sqrt(2)) if se > 0 else 1.0
-        tol = metric.tolerance * s_val if metric.relative else metric.tolerance
-        what = (f"{s_val:.4g} ({ks.events}/{ks.total}) -> {c_val:.4g} ({kc.events}/{kc.total}); "
-                f"difference {_fmt(est)} [{_fmt(lo)}, {_fmt(hi)}]")
-    verdict = _verdict(metric, est, lo, hi, tol)
-    rel_tol = f" ({metric.tolerance:g} relative)" if metric.relative else ""
-    rule = {"fail": "whole interval beyond the tolerance",
-            "inconclusive": "estimate beyond the tolerance, interval reaching within it",
-            "pass": "estimate within the tolerance"}[verdict]
-    detail = (f"{metric.name}: {what}; tolerance {sign}{tol:.4g}{rel_tol}, harmful {metric.direction}; "
-              f"{rule} -> {verdict}")
-    return MetricResult(classification=verdict, stable_value=s_val, candidate_value=c_val, estimate=est,
-                        interval=(lo, hi), tolerance=tol, p_value=p, detail=detail, **base)
+class _Judge:
+    """Judges the metrics of one analysis on one evidence snapshot."""
+
+    def __init__(self, analysis: AnalysisSpec, evidence: Evidence, eval_set_size: int | None,
+                 probe_sampled: bool) -> None:
+        self.analysis = analysis
+        self.ev = evidence
+        self.eval_set_size = eval_set_size
+        self.probe_sampled = probe_sampled
+        n = len(analysis.metrics)
+        # The split of alpha depends on the spec alone, never on the data seen so far.
+        seg_metrics = [m for m in analysis.metrics if m.name in SEGMENT_METRICS and m.baseline == "stable"]
+        self.segments_on = analysis.max_segments > 0 and bool(seg_metrics)
+        share = analysis.alpha / 2 if self.segments_on else analysis.alpha
+        self.alpha_metric = share / n
+        self.alpha_segment = (analysis.alpha / 2) / max(len(seg_metrics) * analysis.max_segments, 1)
+        self._cache: dict[str, seq.GroupedEstimates] = {}
+
+    # ---- dispatch -------------------------------------------------------------------
+
+    def metric(self, m: MetricSpec) -> MetricResult:
+        if m.name == "probe_accuracy":
+            return self._probes(m)
+        if m.name == "latency":
+            return self._latency(m)
+        if m.name == "shadow_divergence":
+            return self._shadow(m)
+        if m.baseline == "none":
+            return self._own(m)
+        return self._mean(m, segment=0, alpha=self.alpha_metric)
+
+    def segments(self, m: MetricSpec) -> list[MetricResult]:
+        """The segments of ``m`` that failed, and the few that look worst (fail only: a segment
+        can roll back, never hold a promotion)."""
+        if not self.segments_on or m.name not in SEGMENT_METRICS or m.baseline != "stable":
+            return []
+        ge = self._grouped(m)
+        ok = np.minimum(ge.candidate_units, ge.stable_units) >= self.analysis.min_samples
+        ok[0] = False  # segment 0 is all traffic
+        ok &= ge.estimate == ge.estimate
+        codes = np.flatnonzero(ok)
+        codes = codes[np.argsort(-ge.candidate_units[codes], kind="stable")][: self.analysis.max_segments]
+        if codes.size == 0:
+            return []
+        # Screen every segment at once; full results only for the failed and the worst few.
+        plan = _plan(m, self.alpha_segment, self.analysis.beta, m.relative, SEGMENT_EFFECT)
+        est, var = ge.estimate[codes], ge.variance[codes]
+        harm = est if m.direction == "increase" else -est
+        harm_low = harm - seq.mixture_halfwidths(var, plan.rho_fail, plan.alpha)
+        tol = plan.tol
+        failing = harm_low > tol
+        if m.name in EVENT_METRICS and (m.relative or m.tolerance == 0):
+            tc, nc, ts, ns = (x[codes] for x in ge.counts)
+            if m.direction == "decrease":
+                tc, ts = nc - tc, ns - ts
+            e = seq.rate_ratio_evalues(tc, ts, nc, ns, 1.0 + m.tolerance if m.relative else 1.0)
+            failing = e >= 1.0 / self.alpha_segment
+        midpoint = (plan.tol + plan.mde) / 2
+        suspect = (harm > midpoint) & ((harm - midpoint) >= SUSPECT_Z * np.sqrt(np.maximum(var, 0.0)))
+        order = np.argsort(-harm, kind="stable")
+        shown = [i for i in order.tolist() if harm[i] > tol][:SHOWN_SEGMENTS]
+        picks = sorted(set(np.flatnonzero(failing | suspect).tolist()) | set(shown))
+        labels = {code: label for label, code in self.ev.segments.items()}
+        out = []
+        for i in picks:
+            code = int(codes[i])
+            r = self._mean(m, segment=code, alpha=self.alpha_segment, label=labels[code], effect=SEGMENT_EFFECT)
+            if r.status != "fail":
+                r = _replace(r, status="suspect" if suspect[i] else "pending")
+            out.append(r)
+        return out
+
+    # ---- mean-type metrics ----------------------------------------------------------
+
+    def _grouped(self, m: MetricSpec) -> seq.GroupedEstimates:
+        """Every segment's comparison of a ratio metric at once (cached per metric)."""
+        cached = self._cache.get(m.name)
+        if cached is not None:
+            return cached
+        num, den = MEAN_METRICS[m.name]
+        arms = []
+        for version in (self.ev.candidate, self.ev.stable):
+            stratum, segment, unit, cols = self.ev.tables.get(version, EMPTY_TABLE)
+            count = cols[COL[den]]
+            keep = count > 0
+            arms.append(seq.Grouped(segment[keep], stratum[keep], unit[keep], cols[COL[num]][keep], count[keep]))
+        binary = m.name in EVENT_METRICS or (
+            m.name == "feedback_score" and self.ev.total(self.ev.candidate, "feedback_graded") == 0
+            and self.ev.total(self.ev.stable, "feedback_graded") == 0)
+        ge = seq.grouped_difference(arms[0], arms[1], max(len(self.ev.segments), 1), log_scale=m.relative,
+                                    binary=binary)
+        self._cache[m.name] = ge
+        return ge
+
+    def _mean(self, m: MetricSpec, *, segment: int, alpha: float, label: str = "", effect: float = 1.0) -> MetricResult:
+        ge = self._grouped(m)
+        g = segment
+        n_c, n_s = float(ge.candidate_samples[g]), float(ge.stable_samples[g])
+        u_c, u_s = int(ge.candidate_units[g]), int(ge.stable_units[g])
+        event = m.name in EVENT_METRICS
+        log_scale = m.relative
+        plan = _plan(m, alpha, self.analysis.beta, log_scale, effect)
+        base = self._base(m, label, u_s, u_c, n_s, n_c, alpha)
+        exact = event and (m.relative or m.tolerance == 0)
+        if n_c == 0 or n_s == 0:
+            return MetricResult(status="nodata", test="no samples in an arm", **base,
+                                detail=f"{_name(m, label)}: {n_s:g} stable / {n_c:g} candidate samples -> nodata")
+        est = ge.get(g)
+        if est is None:
+            return MetricResult(status="nodata", test="no step with samples in both arms", **base,
+                                detail=f"{_name(m, label)}: no allocation step has samples in both arms -> nodata")
+        harm, lower, upper = _harm(m, est, plan, log_scale)
+        evalue = None
+        enough = min(u_c, u_s) >= self.analysis.min_samples
+        if exact:
+            ratio = 1.0 + m.tolerance if m.relative else 1.0
+            tc, nc, ts, ns = (x[g] for x in ge.counts)
+            if m.direction == "decrease":  # fewer events is the harm: count the non-events
+                tc, ts = nc - tc, ns - ts
+            evalue = seq.rate_ratio_evalue(tc, ts, nc, ns, ratio)
+            status: Status = "fail" if evalue >= 1.0 / alpha else "pending"
+            if status != "fail" and enough and upper < m.detectable:
+                status = "pass"
+            test = (f"exact conditional-binomial e-process (rate ratio <= {ratio:g}; e-value {evalue:.3g}, "
+                    f"fail at {1 / alpha:.4g}); pass: confidence sequence (user-clustered)")
+        else:
+            status = _classify(lower, upper, m) if enough else "nodata"
+            scale = "log-mean" if log_scale else "mean"
+            test = (f"confidence sequence of the {scale} difference (normal mixture, user-clustered, "
+                    f"stratified by step; alpha {alpha:.2g}, beta {self.analysis.beta:.2g})")
+        needed = None if label else _needed(est, est.estimate if m.direction == "increase" else -est.estimate,
+                                            plan, n_c)
+        values = (est.stable_value, est.candidate_value)
+        what = f"{values[0]:.4g} -> {values[1]:.4g} ({n_s:g} / {n_c:g} samples, {u_s} / {u_c} units)"
+        return self._result(m, label, base, status, test, what, harm, lower, upper, values, evalue, needed)
+
+    def _own(self, m: MetricSpec) -> MetricResult:
+        """baseline "none": the candidate's own value against the tolerance."""
+        num, den = MEAN_METRICS.get(m.name, ("", ""))
+        alpha = self.alpha_metric
+        if not num:
+            raise ValueError(f"{m.name}: baseline 'none' is for request and feedback metrics")
+        cand = self.ev.arm(self.ev.candidate, num, den)
+        base = self._base(m, "", 0, cand.units, 0.0, cand.samples, alpha)
+        if cand.samples == 0:
+            return MetricResult(status="nodata", test="no candidate samples", **base,
+                                detail=f"{m.name}: no candidate samples -> nodata")
+        events = float(cand.total.sum())
+        value = events / cand.samples
+        if m.kind == "proportion" and m.tolerance == 0 and m.direction == "increase":
+            harm = lower = upper = value
+            status: Status = "fail" if events > 0 else (
+                "pass" if cand.units >= self.analysis.min_samples and value < m.detectable else "pending")
+            test = "zero tolerance: any event fails"
+        else:
+            # The candidate's mean against a zero "arm": the same clustered machinery, one arm.
+            zero = seq.Arm(cand.stratum, cand.unit, np.zeros_like(cand.total), cand.count)
+            est = seq.stratified_difference(cand, zero, binary=m.kind == "proportion")
+            assert est is not None  # both arms have the candidate's strata
+            est = seq.Estimate(value, est.variance, 0.0, value, est.strata)
+            harm, lower, upper = _harm(m, est, _plan(m, alpha, self.analysis.beta, False), False)
+            status = _classify(lower, upper, m) if cand.units >= self.analysis.min_samples else "nodata"
+            test = f"confidence sequence of the candidate's own mean (no baseline; alpha {alpha:.2g})"
+        what = f"candidate {value:.4g} ({cand.samples:g} samples)"
+        return self._result(m, "", base, status, test, what, harm, lower, upper, (None, value), None, None)
+
+    # ---- latency: probes against a twin of stable --------------------------------
+
+    def _latency(self, m: MetricSpec) -> MetricResult:
+        """Engine time per step of the probes, candidate against stable's twin, paired by prompt.
+
+        A minority adapter shares its steps with the majority's, so its requests' latency
+        measures batch composition as much as the adapter. The probes of stable run in a twin
+        slot (a second copy of stable's weights), so both probes are minorities in the same
+        traffic; their engine time per step (queueing excluded) includes whatever each adapter
+        costs every request of its steps. Harm: the ratio of geometric means minus one.
+        """
+        alpha = self.alpha_metric
+        prompts, stable, cand = self.ev.paired_probes(latency=True)
+        n = int(prompts.size)
+        base = self._base(m, "", n, n, self.ev.probe_answers(self.ev.stable, latency=True),
+                          self.ev.probe_answers(self.ev.candidate, latency=True), alpha)
+        if n == 0:
+            return MetricResult(status="nodata", test="no timed probes on both versions", **base,
+                                detail=f"{m.name}: no probe with the engine's step times on both versions yet "
+                                       "-> nodata")
+        est = seq.paired_difference(cand, stable, binary=False)
+        assert est is not None
+        log_scale = True
+        plan = _plan(m, alpha, self.analysis.beta, log_scale)
+        harm, lower, upper = _harm(m, est, plan, log_scale)
+        status = _classify(lower, upper, m) if n >= self.analysis.min_samples else "nodata"
+        test = (f"paired confidence sequence of the log engine time per step, candidate against a twin of stable "
+                f"(both minority adapters; {n} prompts; alpha {alpha:.2g})")
+        what = (f"engine time per step {math.exp(est.stable_value) * 1e3:.3g} ms -> "
+                f"{math.exp(est.candidate_value) * 1e3:.3g} ms")
+        needed = _needed(est, est.estimate, plan, float(n))
+        return self._result(m, "", base, status, test, what, harm, lower, upper,
+                            (math.exp(est.stable_value), math.exp(est.candidate_value)), None, needed)
+
+    # ---- probes ---------------------------------------------------------------------
+
+    def _probes(self, m: MetricSpec) -> MetricResult:
+        alpha = self.alpha_metric
+        prompts, stable, cand = self.ev.paired_probes()
+        n = int(prompts.size)
+        base = self._base(m, "", n, n, self.ev.probe_answers(self.ev.stable), self.ev.probe_answers(self.ev.candidate),
+                          alpha)
+        if n == 0:
+            return MetricResult(status="nodata", test="no prompt answered by both versions", **base,
+                                detail=f"{m.name}: no eval-set prompt answered by both versions yet -> nodata")
+        est = seq.paired_difference(cand, stable)
+        assert est is not None  # n > 0
+        plan = _plan(m, alpha, self.analysis.beta, m.relative)
+        harm, lower, upper = _harm(m, est, plan, False)
+        enough = n >= self.analysis.min_samples
+        greedy = not self.probe_sampled
+        full = greedy and self.eval_set_size is not None and n >= self.eval_set_size
+        evalue = None
+        if greedy and m.tolerance == 0 and m.direction == "decrease":
+            # alpha in two halves: the e-process at every look, and one fixed-sample exact test
+            # when the finite set is answered in full (its data no longer change: a single look).
+            # Their union errs with chance at most alpha; the last test has the power a finite set
+            # gives, which the always-valid test alone spends on looking.
+            lost = float(np.sum((stable > cand) * (stable - cand)))
+            won = float(np.sum((cand > stable) * (cand - stable)))
+            evalue = seq.rate_ratio_evalue([lost], [won], [1.0], [1.0], 1.0)
+            status: Status = "fail" if evalue >= 2 / alpha else "pending"
+            test = (f"exact sequential McNemar (e-process on {lost:g} lost / {won:g} won discordant prompts; "
+                    f"e-value {evalue:.3g}, fail at {2 / alpha:.4g})")
+            if full:
+                n_lost, n_won = int(np.sum(stable > cand)), int(np.sum(cand > stable))
+                p_value = seq.binomial_tail(n_lost, n_lost + n_won)
+                if p_value <= alpha / 2:
+                    status = "fail"
+                test += f"; answered in full: exact McNemar p {p_value:.3g}, fail at {alpha / 2:.2g}"
+            else:
+                test += f"; once answered in full, exact McNemar at {alpha / 2:.2g}"
+            if status != "fail" and enough and upper < m.detectable:
+                status = "pass"
+            test += "; pass: paired confidence sequence"
+        else:
+            status = _classify(lower, upper, m) if enough else "nodata"
+            kind = "greedy" if greedy else "sampled, per-prompt means"
+            test = f"paired confidence sequence over prompts ({kind}; alpha {alpha:.2g})"
+        if full and status in ("pending", "nodata"):
+            status = "exhausted"
+            test += f"; the {self.eval_set_size}-prompt eval set is answered in full and cannot show more"
+        needed = _needed(est, -est.estimate if m.direction == "decrease" else est.estimate, plan, float(n))
+        if full:
+            needed = None
+        what = (f"accuracy {est.stable_value:.3g} -> {est.candidate_value:.3g} over {n} paired prompts")
+        return self._result(m, "", base, status, test, what, harm, lower, upper,
+                            (est.stable_value, est.candidate_value), evalue, needed)
+
+    # ---- shadow divergence ----------------------------------------------------------
+
+    def _shadow(self, m: MetricSpec) -> MetricResult:
+        alpha = self.alpha_metric
+        cand, noise = self.ev.shadow_llr, self.ev.noise_llr
+        base = self._base(m, "", noise.size, cand.size, float(noise.size), float(cand.size), alpha)
+        if cand.size == 0 or noise.size == 0:
+            return MetricResult(status="nodata", test="no shadow copies or noise floor", **base,
+                                detail=f"{m.name}: {noise.size} noise / {cand.size} shadow LLRs -> nodata")
+        units_c = np.arange(cand.size, dtype=np.int64)
+        units_s = np.arange(noise.size, dtype=np.int64) + cand.size
+        est = seq.stratified_difference(
+            seq.Arm(np.zeros(cand.size, np.int64), units_c, cand, np.ones(cand.size)),
+            seq.Arm(np.zeros(noise.size, np.int64), units_s, noise, np.ones(noise.size)),
+        )
+        assert est is not None
+        plan = _plan(m, alpha, self.analysis.beta, False)
+        harm, lower, upper = _harm(m, est, plan, False)
+        enough = min(cand.size, noise.size) >= self.analysis.min_samples
+        status = _classify(lower, upper, m) if enough else "nodata"
+        test = f"confidence sequence of the mean LLR against the noise floor (alpha {alpha:.2g})"
+        what = f"LLR {est.stable_value:.4g} (noise) -> {est.candidate_value:.4g} (candidate)"
+        return self._result(m, "", base, status, test, what, harm, lower, upper,
+                            (est.stable_value, est.candidate_value), None, None)
+
+    # ---- helpers --------------------------------------------------------------------
+
+    def _base(self, m: MetricSpec, label: str, n_s: int, n_c: int, s_s: float, s_c: float,
+              alpha: float) -> dict[str, Any]:
+        return {"name": m.name, "critical": m.critical, "required": m.required and not label, "segment": label,
+                "direction": m.direction, "relative": m.relative, "n_stable": int(n_s), "n_candidate": int(n_c),
+                "samples_stable": float(s_s), "samples_candidate": float(s_c), "tolerance": m.tolerance,
+                "mde": m.detectable, "alpha": alpha, "beta": self.analysis.beta}
+
+    @staticmethod
+    def _result(m: MetricSpec, label: str, base: dict[str, Any], status: Status, test: str, what: str,
+                harm: float, lower: float, upper: float, values: tuple[float | None, float | None],
+                evalue: float | None, needed: float | None) -> MetricResult:
+        rel = m.relative
+        margin = (f"tolerance {_fmt(m.tolerance, rel)}, mde {_fmt(m.detectable, rel)} "
+                  f"(harmful {m.direction})")
+        bounds = f"harm {_fmt(harm, rel)} [{_fmt(lower, rel)}, {_fmt(upper, rel)}]"
+        rule = {"fail": "lower bound beyond the tolerance", "pass": "upper bound below the mde",
+                "pending": "bounds straddle the margin", "nodata": "too few units",
+                "exhausted": "eval set exhausted", "suspect": "estimate well past the midpoint of the margin",
+                }[status]
+        detail = f"{_name(m, label)}: {what}; {bounds}; {margin}; {test}; {rule} -> {status}"
+        return MetricResult(status=status, test=test, stable_value=values[0], candidate_value=values[1],
+                            harm=harm, lower=lower, upper=upper, evalue=evalue, needed=needed, detail=detail, **base)
 
 
-def harm_margin(m: MetricResult) -> float:
-    """How far the interval's harmful bound is past the tolerance, in interval widths (> 0: fail);
-    -inf for a metric without an interval."""
-    if m.interval is None or m.tolerance is None:
-        return float("-inf")
-    lo, hi = m.interval
-    width = (hi - lo) or 1.0
-    return (lo - m.tolerance) / width if m.direction == "increase" else (-m.tolerance - hi) / width
+def _name(m: MetricSpec, label: str) -> str:
+    return f"{m.name}[{label}]" if label else m.name
 
 
-def judge(analysis: AnalysisSpec, data: Mapping[str, MetricSamples], at: float = 0.0) -> Judgment:
-    """Judge candidate against stable on every metric of ``analysis``.
+def _replace(r: MetricResult, **changes: Any) -> MetricResult:
+    d = r.to_dict()
+    d.update(changes)
+    return MetricResult(**d)
 
-    ``data`` maps metric names to both arms' samples over the same window; a metric missing
-    from it has no data. Invalid samples (non-finite values, outcomes other than 0/1, counts
-    for a continuous metric) raise ``ValueError``: the controller records that as an evaluator
-    error (:meth:`Judgment.error`), never as a failure.
+
+# --------------------------------------------------------------------------- judge
+
+
+def judge(analysis: AnalysisSpec, evidence: Evidence, at: float = 0.0, *, eval_set_size: int | None = None,
+          probe_sampled: bool = False, elapsed_s: float | None = None, budget_s: float | None = None) -> Judgment:
+    """Judge candidate against stable on every metric of ``analysis`` (and its segments).
+
+    ``eval_set_size``: prompts in the rollout's eval set (a greedy set answered in full is
+    *exhausted*); ``probe_sampled``: probes are sampled (temperature > 0), so answers repeat.
+    ``elapsed_s`` (time the evidence has been gathering) and ``budget_s`` (time left before the
+    rollout's ``max_duration_s``) let an optional metric hold the promotion only while its pass is
+    within reach at the current rate of its samples.
+    Invalid evidence raises ``ValueError``: the controller records that as an evaluator error
+    (:meth:`Judgment.error`), never as a failure.
     """
-    unknown = sorted(set(data) - {m.name for m in analysis.metrics})
-    if unknown:
-        raise ValueError(f"data for metrics not in the analysis: {', '.join(unknown)}")
-    results = tuple(_evaluate(m, data.get(m.name), analysis) for m in analysis.metrics)
-    with_data = [r for r in results if r.classification != "nodata"]
-    conclusive = [r for r in with_data if r.classification != "inconclusive"]
-    pending = [r for r in with_data if r.classification == "inconclusive"]
-    failed = sorted((r for r in conclusive if r.classification == "fail"), key=harm_margin, reverse=True)
-    w_pass = sum(r.weight for r in conclusive if r.classification == "pass")
-    w_data = sum(r.weight for r in with_data)
-    # Score over the conclusive metrics; ``best`` counts the inconclusive ones as passing, the
-    # most they can still bring, so a judgment already lost whatever they turn out to be fails now.
-    score = 100.0 * w_pass / (w_data - sum(r.weight for r in pending)) if conclusive else None
-    best = 100.0 * (w_pass + sum(r.weight for r in pending)) / w_data if with_data else None
+    j = _Judge(analysis, evidence, eval_set_size, probe_sampled)
+    results: list[MetricResult] = []
+    for m in analysis.metrics:
+        overall = j.metric(m)
+        results.append(overall)
+        segs = j.segments(m)
+        failed = [r for r in segs if r.status == "fail"]
+        rest = sorted((r for r in segs if r.status != "fail"), key=lambda r: -(r.harm or 0.0))
+        results.extend(failed + [r for r in rest[:SHOWN_SEGMENTS] if (r.harm or 0.0) > r.tolerance])
+    samples = sum(r.samples_stable + r.samples_candidate for r in results if not r.segment)
+    return _verdict(results, at, samples, elapsed_s, budget_s)
 
-    critical_failed = [r for r in failed if r.critical]
-    if critical_failed:
-        names = ", ".join(r.name for r in critical_failed)
-        return Judgment("fail", score, f"fail: critical metric(s) {names} failed; {critical_failed[0].detail}",
-                        results, at)
-    if best is not None and best < analysis.marginal_threshold:
-        reason = (f"fail: score {score:.1f} < {analysis.marginal_threshold:g}"
-                  if not pending else f"fail: score at most {best:.1f} < {analysis.marginal_threshold:g}")
-        return Judgment("fail", score, reason + "; " + "; ".join(r.detail for r in failed), results, at)
-    missing_critical = [r for r in results if r.critical and r.classification == "nodata"]
-    if pending:
-        r = max(pending, key=harm_margin)
-        return Judgment("nodata", score, f"nodata: inconclusive, holding for more data; {r.detail}", results, at)
-    if not with_data or missing_critical:
-        r = missing_critical[0] if missing_critical else min(results, key=lambda r: min(r.n_stable, r.n_candidate))
-        prefix = "critical metric without enough data" if missing_critical else "no metric has enough data"
-        return Judgment("nodata", score, f"nodata: {prefix}; {r.detail}", results, at)
-    assert score is not None  # with_data and nothing pending: every metric with data is conclusive
-    if score < analysis.pass_threshold:
-        reason = (f"marginal: score {score:.1f} in [{analysis.marginal_threshold:g}, "
-                  f"{analysis.pass_threshold:g}); " + "; ".join(r.detail for r in failed))
-        return Judgment("marginal", score, reason, results, at)
+
+def within_reach(r: MetricResult, elapsed_s: float | None, budget_s: float | None) -> bool:
+    """Whether an undecided metric can expect to pass within ``budget_s`` at its samples' rate."""
+    if budget_s is None or elapsed_s is None or not elapsed_s > 0 or r.needed is None:
+        return True
+    rate = r.samples_candidate / elapsed_s
+    return rate > 0 and (r.needed - r.samples_candidate) / rate <= budget_s
+
+
+def _verdict(results: Sequence[MetricResult], at: float, samples: float, elapsed_s: float | None = None,
+             budget_s: float | None = None) -> Judgment:
+    overall = [r for r in results if not r.segment]
+    failed = [r for r in results if r.status == "fail"]
     if failed:
-        reason = f"pass: score {score:.1f} >= {analysis.pass_threshold:g} despite {failed[0].detail}"
-    else:
-        closest = max(with_data, key=harm_margin)
-        reason = (f"pass: score {score:.1f}; all {len(with_data)} metrics with data within tolerance; "
-                  f"closest: {closest.detail}")
-    return Judgment("pass", score, reason, results, at)
+        worst = max(failed, key=lambda r: (r.critical, (r.lower or 0.0) - r.tolerance))
+        names = ", ".join(_label(r) for r in failed)
+        kind = "critical metric(s)" if any(r.critical for r in failed) else "metric(s)"
+        return Judgment("fail", f"fail: {kind} {names} failed; {worst.detail}", tuple(results), at, samples)
+    required = [r for r in overall if r.required]
+    worrying = [r for r in overall if not r.required and r.status not in DONE and r.status != "nodata"
+                and (alarming(r) or within_reach(r, elapsed_s, budget_s))]
+    worrying += [r for r in results if r.segment and r.status == "suspect"]
+    if required and all(r.status in DONE for r in required) and not worrying:
+        closest = max(required, key=lambda r: (r.upper if r.upper is not None else -math.inf) - r.mde)
+        return Judgment("pass", f"pass: all {len(required)} required metrics passed; closest: {closest.detail}",
+                        tuple(results), at, samples)
+    if required and all(r.status == "nodata" and r.samples_candidate == 0 for r in required):
+        r = required[0]
+        return Judgment("nodata", f"nodata: no required metric has data; {r.detail}", tuple(results), at, samples)
+    waiting = [r for r in required if r.status not in DONE] + worrying
+    slowest = min(waiting, key=lambda r: r.progress if r.progress is not None else -1.0)
+    return Judgment("pending", f"pending: {len(waiting)} metric(s) undecided; slowest: {slowest.detail}",
+                    tuple(results), at, samples)
 
 
 # --------------------------------------------------------------------------- decision
@@ -598,15 +648,38 @@ class Decision:
     reason: str
 
 
-def _trailing(history: Sequence[Judgment], result: str, skip: tuple[str, ...] = ()) -> int:
-    """Number of ``result`` judgments at the end of ``history``, stepping over ``skip`` results."""
-    count = 0
-    for j in reversed(history):
-        if j.result == result:
-            count += 1
-        elif j.result not in skip:
-            break
-    return count
+def ladder(rollout: Rollout) -> float:
+    """How far above the mde a step may still rule the harm out to advance: 2 ** steps left.
+
+    At the first of k steps the upper bounds need only be below ``2 ** (k - 1)`` times the mde
+    (a gross regression is ruled out); each step halves it, and the last step needs a pass.
+    The shadow phase is step -1.
+    """
+    left = len(rollout.spec.steps) - 1 - rollout.step_index
+    return float(2 ** max(left, 0))
+
+
+def step_ready(rollout: Rollout, judgment: Judgment) -> tuple[bool, str]:
+    """Whether the evidence suffices to leave the current (not last) step, and why not."""
+    factor = ladder(rollout)
+    for r in judgment.metrics:
+        if r.segment:
+            continue
+        if r.status in DONE:
+            continue
+        if not r.required:
+            if r.status != "nodata" and alarming(r):
+                return False, (f"{r.name} looks worse than halfway to its mde ({_fmt(r.harm, r.relative)}); "
+                               "holding")
+            continue
+        if r.status == "nodata" or r.upper is None:
+            return False, f"{r.name} has too little data ({r.samples_candidate:g} candidate samples)"
+        if alarming(r):
+            return False, f"{r.name} looks worse than halfway to its mde ({_fmt(r.harm, r.relative)}); holding"
+        if r.upper >= factor * r.mde:
+            return False, (f"{r.name}: upper bound {_fmt(r.upper, r.relative)} not yet below "
+                           f"{factor:g} x mde = {_fmt(factor * r.mde, r.relative)}")
+    return True, f"every required metric is within {factor:g} x its mde"
 
 
 def decide(rollout: Rollout, history: Sequence[Judgment], now: float,
@@ -616,16 +689,15 @@ def decide(rollout: Rollout, history: Sequence[Judgment], now: float,
     Rules, in order (``policy`` defaults to the rollout's own):
 
     1. paused or terminal rollouts are left alone (a person resumes a paused one);
-    2. a failed critical metric in the latest judgment rolls back at once;
-    3. ``max_failed`` failed judgments over the whole rollout roll back;
-    4. ``max_errors_in_row`` evaluator errors in a row pause (an error says nothing about the
-       candidate, so it is never a failure);
-    5. ``max_marginal_in_row`` marginal judgments in a row pause (errors in between are skipped);
-    6. inconclusive for lack of data for ``nodata_pause_s`` since the step began or the last
-       judgment with data pauses;
-    7. a pass made during the current step, once the step's ``step_interval_s`` has elapsed,
-       advances, or promotes at the last step;
-    8. anything else holds.
+    2. ``max_errors_in_row`` evaluator errors in a row pause (an error is never a failure);
+    3. a failed critical metric (or segment) rolls back at once; a failed non-critical one pauses;
+    4. no new sample for ``nodata_pause_s`` pauses; so does a rollout undecided after
+       ``max_duration_s``;
+    5. before ``step_interval_s`` has elapsed in the step, hold;
+    6. at the last step, a pass promotes; before it, the step advances as soon as every required
+       metric's upper bound is within :func:`ladder` times its mde (and no metric's estimate is
+       past the midpoint of its tolerance and mde: :func:`alarming`);
+    7. anything else holds, saying what the rollout waits for.
     """
     policy = policy or rollout.spec.policy
     if rollout.state not in ("shadow", "ramping"):
@@ -633,41 +705,46 @@ def decide(rollout: Rollout, history: Sequence[Judgment], now: float,
     if not history:
         return Decision("hold", "no judgment yet")
     latest = history[-1]
-    if latest.failed_critical and policy.rollback_on_critical:
-        return Decision("rollback", f"critical metric failed: {latest.reason}")
-    n_failed = sum(1 for j in history if j.result == "fail")
-    if n_failed >= policy.max_failed:
-        return Decision("rollback", f"{n_failed} failed judgments (limit {policy.max_failed}); last: "
-                        + next(j.reason for j in reversed(history) if j.result == "fail"))
-    # Streaks count from the step's start: a resume (or an advance) starts a new step, so a
-    # person who resumes a paused rollout is not paused again by the streak they looked at.
     in_step = [j for j in history if j.at >= rollout.step_started_at] or [latest]
     if latest.result == "error":
-        errors = _trailing(in_step, "error")
+        errors = 0
+        for j in reversed(in_step):
+            if j.result != "error":
+                break
+            errors += 1
         if errors >= policy.max_errors_in_row:
             return Decision("pause", f"{errors} evaluator errors in a row: {latest.reason}")
         return Decision("hold", f"evaluator error {errors} of {policy.max_errors_in_row} before pausing: "
                         f"{latest.reason}")
-    marginal = _trailing(in_step, "marginal", skip=("error",))
-    if marginal >= policy.max_marginal_in_row:
-        return Decision("pause", f"{marginal} marginal judgments in a row; last: {latest.reason}")
-    if latest.result == "nodata":
-        with_data = [j.at for j in history if j.has_data]
-        since = max([rollout.step_started_at, *with_data])
-        waited = now - since
-        if waited >= policy.nodata_pause_s:
-            return Decision("pause", f"no conclusive judgment for {waited:.0f} s "
-                            f"(limit {policy.nodata_pause_s:g} s): {latest.reason}")
-        return Decision("hold", f"inconclusive for {waited:.0f} s: {latest.reason}")
-    if latest.result == "pass":
-        if latest.at < rollout.step_started_at:
-            return Decision("hold", "latest pass predates the current step; waiting for a new judgment")
-        elapsed = now - rollout.step_started_at
-        if elapsed < rollout.spec.step_interval_s:
-            return Decision("hold", f"pass, but only {elapsed:.0f} s of the step's "
-                            f"{rollout.spec.step_interval_s:g} s have elapsed")
-        if rollout.state == "ramping" and rollout.is_last_step:
+    if latest.result == "fail":
+        if latest.failed_critical:
+            return Decision("rollback", f"critical metric failed: {latest.reason}")
+        return Decision("pause", f"a non-critical metric failed, a person decides: {latest.reason}")
+    judged = [j for j in history if j.result != "error"]
+    since = rollout.step_started_at  # the samples last grew at the judgment after the last smaller count
+    newer = None
+    for j in reversed(judged):
+        if j.samples < latest.samples:
+            since = max(since, newer.at if newer is not None else j.at)
+            break
+        newer = j
+    waited = now - since
+    if waited >= policy.nodata_pause_s:
+        return Decision("pause", f"no new sample for {waited:.0f} s (limit {policy.nodata_pause_s:g} s): "
+                        f"{latest.reason}")
+    if policy.max_duration_s > 0 and now - rollout.started_at >= policy.max_duration_s:
+        return Decision("pause", f"undecided after {now - rollout.started_at:.0f} s (limit "
+                        f"{policy.max_duration_s:g} s): {latest.reason}")
+    elapsed = now - rollout.step_started_at
+    if elapsed < rollout.spec.step_interval_s:
+        return Decision("hold", f"{latest.result}, {elapsed:.0f} s of the step's least "
+                        f"{rollout.spec.step_interval_s:g} s: {latest.reason}")
+    if rollout.state == "ramping" and rollout.is_last_step:
+        if latest.result == "pass":
             return Decision("promote", f"last step ({rollout.weight:g} %) passed: {latest.reason}")
+        return Decision("hold", f"waiting for every required metric to pass: {latest.reason}")
+    ready, why = step_ready(rollout, latest)
+    if ready:
         nxt = rollout.spec.steps[rollout.step_index + 1]
-        return Decision("advance", f"step passed, advancing to {nxt:g} %: {latest.reason}")
-    return Decision("hold", f"{latest.result}: {latest.reason}")
+        return Decision("advance", f"{why}; advancing to {nxt:g} %: {latest.reason}")
+    return Decision("hold", f"{why}: {latest.reason}")

@@ -1,53 +1,51 @@
-"""Metric windows: what each (task, version) did recently, in the form the judge reads.
+"""Metric windows: the evidence each (task, version) has gathered, in the form the judge reads.
 
-The API records every answered request (:meth:`MetricWindows.record_request`, or
-:meth:`~MetricWindows.record_route` with the router's decision), the feedback users send on a
-completion (:meth:`~MetricWindows.register_completion` when it answers, then
-:meth:`~MetricWindows.record_feedback`), and the shadow copies it runs
-(:meth:`~MetricWindows.record_shadow`, :meth:`~MetricWindows.record_noise_floor`); the
-controller records its probes (:meth:`~MetricWindows.record_probe`). Once per judgment the
-controller asks :meth:`~MetricWindows.samples` for both arms' data since the current step
-began, keyed by the metric names of the rollout's analysis.
+The server records every answered request as a :class:`~peftserve.canary.samples.RequestRecord`
+(:meth:`MetricWindows.record`), the feedback users send on a completion
+(:meth:`~MetricWindows.register_completion` when it answers, then
+:meth:`~MetricWindows.record_feedback`), and its shadow copies; the controller records its
+probes (:meth:`~MetricWindows.record_probe`). Recording only appends to a list under a lock;
+the records are folded into running sums when the controller next reads
+(:meth:`~MetricWindows.evidence`), so the request path never waits for arithmetic. A bulk,
+columnar path (:meth:`~MetricWindows.record_columns`) feeds the same sums for pushes from other
+processes and for the simulator in ``bench/canary_sim.py``.
 
-Metrics this module can produce (:data:`METRICS`; a spec naming another is refused when the
-rollout starts, see :func:`check_metrics`):
+What is kept is what the judge needs, not the requests:
+
+* per (task, version), a table of sums per cell ``(stratum, segment, unit)``: requests, errors,
+  non-finite outputs, finish reasons, latency sums, output tokens, feedback sums. The *unit* is
+  the routed user or session (so the judge's variance is clustered by it), the *stratum* the
+  allocation a request was routed under (the weight of the step, ``shadow`` or ``probe``: the
+  judge compares the arms within strata, so traffic that drifts while the weight changes
+  cannot pose as a difference) and the *segment* a label (``length=...``, ``header:...``,
+  ``meta:...``; the empty segment is everything). Memory grows with units, not requests;
+* per (task, version), per eval-set prompt: the probe answers (count and sum of scores) and the
+  probes' engine time per step (count and sum of logs), which the judge pairs prompt by prompt;
+* shadow copies and the noise floor as bounded series (their LLRs are judged as they come).
+
+The controller calls :meth:`~MetricWindows.forget` when a task's rollout starts and ends: a
+rollout's evidence is everything recorded during it. Only ``in_experiment`` records (the routing
+hash placed them, or probes and shadow copies) enter the judged sums; the others are counted for
+people (:meth:`~MetricWindows.summary`).
+
+Metrics the judge can read (:data:`METRICS`; a spec naming another is refused when the rollout
+starts, see :func:`check_metrics`):
 
 ================== =========== ==============================================================
-name               kind        one sample per
+name               kind        compared as
 ================== =========== ==============================================================
-error_rate         proportion  request: 1 when it failed (exception or non-finite logits)
-non_finite         proportion  request: 1 when its logits were non-finite (also an error)
-finish_<reason>    proportion  request: 1 when it finished with <reason> (``finish_length``...)
-latency_e2e        continuous  completed request: seconds from arrival to last token
-ttft               continuous  request with a first token: seconds to it
-tpot               continuous  completed request: mean seconds per output token after the first
-output_tokens      continuous  completed request: tokens generated
-feedback_score     continuous  completion with feedback: its score in [0, 1]
-probe_accuracy     proportion  probe: 1 when the answer matched the expected one exactly
-shadow_divergence  continuous  shadow copy with an LLR; the stable arm is the noise floor
+error_rate         proportion  share of requests that failed (exception or non-finite logits)
+non_finite         proportion  share of requests with non-finite logits (also errors)
+finish_<reason>    proportion  share finishing with stop, length, abort or error
+latency            continuous  probes' engine time per step, candidate vs a twin of stable
+latency_e2e        continuous  mean seconds from arrival to last token (raw: batch-confounded)
+ttft               continuous  mean seconds to the first token (raw)
+tpot               continuous  mean seconds per output token after the first (raw)
+output_tokens      continuous  mean tokens generated per completed request
+feedback_score     continuous  mean user score in [0, 1] (binary or graded)
+probe_accuracy     proportion  eval-set exact match, paired prompt by prompt
+shadow_divergence  continuous  mean LLR of shadow copies against the stable noise floor
 ================== =========== ==============================================================
-
-"Completed" excludes failed requests and those the client aborted (finish reason ``abort``),
-whose latency and length say nothing about the version.
-
-Windows are by the time a sample is recorded: a request when it is answered, feedback when
-it arrives (so a score sent during step 2 on an answer of step 1 counts in step 2's window).
-
-Which requests count: only those the router placed by its hash (``RouteDecision.in_experiment``),
-the randomized comparison. Pinned (``task@version``), overridden (``X-Canary``) and untargeted
-requests are recorded with ``in_experiment=False``: they appear in :meth:`~MetricWindows.summary`
-but never in the judged arms, since their users chose (or were chosen for) the version.
-
-Shadow phase: at weight 0 the candidate serves no user, so its request metrics come from the
-shadow copies (``samples(..., shadow=True)``): each copy is the candidate answering a stable
-request of the cohort, picked by an independent hash. The copies run beside their stable
-request, so their latency includes that extra load; the comparison is a conservative one.
-
-Memory is bounded: every series is a ``deque`` with ``max_samples`` entries, and
-:meth:`~MetricWindows.prune` (called by the controller each round) drops samples older than
-the oldest window still being judged. Completions awaiting feedback expire after
-``feedback_ttl_s`` (default one hour) and are capped at ``max_completions``. All methods are
-thread-safe (one lock); the lock is never held while arrays are built or the judge runs.
 """
 
 from __future__ import annotations
@@ -56,19 +54,20 @@ import math
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from peftserve.canary.judge import Counts, MetricSamples
-from peftserve.canary.router import RouteDecision
-from peftserve.canary.spec import AnalysisSpec, MetricSpec, RolloutSpecError
+from peftserve.canary.samples import PROBE_STRATUM, ProbeRecord, RequestRecord
+from peftserve.canary.sequential import Arm
+from peftserve.canary.spec import MetricSpec, RolloutSpecError
 
 METRICS: dict[str, str] = {
     "error_rate": "proportion",
     "non_finite": "proportion",
+    "latency": "continuous",
     "latency_e2e": "continuous",
     "ttft": "continuous",
     "tpot": "continuous",
@@ -77,20 +76,44 @@ METRICS: dict[str, str] = {
     "probe_accuracy": "proportion",
     "shadow_divergence": "continuous",
 }
-"""Metric name -> kind, for the names :meth:`MetricWindows.samples` produces (plus ``finish_<reason>``)."""
+"""Metric name -> kind, for the names the judge reads (plus ``finish_<reason>``)."""
 
 FINISH_PREFIX = "finish_"
-"""``finish_<reason>``: share of requests that finished with ``<reason>`` (proportion)."""
-
+FINISH_REASONS = ("stop", "length", "abort", "error")
 ABORTED = "abort"
-"""Finish reason of a request the client gave up on: left out of latency and length."""
+
+COLUMNS = (
+    "requests", "errors", "non_finite", "completed", "e2e_n", "e2e", "ttft_n", "ttft", "tpot_n", "tpot",
+    "output_tokens", "feedback_n", "feedback", "feedback_graded",
+    *(f"finish_{r}" for r in FINISH_REASONS),
+)  # fmt: skip
+"""Sums kept per cell. Latency and length sums are over completed requests (``e2e_n`` of them)."""
+COL = {name: i for i, name in enumerate(COLUMNS)}
+
+MEAN_METRICS: dict[str, tuple[str, str]] = {
+    "error_rate": ("errors", "requests"),
+    "non_finite": ("non_finite", "requests"),
+    "latency_e2e": ("e2e", "e2e_n"),
+    "ttft": ("ttft", "ttft_n"),
+    "tpot": ("tpot", "tpot_n"),
+    "output_tokens": ("output_tokens", "e2e_n"),
+    "feedback_score": ("feedback", "feedback_n"),
+    **{f"finish_{r}": (f"finish_{r}", "requests") for r in FINISH_REASONS},
+}
+"""Metrics that are a ratio of two sums per cell: (numerator column, denominator column)."""
+EVENT_METRICS = frozenset({"error_rate", "non_finite", *(f"finish_{r}" for r in FINISH_REASONS)})
+"""Rates of events, judged with the exact rate-ratio e-process when their margin is a ratio."""
+
+MAX_STRATA = 127
+MAX_SEGMENTS = 4096
+"""Distinct segment labels remembered per task; later labels are not tracked as segments."""
 
 
 def metric_kind(name: str) -> str | None:
-    """The kind (``continuous`` or ``proportion``) of a metric this module produces, else None."""
+    """The kind (``continuous`` or ``proportion``) of a metric the judge reads, else None."""
     if name in METRICS:
         return METRICS[name]
-    if name.startswith(FINISH_PREFIX) and len(name) > len(FINISH_PREFIX):
+    if name.startswith(FINISH_PREFIX) and name[len(FINISH_PREFIX):] in FINISH_REASONS:
         return "proportion"
     return None
 
@@ -98,225 +121,345 @@ def metric_kind(name: str) -> str | None:
 def check_metrics(metrics: Iterable[MetricSpec]) -> None:
     """Refuse (:class:`RolloutSpecError`, 400) metrics the windows cannot produce or of the wrong kind.
 
-    A metric nobody records would stay without data forever: a critical one would hold the
-    rollout until it pauses, a non-critical one would silently never count.
+    A metric nobody records would stay without data forever and hold the rollout until it pauses.
     """
     for m in metrics:
         kind = metric_kind(m.name)
         if kind is None:
-            known = ", ".join([*METRICS, f"{FINISH_PREFIX}<reason>"])
+            known = ", ".join([*METRICS, *(f"finish_{r}" for r in FINISH_REASONS)])
             raise RolloutSpecError(f"unknown metric {m.name!r}; the metric windows record: {known}")
         if kind != m.kind:
             raise RolloutSpecError(f"metric {m.name!r} is a {kind} metric, not {m.kind}")
+        if m.name == "latency" and not m.relative:
+            raise RolloutSpecError("metric 'latency' is judged relative to stable (a ratio of engine times per "
+                                   "step); set relative: true and give tolerance and mde as fractions (0.1 = 10 %)")
 
 
-# --------------------------------------------------------------------------- samples
+# --------------------------------------------------------------------------- cell tables
 
 
-@dataclass(slots=True)
-class RequestSample:
-    """One answered request of a version."""
+class _Table:
+    """Sums per cell ``(stratum, segment, unit)`` of one (task, version); keys pack the three."""
 
-    at: float
-    in_experiment: bool
-    error: bool
-    non_finite: bool
-    ttft: float | None
-    tpot: float | None
-    e2e: float | None
-    output_tokens: int | None
-    finish_reason: str | None
+    def __init__(self) -> None:
+        self.index: dict[int, int] = {}
+        self.keys = np.zeros(64, dtype=np.int64)
+        self.stats = np.zeros((64, len(COLUMNS)))
+        self.n = 0
 
-    @property
-    def completed(self) -> bool:
-        """Finished without error and not aborted: its latency and length describe the version."""
-        return not self.error and self.finish_reason != ABORTED
+    def add(self, keys: np.ndarray, values: np.ndarray) -> None:
+        """Add ``values`` [m, C] to the cells ``keys`` [m] (unique)."""
+        rows = np.empty(keys.size, dtype=np.int64)
+        for i, k in enumerate(keys.tolist()):
+            row = self.index.get(k)
+            if row is None:
+                row = self.index[k] = self.n
+                self.n += 1
+                if self.n > self.keys.size:
+                    self.keys = np.concatenate([self.keys, np.zeros_like(self.keys)])
+                    self.stats = np.concatenate([self.stats, np.zeros_like(self.stats)])
+                self.keys[row] = k
+            rows[i] = row
+        np.add.at(self.stats, rows, values)
+
+    def snapshot(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.keys[: self.n].copy(), self.stats[: self.n].copy()
 
 
-@dataclass(slots=True)
-class FeedbackSample:
-    """A user's score of one completion (the last one sent counts)."""
-
-    at: float
-    score: float
-    in_experiment: bool
+def _pack(stratum: np.ndarray, segment: np.ndarray, unit: np.ndarray) -> np.ndarray:
+    return (stratum.astype(np.int64) << 56) | (segment.astype(np.int64) << 40) | unit.astype(np.int64)
 
 
-@dataclass(slots=True)
-class ProbeSample:
-    at: float
-    correct: bool
+def _unpack(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return keys >> 56, (keys >> 40) & 0xFFFF, keys & ((1 << 40) - 1)
+
+
+@dataclass
+class _Task:
+    """Everything one task has recorded during its current rollout."""
+
+    strata: dict[str, int] = field(default_factory=dict)
+    segments: dict[str, int] = field(default_factory=lambda: {"": 0})
+    tables: dict[str, _Table] = field(default_factory=dict)
+    shown: dict[str, np.ndarray] = field(default_factory=dict)
+    """Per version: sums of every request, judged or not (for people)."""
+    probes: dict[str, np.ndarray] = field(default_factory=dict)
+    """version -> [prompts, 4]: answers, sum of scores, timed probes, sum of log step time."""
+    first_at: float | None = None
+    last_at: float | None = None
+
+    def stratum(self, name: str) -> int:
+        code = self.strata.get(name)
+        if code is None:
+            if len(self.strata) >= MAX_STRATA:
+                raise ValueError(f"more than {MAX_STRATA} allocation strata in one rollout")
+            code = self.strata[name] = len(self.strata)
+        return code
+
+    def segment(self, label: str) -> int | None:
+        code = self.segments.get(label)
+        if code is None and len(self.segments) < MAX_SEGMENTS:
+            code = self.segments[label] = len(self.segments)
+        return code
+
+
+# --------------------------------------------------------------------------- columnar batches
+
+
+@dataclass
+class Columns:
+    """Requests of one (task, version, arm, stratum) as columns: the bulk form of records.
+
+    ``unit`` [n] int64 unit codes (:func:`~peftserve.canary.samples.unit_id`); ``values`` [n, C]
+    per :data:`COLUMNS`; ``labels``: segment labels per request (a list of n tuples, or arrays of
+    n label strings, "" for none); ``at`` [n] their times; ``in_experiment`` [n] bool.
+    """
+
+    task: str
+    version: str
+    arm: str
+    stratum: str
+    unit: np.ndarray
+    values: np.ndarray
+    in_experiment: np.ndarray
+    at: np.ndarray
+    labels: Sequence[Any] = ()
+
+
+def _record_values(r: RequestRecord) -> list[float]:
+    v = [0.0] * len(COLUMNS)
+    v[COL["requests"]] = 1.0
+    v[COL["errors"]] = float(r.error)
+    v[COL["non_finite"]] = float(r.non_finite)
+    if r.completed:
+        v[COL["completed"]] = 1.0
+        if r.e2e is not None:
+            v[COL["e2e_n"]], v[COL["e2e"]] = 1.0, float(r.e2e)
+            if r.output_tokens is not None:
+                v[COL["output_tokens"]] = float(r.output_tokens)
+        if r.tpot is not None:
+            v[COL["tpot_n"]], v[COL["tpot"]] = 1.0, float(r.tpot)
+    if r.ttft is not None:
+        v[COL["ttft_n"]], v[COL["ttft"]] = 1.0, float(r.ttft)
+    if r.finish_reason in FINISH_REASONS:
+        v[COL[f"finish_{r.finish_reason}"]] = 1.0
+    elif r.error:
+        v[COL["finish_error"]] = 1.0
+    return v
+
+
+def columns_of(records: Sequence[RequestRecord]) -> list[Columns]:
+    """Group records by (task, version, arm, stratum) into :class:`Columns`."""
+    groups: dict[tuple[str, str, str, str], list[RequestRecord]] = {}
+    for r in records:
+        groups.setdefault((r.task, r.version, r.arm, r.stratum), []).append(r)
+    out = []
+    for (task, version, arm, stratum), rs in groups.items():
+        out.append(Columns(
+            task, version, arm, stratum,
+            unit=np.array([r.unit for r in rs], dtype=np.int64),
+            values=np.array([_record_values(r) for r in rs], dtype=float),
+            in_experiment=np.array([r.in_experiment for r in rs], dtype=bool),
+            at=np.array([r.at for r in rs], dtype=float),
+            labels=[r.segments for r in rs],
+        ))  # fmt: skip
+    return out
+
+
+# --------------------------------------------------------------------------- evidence
+
+
+@dataclass
+class Evidence:
+    """A snapshot of one rollout's data for the judge: plain arrays, no locks, no clock.
+
+    ``tables[version]`` holds ``(stratum, segment, unit, columns)`` per cell (units as dense codes
+    shared by both versions, ``columns`` [C, cells] per :data:`COLUMNS`); ``probes[version]`` a row per prompt index: ``(answers, score sum,
+    timed probes, sum of log step time)``; ``strata`` and ``segments`` the code of every stratum
+    and segment label.
+    """
+
+    stable: str
+    candidate: str
+    strata: dict[str, int]
+    segments: dict[str, int]
+    tables: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+    probes: dict[str, np.ndarray]
+    shadow_llr: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    noise_llr: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    first_at: float | None = None
+    last_at: float | None = None
+    _rows: dict[tuple[str, int], np.ndarray] = field(default_factory=dict, repr=False)
+    _arms: dict[tuple[str, str, str, int], Arm] = field(default_factory=dict, repr=False)
+
+    def _segment_rows(self, version: str, segment: int) -> np.ndarray:
+        """Row indices of ``version``'s cells in ``segment`` (grouped once per snapshot)."""
+        if not self._rows or (version, -1) not in self._rows:
+            _, seg, _, _ = self.tables.get(version, EMPTY_TABLE)
+            order = np.argsort(seg, kind="stable")
+            codes, starts = np.unique(seg[order], return_index=True)
+            bounds = [*starts.tolist(), seg.size]
+            for i, code in enumerate(codes.tolist()):
+                self._rows[(version, code)] = order[bounds[i]:bounds[i + 1]]
+            self._rows[(version, -1)] = order
+        return self._rows.get((version, segment), np.zeros(0, dtype=np.int64))
+
+    def arm(self, version: str, numerator: str, denominator: str, segment: int = 0) -> Arm:
+        """One arm's cells for a ratio metric, in segment ``segment`` (0: all)."""
+        key = (version, numerator, denominator, segment)
+        cached = self._arms.get(key)
+        if cached is None:
+            cached = self._arms[key] = self._arm(*key)
+        return cached
+
+    def _arm(self, version: str, numerator: str, denominator: str, segment: int) -> Arm:
+        stratum, _, unit, cols = self.tables.get(version, EMPTY_TABLE)
+        rows = self._segment_rows(version, segment)
+        count = cols[COL[denominator]][rows]
+        keep = rows[count > 0]
+        return Arm(stratum[keep], unit[keep], cols[COL[numerator]][keep], cols[COL[denominator]][keep])
+
+    def total(self, version: str, column: str, segment: int = 0) -> float:
+        """Sum of ``column`` over ``version``'s cells of ``segment``."""
+        stratum, seg, _, cols = self.tables.get(version, EMPTY_TABLE)
+        if segment == 0:
+            return float(cols[COL[column]][seg == 0].sum())
+        return float(cols[COL[column]][self._segment_rows(version, segment)].sum())
+
+    def paired_probes(self, latency: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per prompt measured on both versions: (prompt indices, stable mean, candidate mean) of
+        the score, or with ``latency`` of the log engine time per step."""
+        n, total = (2, 3) if latency else (0, 1)
+        s = self.probes.get(self.stable, np.zeros((0, 4)))
+        c = self.probes.get(self.candidate, np.zeros((0, 4)))
+        size = min(s.shape[0], c.shape[0])
+        both = np.flatnonzero((s[:size, n] > 0) & (c[:size, n] > 0))
+        return both, s[both, total] / s[both, n], c[both, total] / c[both, n]
+
+    def probe_answers(self, version: str, latency: bool = False) -> float:
+        table = self.probes.get(version)
+        return float(table[:, 2 if latency else 0].sum()) if table is not None else 0.0
+
+
+EMPTY_TABLE: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] = (
+    np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((len(COLUMNS), 0)))
+
+
+# --------------------------------------------------------------------------- shadow copies
 
 
 @dataclass(slots=True)
 class ShadowSample:
-    """The candidate's answer to a copy of a stable request."""
+    """The candidate's answer to a copy of a stable request (its LLR against stable's answer)."""
 
     at: float
-    stable: str
     exact_match: bool
     llr: float | None
     e2e: float | None
-    ttft: float | None
     error: bool
-    non_finite: bool
-    output_tokens: int | None
-
-    @property
-    def completed(self) -> bool:
-        return not self.error
-
-
-@dataclass(slots=True)
-class NoiseSample:
-    """Divergence of stable from itself on one request (the baseline of ``shadow_divergence``)."""
-
-    at: float
-    llr: float
 
 
 @dataclass(slots=True)
 class _Completion:
-    task: str
-    version: str
-    arm: str | None
-    in_experiment: bool
+    record: RequestRecord
     registered_at: float
-    feedback: FeedbackSample | None = None
+    score: float | None = None
 
 
 def _finite(value: float | None) -> float | None:
-    """``value`` as a float, or None when missing or not finite (the judge refuses non-finite data)."""
     if value is None:
         return None
     v = float(value)
     return v if math.isfinite(v) else None
 
 
-def _since(series: deque, since: float) -> list:
-    """The samples of ``series`` (oldest first) recorded after ``since``.
-
-    Strictly after: a sample stamped with the very time a step began was taken before the
-    transition (the controller reads its clock after the round's traffic and probes).
-    """
-    out = []
-    for s in reversed(series):
-        if s.at <= since:
-            break
-        out.append(s)
-    out.reverse()
-    return out
-
-
-def _prune(series: deque, before: float) -> None:
-    while series and series[0].at < before:
-        series.popleft()
-
-
-def _proportion(flags: list[bool]) -> Counts:
-    return Counts(sum(flags), len(flags))
-
-
-def _median(values: list[float]) -> float | None:
-    return float(np.median(values)) if values else None
-
-
-def _mean(values: list[float]) -> float | None:
-    return float(np.mean(values)) if values else None
-
-
 class MetricWindows:
-    """Per (task, version) windows of request, feedback, probe and shadow samples.
+    """The evidence of every task's current rollout; thread-safe (one lock, held briefly).
 
-    ``clock`` stamps samples recorded without an explicit ``at`` (tests pass a fake clock);
-    ``max_samples`` bounds each series; ``feedback_ttl_s`` is how long a completion id accepts
-    feedback, ``max_completions`` how many ids are remembered at most (the oldest go first).
+    ``clock`` stamps what is recorded without a time (tests pass a fake clock);
+    ``feedback_ttl_s`` is how long a completion id accepts feedback, ``max_completions`` how many
+    ids are remembered at most (the oldest go first); ``max_series`` bounds the shadow series.
     """
 
     def __init__(
         self,
         *,
         clock: Callable[[], float] = time.time,
-        max_samples: int = 50_000,
         feedback_ttl_s: float = 3600.0,
         max_completions: int = 200_000,
+        max_series: int = 50_000,
     ) -> None:
-        if max_samples < 1 or max_completions < 1:
-            raise ValueError("max_samples and max_completions must be at least 1")
+        if max_series < 1 or max_completions < 1:
+            raise ValueError("max_series and max_completions must be at least 1")
         if not feedback_ttl_s > 0:
             raise ValueError(f"feedback_ttl_s must be > 0, not {feedback_ttl_s}")
         self._clock = clock
-        self._max = max_samples
         self.feedback_ttl_s = feedback_ttl_s
         self._max_completions = max_completions
+        self._max_series = max_series
         self._lock = threading.Lock()
-        self._requests: dict[tuple[str, str], deque[RequestSample]] = {}
-        self._feedback: dict[tuple[str, str], deque[FeedbackSample]] = {}
-        self._probes: dict[tuple[str, str], deque[ProbeSample]] = {}
-        self._shadow: dict[tuple[str, str], deque[ShadowSample]] = {}
-        self._noise: dict[str, deque[NoiseSample]] = {}
+        self._pending: list[RequestRecord | Columns | tuple] = []
+        self._tasks: dict[str, _Task] = {}
         self._completions: OrderedDict[str, _Completion] = OrderedDict()
-
-    def _series(self, table: dict, key: Any) -> deque:
-        series = table.get(key)
-        if series is None:
-            series = table[key] = deque(maxlen=self._max)
-        return series
+        self._shadow: dict[tuple[str, str], deque[ShadowSample]] = {}
+        self._noise: dict[str, deque[tuple[float, float]]] = {}
+        self._rate: dict[str, deque[list[float]]] = {}
 
     def _now(self, at: float | None) -> float:
         return self._clock() if at is None else float(at)
 
     # ---- recording ----------------------------------------------------------------------
 
-    def record_request(
-        self,
-        task: str,
-        version: str,
-        *,
-        in_experiment: bool = True,
-        error: bool = False,
-        non_finite: bool = False,
-        ttft: float | None = None,
-        tpot: float | None = None,
-        e2e: float | None = None,
-        output_tokens: int | None = None,
-        finish_reason: str | None = None,
-        at: float | None = None,
-    ) -> None:
-        """Record one answered (or failed) request served by ``task@version``.
-
-        ``in_experiment``: the router placed it by hash (``RouteDecision.in_experiment``); pass
-        False for pins, overrides, untargeted requests and fallbacks answered by stable after
-        a candidate failure, so they are kept for display but left out of the judgment.
-        ``non_finite`` implies ``error``. Non-finite timings are dropped (never judged).
-        """
-        sample = RequestSample(
-            self._now(at), bool(in_experiment), bool(error or non_finite), bool(non_finite),
-            _finite(ttft), _finite(tpot), _finite(e2e),
-            int(output_tokens) if output_tokens is not None else None, finish_reason,
-        )
+    def record(self, record: RequestRecord) -> None:
+        """Record one answered (or failed) request; folded into the sums at the next read."""
         with self._lock:
-            self._series(self._requests, (task, version)).append(sample)
+            self._pending.append(record)
+            self._count_rate(record.task, record.at)
 
-    def record_route(self, decision: RouteDecision, **outcome: Any) -> None:
-        """:meth:`record_request` for a routed request: task, version and experiment flag from ``decision``."""
-        self.record_request(decision.task, decision.version, in_experiment=decision.in_experiment, **outcome)
+    def record_many(self, records: Iterable[RequestRecord]) -> None:
+        """Record several requests at once (a push from another process)."""
+        records = list(records)
+        with self._lock:
+            self._pending.extend(records)
+            for r in records:
+                self._count_rate(r.task, r.at)
 
-    def register_completion(
-        self,
-        completion_id: str,
-        task: str,
-        version: str,
-        *,
-        arm: str | None = None,
-        in_experiment: bool = True,
-        at: float | None = None,
-    ) -> None:
-        """Remember which version answered ``completion_id``, so feedback on it can be attributed."""
+    def record_columns(self, columns: Columns) -> None:
+        """Record requests in columnar form (bulk pushes, the simulator)."""
+        with self._lock:
+            self._pending.append(columns)
+            if columns.unit.size:
+                self._count_rate(columns.task, float(columns.at.max()), int(columns.unit.size))
+
+    def _count_rate(self, task: str, at: float, n: int = 1) -> None:
+        """Requests per 10 s bucket over the last 5 minutes (the plan's traffic estimate)."""
+        buckets = self._rate.setdefault(task, deque(maxlen=31))
+        b = math.floor(at / 10.0)
+        if buckets and buckets[-1][0] == b:
+            buckets[-1][1] += n
+        elif not buckets or buckets[-1][0] < b:
+            buckets.append([b, float(n)])
+
+    def recent_rate(self, task: str, now: float | None = None) -> float:
+        """The task's requests per second over the last five minutes (0 without traffic)."""
+        now = self._now(now)
+        with self._lock:
+            buckets = list(self._rate.get(task, ()))
+        lo = math.floor(now / 10.0) - 30
+        total = sum(n for b, n in buckets if b >= lo)
+        if not total:
+            return 0.0
+        first = min(b for b, _ in buckets if b >= lo)
+        span = max(now - first * 10.0, 10.0)
+        return total / min(span, 300.0)
+
+    def register_completion(self, completion_id: str, record: RequestRecord, *, at: float | None = None) -> None:
+        """Remember the request that answered ``completion_id``, so feedback on it counts for its
+        version, unit, stratum and segments."""
         now = self._now(at)
         with self._lock:
             self._expire(now)
-            self._completions[completion_id] = _Completion(task, version, arm, bool(in_experiment), now)
+            self._completions[completion_id] = _Completion(record, now)
             self._completions.move_to_end(completion_id)
             while len(self._completions) > self._max_completions:
                 self._completions.popitem(last=False)
@@ -340,15 +483,15 @@ class MetricWindows:
             c = self._completions.get(completion_id)
             if c is None:
                 return False
-            if c.feedback is not None:
-                c.feedback.score = value
-                return True
-            c.feedback = FeedbackSample(now, value, c.in_experiment)
-            self._series(self._feedback, (c.task, c.version)).append(c.feedback)
+            first = c.score is None
+            delta_n = 1.0 if first else 0.0
+            delta = value - (c.score or 0.0)
+            graded = float(value not in (0.0, 1.0)) - float(c.score is not None and c.score not in (0.0, 1.0))
+            c.score = value
+            self._pending.append(("feedback", c.record, delta_n, delta, graded))
         return True
 
     def _expire(self, now: float) -> None:
-        """Forget completions older than the TTL (the dict is in registration order)."""
         cutoff = now - self.feedback_ttl_s
         while self._completions:
             first = next(iter(self._completions.values()))
@@ -356,194 +499,214 @@ class MetricWindows:
                 break
             self._completions.popitem(last=False)
 
-    def record_probe(self, task: str, version: str, correct: bool, *, at: float | None = None) -> None:
-        """Record one known-answer probe of ``task@version`` (exact match or not)."""
+    def record_probe(self, probe: ProbeRecord) -> None:
+        """Record one eval-set answer (and the probe as a request in stratum ``probe``)."""
         with self._lock:
-            self._series(self._probes, (task, version)).append(ProbeSample(self._now(at), bool(correct)))
+            self._pending.append(probe)
 
-    def record_shadow(
-        self,
-        task: str,
-        stable: str,
-        candidate: str,
-        exact_match: bool,
-        llr: float | None,
-        e2e: float | None,
-        error: bool,
-        out_len: int | None,
-        *,
-        ttft: float | None = None,
-        non_finite: bool = False,
-        at: float | None = None,
-    ) -> None:
-        """Record the candidate's answer to a shadow copy of a stable request.
-
-        ``exact_match``: the candidate's text equals stable's; ``llr``: a divergence score of
-        the candidate's answer from stable's (log-likelihood ratio; None when not computed);
-        ``e2e``/``ttft`` in seconds, ``out_len`` in tokens; ``error``/``non_finite`` as for requests.
-        """
-        sample = ShadowSample(
-            self._now(at), stable, bool(exact_match), _finite(llr), _finite(e2e), _finite(ttft),
-            bool(error or non_finite), bool(non_finite), int(out_len) if out_len is not None else None,
-        )
+    def record_shadow(self, task: str, candidate: str, *, exact_match: bool, llr: float | None,
+                      e2e: float | None, error: bool, at: float | None = None) -> None:
+        """Record the candidate's answer to a shadow copy (its request record goes to :meth:`record`)."""
+        sample = ShadowSample(self._now(at), bool(exact_match), _finite(llr), _finite(e2e), bool(error))
         with self._lock:
-            self._series(self._shadow, (task, candidate)).append(sample)
+            self._shadow.setdefault((task, candidate), deque(maxlen=self._max_series)).append(sample)
 
     def record_noise_floor(self, task: str, llr: float, *, at: float | None = None) -> None:
-        """Record the divergence of stable from itself (two stable answers to one request).
-
-        It is the baseline of ``shadow_divergence``: sampling noise alone gives this much.
-        """
+        """Record the divergence of stable from itself (the baseline of ``shadow_divergence``)."""
         value = _finite(llr)
         if value is None:
             return
         with self._lock:
-            self._series(self._noise, task).append(NoiseSample(self._now(at), value))
+            self._noise.setdefault(task, deque(maxlen=self._max_series)).append((self._now(at), value))
+
+    # ---- folding ------------------------------------------------------------------------
+
+    def _fold(self) -> None:
+        """Fold pending records into the sums (called under the lock)."""
+        pending, self._pending = self._pending, []
+        records: list[RequestRecord] = []
+        for item in pending:
+            if isinstance(item, RequestRecord):
+                records.append(item)
+            elif isinstance(item, ProbeRecord):
+                self._fold_probe(item)
+                if item.request is not None:
+                    records.append(item.request)
+            elif isinstance(item, Columns):
+                self._fold_columns(item)
+            else:
+                _, record, delta_n, delta, graded = item
+                self._fold_feedback(record, delta_n, delta, graded)
+        for columns in columns_of(records):
+            self._fold_columns(columns)
+
+    def _fold_probe(self, p: ProbeRecord) -> None:
+        t = self._tasks.setdefault(p.task, _Task())
+        table = t.probes.get(p.version)
+        if table is None or table.shape[0] <= p.prompt:
+            grown = np.zeros((max(64, 2 * p.prompt + 2, table.shape[0] * 2 if table is not None else 0), 4))
+            if table is not None:
+                grown[: table.shape[0]] = table
+            table = t.probes[p.version] = grown
+        cell = table[p.prompt]
+        if p.score is not None:
+            cell[0] += 1.0
+            cell[1] += float(p.score)
+        step_time = p.step_time
+        if step_time is not None:
+            cell[2] += 1.0
+            cell[3] += math.log(step_time)
+
+    def _fold_feedback(self, r: RequestRecord, delta_n: float, delta: float, graded: float) -> None:
+        if not r.in_experiment:
+            return
+        t = self._tasks.setdefault(r.task, _Task())
+        values = np.zeros((1, len(COLUMNS)))
+        values[0, COL["feedback_n"]] = delta_n
+        values[0, COL["feedback"]] = delta
+        values[0, COL["feedback_graded"]] = graded
+        codes = [0, *(c for c in (t.segment(label) for label in r.segments) if c is not None)]
+        keys = _pack(np.full(len(codes), t.stratum(r.stratum)), np.array(codes), np.full(len(codes), r.unit))
+        t.tables.setdefault(r.version, _Table()).add(keys, np.repeat(values, len(codes), axis=0))
+
+    def _fold_columns(self, c: Columns) -> None:
+        n = c.unit.size
+        if n == 0:
+            return
+        t = self._tasks.setdefault(c.task, _Task())
+        if c.stratum != PROBE_STRATUM:  # probes are no user traffic
+            shown = t.shown.setdefault(c.version, np.zeros(len(COLUMNS)))
+            shown += c.values.sum(axis=0)
+        at_max = float(c.at.max())
+        t.first_at = min(t.first_at, float(c.at.min())) if t.first_at is not None else float(c.at.min())
+        t.last_at = max(t.last_at, at_max) if t.last_at is not None else at_max
+        judged = c.in_experiment
+        if not judged.any():
+            return
+        unit, values = c.unit[judged], c.values[judged]
+        stratum = t.stratum(c.stratum)
+        seg_rows = [np.arange(unit.size)]
+        seg_codes = [np.zeros(unit.size, dtype=np.int64)]
+        for rows, codes in self._segment_codes(t, c.labels, judged):
+            seg_rows.append(rows)
+            seg_codes.append(codes)
+        rows = np.concatenate(seg_rows)
+        keys = _pack(np.full(rows.size, stratum), np.concatenate(seg_codes), unit[rows])
+        uniq, inverse = np.unique(keys, return_inverse=True)
+        sums = np.zeros((uniq.size, len(COLUMNS)))
+        np.add.at(sums, inverse, values[rows])
+        t.tables.setdefault(c.version, _Table()).add(uniq, sums)
+
+    @staticmethod
+    def _segment_codes(t: _Task, labels: Sequence[Any], judged: np.ndarray) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+        """(row indices among the judged rows, segment codes) per label position."""
+        if not len(labels):
+            return
+        index = np.flatnonzero(judged)
+        if isinstance(labels[0], np.ndarray):  # one array of n labels per dimension
+            for column in labels:
+                values = np.asarray(column)[index]
+                uniq, inverse = np.unique(values, return_inverse=True)
+                codes = np.array([t.segment(str(u)) if u else None for u in uniq], dtype=object)
+                ok = np.array([code is not None for code in codes])[inverse]
+                yield np.flatnonzero(ok), np.array([codes[i] for i in inverse[ok]], dtype=np.int64)
+            return
+        rows, codes = [], []
+        for j, i in enumerate(index.tolist()):
+            for label in labels[i]:
+                code = t.segment(label)
+                if code is not None:
+                    rows.append(j)
+                    codes.append(code)
+        if rows:
+            yield np.array(rows, dtype=np.int64), np.array(codes, dtype=np.int64)
 
     # ---- reading ------------------------------------------------------------------------
 
-    def _requests_since(self, task: str, version: str, since: float, experiment_only: bool = True) -> list[RequestSample]:
-        series = self._requests.get((task, version))
-        if series is None:
-            return []
-        return [s for s in _since(series, since) if s.in_experiment or not experiment_only]
+    def fold(self) -> None:
+        """Fold what was recorded into the sums now (the controller calls it every round, so
+        records of tasks without a reader do not pile up)."""
+        with self._lock:
+            self._fold()
 
-    def _noise_since(self, task: str, since: float) -> list[float]:
-        return [n.llr for n in _since(self._noise.get(task, deque()), since)]
+    def evidence(self, task: str, stable: str, candidate: str) -> Evidence:
+        """A snapshot of everything ``task`` recorded since :meth:`forget`, for the judge."""
+        with self._lock:
+            self._fold()
+            t = self._tasks.get(task) or _Task()
+            snaps = {v: t.tables[v].snapshot() for v in (stable, candidate) if v in t.tables}
+            tables = {}
+            if snaps:  # dense unit codes over both arms: the judge's clusters are bincounts
+                units = np.concatenate([keys & ((1 << 40) - 1) for keys, _ in snaps.values()])
+                _, dense = np.unique(units, return_inverse=True)
+                at = 0
+                for version, (keys, stats) in snaps.items():
+                    stratum, segment, _ = _unpack(keys)
+                    tables[version] = (stratum, segment, dense[at:at + keys.size].astype(np.int64),
+                                       np.ascontiguousarray(stats.T))
+                    at += keys.size
+            probes = {v: t.probes[v].copy() for v in (stable, candidate) if v in t.probes}
+            shadow = [s.llr for s in self._shadow.get((task, candidate), ()) if s.llr is not None
+                      and (t.first_at is None or s.at >= t.first_at)]
+            noise = [v for at, v in self._noise.get(task, ()) if t.first_at is None or at >= t.first_at]
+            return Evidence(stable, candidate, dict(t.strata), dict(t.segments), tables, probes,
+                            np.array(shadow, dtype=float), np.array(noise, dtype=float), t.first_at, t.last_at)
 
-    def samples(
-        self,
-        task: str,
-        stable: str,
-        candidate: str,
-        since: float,
-        analysis: AnalysisSpec,
-        *,
-        shadow: bool = False,
-    ) -> dict[str, MetricSamples]:
-        """Both arms' data for every metric of ``analysis``, from samples recorded after ``since``.
+    def summary(self, task: str, version: str) -> dict[str, Any]:
+        """Counts and means of ``task@version``'s user traffic during the current rollout, for
+        people (probes are counted apart).
 
-        The result is what :func:`peftserve.canary.judge.judge` takes: proportions as
-        :class:`Counts`, continuous metrics as float arrays. A metric whose arms are both empty
-        is left out (the judge reads it as no data). ``shadow``: the candidate's request
-        metrics come from its shadow copies (the shadow phase, where it serves no user).
-        Raises ``ValueError`` for a metric it does not produce (see :func:`check_metrics`).
+        ``requests`` counts every recorded request, ``in_experiment`` the judged ones; latency
+        means are over completed requests.
         """
         with self._lock:
-            arms = {
-                "stable": self._requests_since(task, stable, since),
-                "candidate": (
-                    _since(self._shadow.get((task, candidate), deque()), since)
-                    if shadow else self._requests_since(task, candidate, since)
-                ),
-            }
-            feedback = {arm: [f.score for f in _since(self._feedback.get((task, v), deque()), since) if f.in_experiment]
-                        for arm, v in (("stable", stable), ("candidate", candidate))}
-            probes = {arm: [p.correct for p in _since(self._probes.get((task, v), deque()), since)]
-                      for arm, v in (("stable", stable), ("candidate", candidate))}
-            shadow_llr = [s.llr for s in _since(self._shadow.get((task, candidate), deque()), since)
-                          if s.llr is not None]
-            noise = self._noise_since(task, since)
+            self._fold()
+            t = self._tasks.get(task) or _Task()
+            shown = t.shown.get(version, np.zeros(len(COLUMNS)))
+            table = t.tables.get(version)
+            stats = table.snapshot()[1] if table is not None else np.zeros((0, len(COLUMNS)))
+            keys = table.snapshot()[0] if table is not None else np.zeros(0, np.int64)
+            probes = t.probes.get(version, np.zeros((0, 4))).copy()
+        probe = t.strata.get(PROBE_STRATUM, -1)
+        users = ((keys >> 40) & 0xFFFF == 0) & ((keys >> 56) != probe)  # all segments' sums, no probes
+        judged = stats[users].sum(axis=0) if stats.size else np.zeros(len(COLUMNS))
 
-        out: dict[str, MetricSamples] = {}
-        for m in analysis.metrics:
-            data = self._metric(m.name, arms, feedback, probes, shadow_llr, noise)
-            stable_n = data[0].total if isinstance(data[0], Counts) else len(data[0])
-            candidate_n = data[1].total if isinstance(data[1], Counts) else len(data[1])
-            if stable_n or candidate_n:
-                out[m.name] = MetricSamples(stable=data[0], candidate=data[1])
-        return out
+        def ratio(num: str, den: str) -> float | None:
+            d = judged[COL[den]]
+            return float(judged[COL[num]] / d) if d else None
 
-    @staticmethod
-    def _metric(
-        name: str,
-        arms: Mapping[str, list],
-        feedback: Mapping[str, list[float]],
-        probes: Mapping[str, list[bool]],
-        shadow_llr: list[float],
-        noise: list[float],
-    ) -> tuple[Any, Any]:
-        """(stable, candidate) data of one metric."""
-        def each(fn: Callable[[list], Any]) -> tuple[Any, Any]:
-            return fn(arms["stable"]), fn(arms["candidate"])
-
-        def values(attr: str) -> Callable[[list], np.ndarray]:
-            # Shadow samples have no ``tpot``: getattr's default leaves them out.
-            return lambda ss: np.array([getattr(s, attr, None) for s in ss
-                                        if s.completed and getattr(s, attr, None) is not None], dtype=float)
-
-        if name == "error_rate":
-            return each(lambda ss: _proportion([s.error for s in ss]))
-        if name == "non_finite":
-            return each(lambda ss: _proportion([s.non_finite for s in ss]))
-        if name == "latency_e2e":
-            return each(values("e2e"))
-        if name == "ttft":
-            return each(lambda ss: np.array([s.ttft for s in ss if s.ttft is not None], dtype=float))
-        if name == "tpot":
-            return each(values("tpot"))
-        if name == "output_tokens":
-            return each(values("output_tokens"))
-        if name == "feedback_score":
-            return np.array(feedback["stable"], dtype=float), np.array(feedback["candidate"], dtype=float)
-        if name == "probe_accuracy":
-            return _proportion(probes["stable"]), _proportion(probes["candidate"])
-        if name == "shadow_divergence":
-            return np.array(noise, dtype=float), np.array(shadow_llr, dtype=float)
-        if name.startswith(FINISH_PREFIX) and len(name) > len(FINISH_PREFIX):
-            reason = name[len(FINISH_PREFIX):]
-            # Shadow samples carry no finish reason: only requests count here.
-            return each(lambda ss: _proportion([getattr(s, "finish_reason", None) == reason for s in ss
-                                                if isinstance(s, RequestSample)]))
-        raise ValueError(f"the metric windows do not record {name!r}")
-
-    def summary(self, task: str, version: str, since: float) -> dict[str, Any]:
-        """Counts and typical values of ``task@version`` since ``since``, for people (status pages).
-
-        ``requests`` counts every recorded request, ``in_experiment`` those that are judged.
-        """
-        with self._lock:
-            everything = self._requests_since(task, version, since, experiment_only=False)
-            feedback = [f.score for f in _since(self._feedback.get((task, version), deque()), since)]
-            probes = [p.correct for p in _since(self._probes.get((task, version), deque()), since)]
-        judged = [s for s in everything if s.in_experiment]
-        completed = [s for s in judged if s.completed]
-        finish: dict[str, int] = {}
-        for s in judged:
-            if s.finish_reason is not None:
-                finish[s.finish_reason] = finish.get(s.finish_reason, 0) + 1
+        answers = float(probes[:, 0].sum())
         return {
-            "requests": len(everything),
-            "in_experiment": len(judged),
-            "errors": sum(s.error for s in judged),
-            "non_finite": sum(s.non_finite for s in judged),
-            "error_rate": sum(s.error for s in judged) / len(judged) if judged else None,
-            "median_latency_e2e": _median([s.e2e for s in completed if s.e2e is not None]),
-            "median_ttft": _median([s.ttft for s in judged if s.ttft is not None]),
-            "median_tpot": _median([s.tpot for s in completed if s.tpot is not None]),
-            "mean_output_tokens": _mean([s.output_tokens for s in completed if s.output_tokens is not None]),
-            "finish_reasons": finish,
-            "feedback": len(feedback),
-            "mean_feedback_score": _mean(feedback),
-            "probes": len(probes),
-            "probe_accuracy": sum(probes) / len(probes) if probes else None,
+            "requests": int(shown[COL["requests"]]),
+            "in_experiment": int(judged[COL["requests"]]),
+            "errors": int(judged[COL["errors"]]),
+            "non_finite": int(judged[COL["non_finite"]]),
+            "error_rate": ratio("errors", "requests"),
+            "mean_latency_e2e": ratio("e2e", "e2e_n"),
+            "mean_ttft": ratio("ttft", "ttft_n"),
+            "mean_output_tokens": ratio("output_tokens", "e2e_n"),
+            "feedback": int(judged[COL["feedback_n"]]),
+            "mean_feedback_score": ratio("feedback", "feedback_n"),
+            "probes": int(answers),
+            "probe_prompts": int(np.count_nonzero(probes[:, 0])),
+            "probe_accuracy": float(probes[:, 1].sum()) / answers if answers else None,
         }
 
-    def shadow_summary(self, task: str, since: float, candidate: str | None = None) -> dict[str, Any]:
-        """Shadow copies of ``task`` since ``since`` (of ``candidate``, else the latest one shadowed).
+    def shadow_summary(self, task: str, candidate: str) -> dict[str, Any]:
+        """Shadow copies of ``task`` on ``candidate`` during the current rollout.
 
         ``divergence`` is the mean LLR of the candidate minus that of the noise floor (stable
         against itself): about 0 when the candidate differs from stable no more than stable
         differs from itself. None where a series has no data.
         """
         with self._lock:
-            if candidate is None:
-                latest = [(series[-1].at, cand) for (t, cand), series in self._shadow.items() if t == task and series]
-                candidate = max(latest)[1] if latest else None
-            shadow = _since(self._shadow.get((task, candidate), deque()), since) if candidate else []
-            noise = self._noise_since(task, since)
+            first = self._tasks[task].first_at if task in self._tasks else None
+            shadow = [s for s in self._shadow.get((task, candidate), ()) if first is None or s.at >= first]
+            noise = [v for at, v in self._noise.get(task, ()) if first is None or at >= first]
         llrs = [s.llr for s in shadow if s.llr is not None]
-        mean_llr, noise_llr = _mean(llrs), _mean(noise)
+        mean_llr = float(np.mean(llrs)) if llrs else None
+        noise_llr = float(np.mean(noise)) if noise else None
+        e2e = [s.e2e for s in shadow if not s.error and s.e2e is not None]
         return {
             "task": task,
             "candidate": candidate,
@@ -554,25 +717,21 @@ class MetricWindows:
             "noise_floor_n": len(noise),
             "noise_floor_mean_llr": noise_llr,
             "divergence": mean_llr - noise_llr if mean_llr is not None and noise_llr is not None else None,
-            "median_latency_e2e": _median([s.e2e for s in shadow if s.completed and s.e2e is not None]),
-            "mean_output_tokens": _mean([s.output_tokens for s in shadow if s.completed and s.output_tokens is not None]),
+            "median_latency_e2e": float(np.median(e2e)) if e2e else None,
         }
 
     # ---- memory -------------------------------------------------------------------------
 
-    def prune(self, cutoffs: Mapping[str, float], default: float) -> None:
-        """Drop samples of each task older than ``cutoffs[task]`` (others: older than ``default``).
+    def forget(self, task: str) -> None:
+        """Drop ``task``'s evidence (a rollout starts or ended): the next rollout starts afresh.
 
-        The controller passes each active rollout's step start, the oldest sample it can still
-        judge, and ``now`` minus a short retention for tasks without a rollout. Empty series
-        are removed. Completions awaiting feedback are kept by their own TTL.
+        Records still pending are folded first, so none of them counts for the next rollout.
         """
         with self._lock:
-            for table in (self._requests, self._feedback, self._probes, self._shadow, self._noise):
-                for key in list(table):
-                    task = key if isinstance(key, str) else key[0]
-                    series = table[key]
-                    _prune(series, cutoffs.get(task, default))
-                    if not series:
-                        del table[key]
-            self._expire(self._clock())
+            self._fold()
+            self._tasks.pop(task, None)
+            for key in [k for k in self._shadow if k[0] == task]:
+                del self._shadow[key]
+            self._noise.pop(task, None)
+
+

@@ -36,6 +36,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+from peftserve.canary.samples import segment_labels, unit_id
 from peftserve.canary.spec import Rollout
 
 BUCKETS = 10_000
@@ -74,6 +75,12 @@ class RouteDecision:
     """The request's routing bucket (0..9999), for audit and debugging; -1 when it had no key."""
     shadow_version: str | None = None
     """Target of the shadow copy when ``shadow`` is true."""
+    unit: int = -1
+    """The routed unit: :func:`~peftserve.canary.samples.unit_id` of the routing key (-1: none)."""
+    weight: float = 0.0
+    """The rollout's weight when the request was routed (its allocation stratum)."""
+    labels: tuple[str, ...] = ()
+    """Segment labels: the values of the rollout's targeting headers and the request's metadata."""
 
     @property
     def in_experiment(self) -> bool:
@@ -195,10 +202,13 @@ class Router:
         headers: Mapping[str, str] | None = None,
         request_id: str = "",
         is_admin: bool = False,
+        metadata: Mapping[str, str] | None = None,
     ) -> RouteDecision:
         """Decide the version for one request.
 
-        ``model`` is the request's model field (``task`` or ``task@version``); ``is_admin`` is
+        ``metadata`` (the request's labels) becomes segment labels of the decision, beside the
+        values of the rollout's targeting headers. ``model`` is the request's model field
+        (``task`` or ``task@version``); ``is_admin`` is
         true when the API has authorized the caller as admin, the only case in which an
         ``X-Canary`` header counts (from anyone else it is ignored, so a client cannot opt
         itself into or out of a canary). Raises :class:`RoutingError`: 404 for an unknown task
@@ -224,24 +234,29 @@ class Router:
         if rollout is None:
             return RouteDecision(task, entry.stable, "stable", "no_rollout", False, b)
         stable = rollout.spec.stable
+        unit = unit_id(key) if key is not None else -1
+        headers_seen = {r.header: hdrs[r.header] for r in rollout.spec.targeting if r.header in hdrs}
+        labels = segment_labels(None, headers_seen, metadata)
+        extra = {"unit": unit, "weight": rollout.weight, "labels": labels}
 
         override = hdrs.get(CANARY_HEADER) if is_admin else None
         if override is not None:
             value = override.strip().lower()
             if value == "always":
-                return RouteDecision(task, rollout.spec.candidate, "candidate", "override", False, b)
+                return RouteDecision(task, rollout.spec.candidate, "candidate", "override", False, b, **extra)
             if value == "never":
-                return RouteDecision(task, stable, "stable", "override", False, b)
+                return RouteDecision(task, stable, "stable", "override", False, b, **extra)
             raise RoutingError(f"X-Canary must be 'always' or 'never', not {override!r}")
 
         if not all(rule.matches(hdrs) for rule in rollout.spec.targeting):
-            return RouteDecision(task, stable, "stable", "targeting", False, b)
+            return RouteDecision(task, stable, "stable", "targeting", False, b, **extra)
 
         if key is None:
             raise RoutingError("a request needs a user, an X-Session-Id header or a request id to be routed")
         if b < threshold(rollout.weight):
-            return RouteDecision(task, rollout.spec.candidate, "candidate", "hash", False, b)
+            return RouteDecision(task, rollout.spec.candidate, "candidate", "hash", False, b, **extra)
         shadow = rollout.spec.shadow_percent > 0 and (
             shadow_bucket(task, key) < threshold(rollout.spec.shadow_percent)
         )
-        return RouteDecision(task, stable, "stable", "hash", shadow, b, rollout.spec.candidate if shadow else None)
+        return RouteDecision(task, stable, "stable", "hash", shadow, b, rollout.spec.candidate if shadow else None,
+                             **extra)

@@ -138,25 +138,41 @@ def _list(what: str, value: Any) -> list[Any]:
 
 @dataclass(frozen=True)
 class MetricSpec:
-    """One metric the judge compares between candidate and stable."""
+    """One metric the judge compares between candidate and stable.
+
+    Harm is measured in the harmful ``direction`` as candidate minus stable: a difference
+    (``relative`` false) or a relative change (``relative``: 0.2 = 20 % more than stable). Two
+    numbers frame the decision: ``tolerance`` is the harm accepted (a rollback needs evidence,
+    valid however often the controller looks, that the harm exceeds it), ``mde`` the smallest
+    harm that must not be promoted (a pass needs evidence that the harm is below it). Between the
+    two, either outcome is acceptable; the closer they are, the more data a decision takes.
+    """
 
     name: str
-    """Metric name as the metric windows report it (e.g. ``latency_e2e``)."""
+    """Metric name as the metric windows report it (e.g. ``latency``)."""
     kind: Literal["continuous", "proportion"]
-    """continuous: per-request values, compared by Mann-Whitney / Hodges-Lehmann shift;
-    proportion: 0/1 outcomes, compared by the Newcombe difference of proportions."""
+    """continuous: means (latencies, scores); proportion: shares of 0/1 outcomes."""
     direction: Literal["increase", "decrease"]
     """The harmful direction: ``increase`` for latency and errors, ``decrease`` for accuracy."""
     tolerance: float
-    """Largest harmful change accepted (>= 0), in metric units, or as a fraction of the
-    stable arm's median (continuous) or proportion when ``relative``."""
+    """Largest harm accepted (>= 0): the non-inferiority margin. 0: any harm, once shown, counts."""
+    mde: float | None = None
+    """Minimum detectable effect: the smallest harm the rollout must catch before promoting
+    (> 0); None: the tolerance (which must then be > 0)."""
     relative: bool = False
-    """Read ``tolerance`` relative to the stable arm (0.2 = 20 % of the stable median)."""
-    critical: bool = False
-    """A failure of this metric alone fails the judgment (and rolls back at once); too little
-    data on it makes the judgment inconclusive, so a rollout never advances without it."""
-    weight: float = 1.0
-    """Share of this metric in the 0-100 score (> 0)."""
+    """Read ``tolerance`` and ``mde`` relative to the stable arm (0.2 = 20 % more than stable)."""
+    critical: bool = True
+    """A failure rolls back at once; a failure of a non-critical metric pauses for a person."""
+    required: bool = True
+    """Promotion waits until this metric passes. An optional metric (sparse feedback) holds the
+    promotion only once it has data (``min_samples`` units per arm), until it passes, and only
+    while that pass is within reach before ``max_duration_s`` at the rate its samples come (or
+    while it looks worse than halfway to its mde); without data it never holds. Either can roll
+    back."""
+    baseline: Literal["stable", "none"] = "stable"
+    """``stable``: compare with the stable arm; ``none``: hold the candidate's own value to the
+    tolerance (a proportion with tolerance 0 then fails at its first event: "zero non-finite
+    outputs, whatever stable does")."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -166,9 +182,26 @@ class MetricSpec:
         _number(f"metric {self.name}: tolerance", self.tolerance, lo=0.0)
         _flag(f"metric {self.name}: relative", self.relative)
         _flag(f"metric {self.name}: critical", self.critical)
-        _number(f"metric {self.name}: weight", self.weight, lo=0.0, lo_open=True)
-        if self.kind == "proportion" and not self.relative and self.tolerance > 1:
-            raise RolloutSpecError(f"metric {self.name}: a proportion tolerance above 1 can never be exceeded")
+        _flag(f"metric {self.name}: required", self.required)
+        _choice(f"metric {self.name}: baseline", self.baseline, ("stable", "none"))
+        if self.mde is None:
+            if self.tolerance == 0 and self.baseline == "stable":
+                raise RolloutSpecError(f"metric {self.name}: with tolerance 0, give an mde (the smallest harm "
+                                       "that must be caught, > 0)")
+        else:
+            _number(f"metric {self.name}: mde", self.mde, lo=0.0, lo_open=True)
+        if self.kind == "proportion" and not self.relative:
+            for what, v in (("tolerance", self.tolerance), ("mde", self.mde)):
+                if v is not None and v > 1:
+                    raise RolloutSpecError(f"metric {self.name}: a proportion {what} above 1 can never be exceeded")
+        if self.baseline == "none" and self.relative:
+            raise RolloutSpecError(f"metric {self.name}: baseline 'none' compares with no stable value, so it "
+                                   "cannot be relative")
+
+    @property
+    def detectable(self) -> float:
+        """The minimum detectable effect in use: ``mde``, else the tolerance."""
+        return self.mde if self.mde is not None else self.tolerance
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -183,45 +216,50 @@ class MetricSpec:
 def default_metrics() -> tuple[MetricSpec, ...]:
     """The metrics a rollout judges unless its spec says otherwise.
 
-    Tolerances are what a serving team would call "no worse": one point of error rate,
-    20 % of the stable median latency (relative, so it fits fast and slow tasks alike),
-    five points of accuracy or feedback score, and no increase at all of non-finite outputs.
+    * ``error_rate`` and ``non_finite``: compared with stable (equal rates are fine), any
+      shown increase rolls back (tolerance 0); promotion needs them shown within 2 and 1 points.
+    * ``latency``: the probes' engine time per step, the candidate against a twin of stable (so
+      both are minority adapters sharing their steps with the same majority: fair to a small
+      canary), 10 % tolerated, 25 % must be caught.
+    * ``probe_accuracy``: eval-set exact match paired prompt by prompt; any shown drop rolls back,
+      5 points must be caught. Needs an eval set (drop it from the analysis otherwise).
+    * ``feedback_score``: users' scores; optional (sparse), any shown drop rolls back, 5 points
+      must be caught when there is feedback.
 
-    Critical (a conclusive failure rolls back at once): ``error_rate``, ``non_finite`` and
-    ``probe_accuracy``. Probes are known-answer prompts, so a conclusive accuracy drop there is
-    the adapter being worse at its own task, the regression canaries exist to catch; latency
-    depends on load and batching too, and feedback is sparse and self-selected, so those count
-    through the score (both latencies failing together give 60 < 75, a failed judgment).
-
-    A critical metric without data holds the rollout, so a deployment that sends no probes
-    should drop ``probe_accuracy`` from its analysis (else its rollouts pause after
-    ``nodata_pause_s``); ``feedback_score`` without data is simply left out of the score.
+    Every metric is critical: with tests valid under continuous looking, a shown harm is the
+    candidate's, not noise.
     """
     return (
-        MetricSpec("error_rate", "proportion", "increase", 0.01, critical=True),
-        MetricSpec("latency_e2e", "continuous", "increase", 0.20, relative=True),
-        MetricSpec("ttft", "continuous", "increase", 0.20, relative=True),
-        MetricSpec("probe_accuracy", "proportion", "decrease", 0.05, critical=True),
-        MetricSpec("feedback_score", "continuous", "decrease", 0.05),
-        MetricSpec("non_finite", "proportion", "increase", 0.0, critical=True),
+        MetricSpec("error_rate", "proportion", "increase", 0.0, mde=0.02),
+        MetricSpec("non_finite", "proportion", "increase", 0.0, mde=0.01),
+        MetricSpec("latency", "continuous", "increase", 0.10, mde=0.25, relative=True),
+        MetricSpec("probe_accuracy", "proportion", "decrease", 0.0, mde=0.05),
+        MetricSpec("feedback_score", "continuous", "decrease", 0.0, mde=0.05, required=False),
     )
 
 
 @dataclass(frozen=True)
 class AnalysisSpec:
-    """How the judge compares candidate with stable."""
+    """How the judge compares candidate with stable.
+
+    Error rates are for the whole rollout, however often the controller looks: ``alpha`` bounds
+    the chance of rolling back a candidate within tolerance on every metric and segment, split
+    evenly over the tests; ``beta`` bounds, per metric, the chance of promoting a candidate whose
+    harm reaches the mde.
+    """
 
     metrics: tuple[MetricSpec, ...] = field(default_factory=default_metrics)
     """Metrics to judge; names unique."""
-    min_samples: int = 200
-    """Fewest samples per arm for a metric to be judged; fewer gives ``nodata`` (inconclusive,
-    never a failure). At least 10, where the normal approximations start to hold."""
-    confidence: float = 0.98
-    """Two-sided confidence of the intervals (0.98: each tail 1 %)."""
-    marginal_threshold: float = 75.0
-    """Score below which a judgment fails."""
-    pass_threshold: float = 95.0
-    """Score from which a judgment passes; between the two it is marginal."""
+    alpha: float = 0.005
+    """Chance of a false rollback over the whole rollout (all metrics, segments and looks)."""
+    beta: float = 0.05
+    """Chance, per metric, of promoting a candidate whose harm is at least its mde."""
+    min_samples: int = 30
+    """Fewest units (users, sessions, prompts) per arm before an approximate (large-sample)
+    test may decide; the exact tests for rare events decide on any count."""
+    max_segments: int = 32
+    """Segments (prompt-length buckets, header values, metadata labels) judged per metric, the
+    largest first, each at ``alpha / 2`` split over all segment tests; 0 turns segments off."""
 
     def __post_init__(self) -> None:
         metrics = tuple(_list("metrics", self.metrics))
@@ -234,30 +272,36 @@ class AnalysisSpec:
         if dupes:
             raise RolloutSpecError(f"metric names must be unique; repeated: {', '.join(dupes)}")
         object.__setattr__(self, "metrics", metrics)
+        _number("alpha", self.alpha, lo=0.0, hi=0.5, lo_open=True, hi_open=True)
+        _number("beta", self.beta, lo=0.0, hi=0.5, lo_open=True, hi_open=True)
         _integer("min_samples", self.min_samples, lo=10)
-        _number("confidence", self.confidence, lo=0.5, hi=1.0, lo_open=True, hi_open=True)
-        _number("marginal_threshold", self.marginal_threshold, lo=0.0, hi=100.0)
-        _number("pass_threshold", self.pass_threshold, lo=0.0, hi=100.0)
-        if self.marginal_threshold > self.pass_threshold:
-            raise RolloutSpecError(
-                f"marginal_threshold ({self.marginal_threshold:g}) must not exceed "
-                f"pass_threshold ({self.pass_threshold:g})"
-            )
+        _integer("max_segments", self.max_segments, lo=0)
 
     def metric(self, name: str) -> MetricSpec:
-        """The metric called ``name`` (KeyError if absent)."""
         for m in self.metrics:
             if m.name == name:
                 return m
         raise KeyError(name)
 
+    def with_overrides(self, tolerances: Mapping[str, float] | None = None,
+                       mdes: Mapping[str, float] | None = None) -> AnalysisSpec:
+        """This analysis with per-metric tolerances and mdes replaced (unknown names refused)."""
+        tolerances, mdes = dict(tolerances or {}), dict(mdes or {})
+        known = {m.name for m in self.metrics}
+        unknown = sorted((set(tolerances) | set(mdes)) - known)
+        if unknown:
+            raise RolloutSpecError(f"no metric {', '.join(unknown)} in the analysis (metrics: {', '.join(sorted(known))})")
+        metrics = tuple(replace(m, tolerance=tolerances.get(m.name, m.tolerance), mde=mdes.get(m.name, m.mde))
+                        for m in self.metrics)
+        return replace(self, metrics=metrics)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "metrics": [m.to_dict() for m in self.metrics],
+            "alpha": self.alpha,
+            "beta": self.beta,
             "min_samples": self.min_samples,
-            "confidence": self.confidence,
-            "marginal_threshold": self.marginal_threshold,
-            "pass_threshold": self.pass_threshold,
+            "max_segments": self.max_segments,
         }
 
     @classmethod
@@ -316,25 +360,20 @@ class TargetingRule:
 
 @dataclass(frozen=True)
 class DecisionPolicy:
-    """When :func:`peftserve.canary.judge.decide` rolls back or pauses."""
+    """When the controller pauses for a person (rollbacks and promotions follow the judge)."""
 
-    max_failed: int = 3
-    """Roll back after this many failed judgments over the whole rollout (not necessarily in a row)."""
-    rollback_on_critical: bool = True
-    """Roll back at once when a critical metric fails (else it counts as one failed judgment)."""
-    max_marginal_in_row: int = 3
-    """Pause after this many marginal judgments in a row, for a person to decide."""
     nodata_pause_s: float = 1800.0
-    """Pause when the judgments have been inconclusive for lack of data this long."""
+    """Pause when no new sample has arrived for this long (nothing to decide on)."""
     max_errors_in_row: int = 4
     """Pause after this many evaluator errors in a row (an error is never a failure)."""
+    max_duration_s: float = 14400.0
+    """A rollout whose plan needs longer is warned about at start; one undecided after this long
+    pauses for a person (0: no limit)."""
 
     def __post_init__(self) -> None:
-        _integer("max_failed", self.max_failed, lo=1)
-        _flag("rollback_on_critical", self.rollback_on_critical)
-        _integer("max_marginal_in_row", self.max_marginal_in_row, lo=1)
         _number("nodata_pause_s", self.nodata_pause_s, lo=0.0, lo_open=True)
         _integer("max_errors_in_row", self.max_errors_in_row, lo=1)
+        _number("max_duration_s", self.max_duration_s, lo=0.0)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -357,8 +396,9 @@ class RolloutSpec:
     steps: tuple[float, ...] = DEFAULT_STEPS
     """Candidate weights in percent, strictly increasing, each in (0, 100); promotion (100 %)
     follows the last. 100 itself is refused: it would leave no stable traffic to compare with."""
-    step_interval_s: float = 60.0
-    """Least time spent at each step (and in the shadow phase) before advancing."""
+    step_interval_s: float = 30.0
+    """Least time spent at each step (and in the shadow phase): within it a step advances as
+    soon as the evidence suffices (see :func:`peftserve.canary.judge.decide`)."""
     shadow_percent: float = 0.0
     """Share (percent) of the cohort's stable requests also copied to the candidate, whose
     answer is discarded. Above 0 the rollout starts with a shadow phase at weight 0."""
@@ -367,7 +407,10 @@ class RolloutSpec:
     analysis: AnalysisSpec = field(default_factory=AnalysisSpec)
     """Metrics and thresholds of the judge."""
     policy: DecisionPolicy = field(default_factory=DecisionPolicy)
-    """When the controller rolls back or pauses."""
+    """When the controller pauses for a person."""
+    probe_temperature: float = 0.0
+    """Sampling temperature of the probes. 0 (greedy): each eval-set prompt is answered once per
+    version; above 0, the set is cycled and repeated answers are repeated measurements."""
 
     def __post_init__(self) -> None:
         _name("task", self.task)
@@ -396,6 +439,7 @@ class RolloutSpec:
             raise RolloutSpecError("analysis must be an AnalysisSpec")
         if not isinstance(self.policy, DecisionPolicy):
             raise RolloutSpecError("policy must be a DecisionPolicy")
+        _number("probe_temperature", self.probe_temperature, lo=0.0, hi=2.0)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -408,6 +452,7 @@ class RolloutSpec:
             "targeting": [r.to_dict() for r in self.targeting],
             "analysis": self.analysis.to_dict(),
             "policy": self.policy.to_dict(),
+            "probe_temperature": self.probe_temperature,
         }
 
     @classmethod

@@ -22,6 +22,7 @@ import concurrent.futures
 import dataclasses
 import logging
 import threading
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
@@ -36,7 +37,7 @@ from peftserve.config import EngineConfig
 from peftserve.engine.block_manager import BlockManager
 from peftserve.engine.model_runner import ModelRunner
 from peftserve.engine.output_processor import OutputProcessor, OutputThread
-from peftserve.engine.outputs import RawLogprob, RequestOutput, TokenOutput
+from peftserve.engine.outputs import RawLogprob, RequestOutput, StepRecord, TokenOutput
 from peftserve.engine.sampler import Sampler, SamplerOutput
 from peftserve.engine.sampling_params import InvalidParameter, SamplingParams
 from peftserve.engine.scheduler import Scheduler, SchedulerOutput
@@ -305,7 +306,7 @@ class LLMEngine:
         if self.num_waiting >= self.max_waiting:
             raise QueueFull(f"{self.num_waiting} requests are waiting already")
         self.enqueue(seq)
-        self._outputs.add_request(request_id, list(seq.token_ids), params)
+        self._outputs.add_request(request_id, list(seq.token_ids), params, seq.steps)
 
     @property
     def num_waiting(self) -> int:
@@ -454,6 +455,7 @@ class LLMEngine:
         if not sched.seqs:
             return failed, torch.empty(0), []
         self.runner.zero_blocks(self.block_manager.take_fresh())
+        started = time.perf_counter()
         try:
             logits, seqs, sampling = self.runner.execute(sched)  # [S, V]
             self.runner.copy_blocks(sched.block_copies)  # forked choices: the prompt's last block
@@ -464,8 +466,10 @@ class LLMEngine:
             seq.num_computed_tokens += n
         self._record(sched)
         if not seqs:
+            _share_step(sched, time.perf_counter() - started)
             return failed, logits, seqs
         sampled = self.sampler(logits, sampling)
+        _share_step(sched, time.perf_counter() - started)  # sampling synchronizes: the step is done
         return failed + self._token_outputs(seqs, sampled), logits, seqs
 
     def _record(self, sched: SchedulerOutput) -> None:
@@ -533,6 +537,17 @@ class LLMEngine:
         seq.num_forks = 0
         final = self._finish_output(seq, reason, error)
         return [final, *(TokenOutput(choice, [], reason, error) for choice in unforked)]
+
+
+def _share_step(sched: SchedulerOutput, seconds: float) -> None:
+    """Give every sequence of the step a reference to the step's record (O(1) per sequence);
+    the output side sums a request's records once, when it finishes (``outputs.step_share``)."""
+    adapters: dict[str | None, int] = {}
+    for seq, n in zip(sched.seqs, sched.num_tokens, strict=True):
+        adapters[seq.lora_id] = adapters.get(seq.lora_id, 0) + n
+    record = StepRecord(seconds, sched.total_tokens, adapters)
+    for seq in sched.seqs:
+        seq.steps.append(record)
 
 
 def _score_request(prompt_ids: list[int], target_ids: list[int]) -> tuple[str, list[int], SamplingParams]:
@@ -718,7 +733,7 @@ class AsyncLLMEngine:
             if waiting >= self._engine.max_waiting:
                 raise QueueFull(f"{waiting} requests are waiting already")
             self._streams[request_id] = stream
-            self._output.add_request(request_id, list(seq.token_ids), params)  # before any of its outputs
+            self._output.add_request(request_id, list(seq.token_ids), params, seq.steps)  # before its outputs
             self._num_pending_adds += 1
             self._commands.append(partial(self._apply_add, seq))
         self._wake.set()

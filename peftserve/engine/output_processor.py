@@ -24,7 +24,14 @@ from functools import partial
 from transformers import PreTrainedTokenizerBase
 
 from peftserve.engine.detokenizer import Detokenizer, DetokState
-from peftserve.engine.outputs import RawLogprob, RequestOutput, TokenLogprob, TokenOutput
+from peftserve.engine.outputs import (
+    RawLogprob,
+    RequestOutput,
+    StepRecord,
+    TokenLogprob,
+    TokenOutput,
+    step_share,
+)
 from peftserve.engine.sampling_params import SamplingParams
 from peftserve.engine.sequence import choice_id
 
@@ -44,6 +51,9 @@ class _Request:
     """Kept when the request wants its prompt's logprobs with their texts."""
     completion_tokens: int = 0
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    steps: list[StepRecord] | None = None
+    """The engine's step records of the request (``Sequence.steps``), summed into the last
+    output's ``batch``; None: not tracked."""
 
 
 class OutputProcessor:
@@ -60,10 +70,15 @@ class OutputProcessor:
         return len(self._requests)
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        steps: list[StepRecord] | None = None,
     ) -> None:
         """Start tracking a request (each of its ``params.n`` choices); must come before its
-        first token output."""
+        first token output. ``steps``: the engine's list of the request's step records, for the
+        last output's ``batch`` (choice 0's: the other choices' outputs carry none)."""
         prompt_ids = list(prompt_token_ids) if params.prompt_logprobs is not None else None
         choices = [choice_id(request_id, i) for i in range(params.n)]
         for index, choice in enumerate(choices):
@@ -74,6 +89,7 @@ class OutputProcessor:
                 request_id=request_id,
                 index=index,
                 prompt_ids=prompt_ids,
+                steps=steps if index == 0 else None,
             )
         if params.n > 1:
             self._choices[request_id] = choices
@@ -171,6 +187,7 @@ class OutputProcessor:
             prompt_logprobs=None if raw_prompt is None else [lp for lp, _, _ in raw_prompt],
             index=req.index,
             prompt_token_logprobs=self._prompt_token_logprobs(req, raw_prompt),
+            batch=step_share(req.steps) if finished and req.steps is not None else None,
         )
 
     def _prompt_token_logprobs(
@@ -226,9 +243,15 @@ class OutputThread:
         self._thread: threading.Thread | None = None
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        steps: list[StepRecord] | None = None,
     ) -> None:
-        self._queue.put(partial(self.processor.add_request, request_id, prompt_token_ids, params))
+        self._queue.put(
+            partial(self.processor.add_request, request_id, prompt_token_ids, params, steps)
+        )
 
     def drop(self, request_id: str) -> None:
         self._queue.put(partial(self.processor.drop, request_id))

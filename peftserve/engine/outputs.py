@@ -14,6 +14,48 @@ class TokenLogprob:
     """The requested top-k alternatives (token text -> logprob)."""
 
 
+@dataclass(slots=True)
+class StepShare:
+    """What one request's engine steps were shared with (on its last output).
+
+    Sums over the steps the request ran in: ``steps``, ``step_s`` (their wall time: the
+    request's engine time, queueing excluded), ``tokens`` (all tokens of those steps) and, per
+    adapter id (None: the base model), ``[steps with tokens of it, its tokens]``. A canary judge
+    reads it to compare versions at equal batch composition; the request's own adapter is
+    present in all its steps.
+    """
+
+    steps: int = 0
+    step_s: float = 0.0
+    tokens: int = 0
+    adapters: dict[str | None, list[int]] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class StepRecord:
+    """One engine step as the requests in it saw it: duration, tokens, tokens per adapter."""
+
+    seconds: float
+    tokens: int
+    adapters: dict[str | None, int]
+
+
+def step_share(records: list[StepRecord]) -> StepShare:
+    """Sum a finished request's step records (once per request). ``records`` is the engine's
+    list for the request (``Sequence.steps``), which the engine thread may still append to
+    until the request is stopped there: a snapshot is summed."""
+    records = list(records)
+    share = StepShare(steps=len(records))
+    for record in records:
+        share.step_s += record.seconds
+        share.tokens += record.tokens
+        for lora_id, n in record.adapters.items():
+            cell = share.adapters.setdefault(lora_id, [0, 0])
+            cell[0] += 1
+            cell[1] += n
+    return share
+
+
 @dataclass
 class RequestOutput:
     """One increment of a request's output; the last one has ``finished`` set."""
@@ -40,6 +82,9 @@ class RequestOutput:
     """With ``SamplingParams.prompt_logprobs``: every prompt token with its text, its
     log-probability and top-k alternatives (the first token's logprob is None), on the output
     holding the first generated token."""
+    batch: StepShare | None = None
+    """On the last output: what the request's engine steps were shared with (choice 0's only,
+    for a request with several choices)."""
 
 
 RawLogprob = tuple[float, list[int], list[float]]

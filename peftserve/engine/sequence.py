@@ -60,6 +60,8 @@ class Sequence:
     """Choices still to fork off this one when its prefill ends (``n - 1`` on choice 0)."""
     finish_reason: str | None = None
     error: str | None = None
+    steps: list = field(default_factory=list)
+    """The ``StepRecord`` of every engine step this sequence ran in (shared objects, one per step)."""
 
     @property
     def request(self) -> str:

@@ -46,7 +46,7 @@ from peftserve.registry import (
     validate_name,
 )
 from peftserve.server.errors import RETRY_AFTER_S, APIError
-from peftserve.server.model_table import ModelTable
+from peftserve.server.model_table import ModelTable, twin_id_of
 from peftserve.server.multipart import MultipartReader, Part, boundary_of
 from peftserve.server.stable import StablePointers, is_foreign_key_error
 
@@ -330,6 +330,25 @@ class AdapterService:
         record = await self._servable(task, version)
         await _engine_call(self.engine.load_lora, record.ref, "load")
         return self.view(record)
+
+    async def probe_twin(self, task: str, version: str) -> str:
+        """The adapter id of ``task@version``'s probe twin, registered on first use.
+
+        A twin is the same adapter files under a second id, so it takes its own slot: a canary's
+        probes run on twins of both versions, and both are then minority adapters in the same
+        traffic (see :mod:`peftserve.canary.judge`, latency).
+        """
+        record = await self._servable(task, version)
+        twin = twin_id_of(task, version)
+        if twin not in self.engine.lora_status():
+            await self.engine.register_lora(twin, self._loader(record))
+        return twin
+
+    async def drop_probe_twin(self, task: str, version: str) -> None:
+        """Unregister ``task@version``'s probe twin, if any (its requests drain first)."""
+        twin = twin_id_of(task, version)
+        if twin in self.engine.lora_status():
+            await self.engine.unregister_lora(twin)
 
     async def unload(self, task: str, version: str) -> dict[str, Any]:
         """Free the slot of ``task@version`` (it stays registered)."""

@@ -6,13 +6,17 @@
   the metric windows and the model table's router. Its hooks: ``versions`` are the task's
   served versions; ``ensure_loaded``/``unload`` load and unload ``task@version`` through the
   adapter service; ``set_stable`` writes the stable pointer and the model table; ``probe`` is
-  one greedy completion pinned to a version, never recorded as user traffic. ``start`` (in the
-  app's lifespan, once the engine runs) restores the rollouts and runs the controller loop.
+  one completion on the version's *probe twin* (the same adapter under a second id, so in its
+  own slot: probes of both versions are then minority adapters in the same traffic, which makes
+  their engine times comparable), never recorded as user traffic; ``ended`` drops the twins.
+  ``start`` (in the app's lifespan, once the engine runs) restores the rollouts and runs the
+  controller loop.
 - **accounting**: ``finish_hook`` gives the ``RequestTracker`` hook of one attempt. When the
-  request ends it records the attempt in the metric windows (the router's experiment flag; a
-  stable answer that replaced a failed candidate is recorded outside the experiment), counts a
-  failed in-experiment candidate request with ``controller.record_canary_failure``, registers
-  the completion id for feedback, and schedules the shadow copy.
+  request ends it records a :class:`~peftserve.canary.samples.RequestRecord` (its unit, the
+  weight it was routed under, its segments, its outcome and what the engine says its steps were
+  shared with; a stable answer that replaced a failed candidate is recorded outside the
+  experiment, the failure itself counting against the candidate), registers the completion for
+  feedback, and schedules the shadow copy.
 - **shadow copies**: after a shadowed stable request finished, a copy runs on the candidate in
   a background task: it never delays the answer and never reaches the client. The copy is
   greedy, or repeats the request's own sampling when it was seeded (reproducible either way),
@@ -43,11 +47,25 @@ from anyio import to_thread
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from peftserve.canary.controller import ControllerConfig, ControllerHooks, RolloutController
+from peftserve.canary.controller import (
+    ControllerConfig,
+    ControllerHooks,
+    ProbeAnswer,
+    RolloutController,
+)
 from peftserve.canary.metrics import MetricWindows
+from peftserve.canary.samples import (
+    PROBE_STRATUM,
+    SHADOW_STRATUM,
+    BatchShare,
+    RequestRecord,
+    length_bucket,
+    stratum_of,
+)
 from peftserve.canary.spec import STATES
 from peftserve.canary.store import RolloutStore
 from peftserve.engine.engine import NON_FINITE_ERROR
+from peftserve.engine.outputs import StepShare
 from peftserve.engine.sampling_params import SamplingParams
 from peftserve.server.metrics import failure_outcome
 from peftserve.server.model_table import Target, lora_id_of
@@ -77,6 +95,8 @@ class InternalResult:
     error: str | None = None
     ttft: float | None = None
     e2e: float | None = None
+    prompt_tokens: int = 0
+    batch: StepShare | None = None
 
     @property
     def failed(self) -> bool:
@@ -134,6 +154,7 @@ class CanaryRuntime:
         return ControllerHooks(
             versions=self._versions, ensure_loaded=self._ensure_loaded, unload=self._unload,
             set_stable=self._set_stable, probe=self._probe if self.config.probes_per_tick > 0 else None,
+            ended=self._ended,
         )  # fmt: skip
 
     # ---- lifecycle ----------------------------------------------------------------------
@@ -178,21 +199,32 @@ class CanaryRuntime:
         await to_thread.run_sync(self.service.stable.set, task, version)
         self.table.set_stable(task, version)
 
-    async def _probe(self, task: str, version: str, prompt: str) -> str:
+    async def _probe(self, task: str, version: str, prompt: str, temperature: float) -> ProbeAnswer:
+        """One probe of ``task@version`` on its twin; an engine failure other than non-finite
+        logits raises (an evaluator error, never the version's)."""
         llm = self.engine.engine
         ids = list(llm.tokenizer(prompt)["input_ids"])
         room = llm.max_model_len - len(ids)
         if room < 1:
-            raise ValueError(
-                f"probe prompt has {len(ids)} tokens; the context holds {llm.max_model_len}"
-            )
-        params = SamplingParams(max_tokens=min(self.config.probe_max_tokens, room), temperature=0.0)
-        result = await self.generate(
-            f"probe-{uuid.uuid4().hex}", ids, params, lora_id_of(task, version)
-        )
-        if result.failed:
+            raise ValueError(f"probe prompt has {len(ids)} tokens; the context holds {llm.max_model_len}")
+        twin = await self.service.probe_twin(task, version)
+        params = SamplingParams(max_tokens=min(self.config.probe_max_tokens, room), temperature=temperature)
+        result = await self.generate(f"probe-{uuid.uuid4().hex}", ids, params, twin)
+        if result.failed and not result.non_finite:
             raise RuntimeError(f"the engine failed the probe: {result.error}")
-        return result.text
+        record = RequestRecord(
+            task, version, 0, PROBE_STRATUM, time.time(), error=result.failed, non_finite=result.non_finite,
+            finish_reason=result.finish_reason, e2e=result.e2e, ttft=result.ttft,
+            output_tokens=len(result.token_ids), prompt_tokens=len(ids), batch=self._share(task, result.batch),
+        )  # fmt: skip
+        return ProbeAnswer(result.text, record)
+
+    async def _ended(self, task: str, stable: str, candidate: str) -> None:
+        for version in (stable, candidate):
+            try:
+                await self.service.drop_probe_twin(task, version)
+            except Exception:  # the twin goes with a restart anyway
+                logger.exception("task %s: dropping the probe twin of %s failed", task, version)
 
     async def generate(
         self,
@@ -231,6 +263,9 @@ class CanaryRuntime:
         result.text += out.text
         result.finish_reason = out.finish_reason
         result.error = out.error
+        result.prompt_tokens = out.prompt_tokens
+        if out.batch is not None:
+            result.batch = out.batch
 
     # ---- delete protection --------------------------------------------------------------
 
@@ -260,24 +295,13 @@ class CanaryRuntime:
             out = tracker.last_output
             if out is None:  # refused before the engine ran it: says nothing about the version
                 return
-            self._account(target, tracker, out, fallback)
-            if tracker.outcome != "ok":
+            record = self._account(target, tracker, out, fallback)
+            if tracker.outcome != "ok" or record is None:
                 return
-            in_experiment = (
-                target.decision is not None and target.decision.in_experiment and not fallback
-            )
-            self.windows.register_completion(completion_id, target.task, target.version,
-                                             arm=target.arm, in_experiment=in_experiment)  # fmt: skip
+            self.windows.register_completion(completion_id, record)
             decision = target.decision
-            if (
-                decision is not None
-                and decision.shadow
-                and decision.shadow_version
-                and not fallback
-            ):
-                self._schedule_shadow(
-                    target, prompt_ids, params, list(tracker.token_ids), tracker.text
-                )
+            if decision is not None and decision.shadow and decision.shadow_version and not fallback:
+                self._schedule_shadow(target, prompt_ids, params, list(tracker.token_ids), tracker.text)
 
         return on_finish
 
@@ -286,33 +310,53 @@ class CanaryRuntime:
         decision = target.decision
         if decision is None:
             return
-        if decision.arm == "candidate" and decision.in_experiment:
-            self.controller.record_canary_failure(target.task, target.version)
-        else:
-            self.windows.record_request(target.task, target.version, in_experiment=decision.in_experiment,
-                                        error=True)  # fmt: skip
+        self.windows.record(self._record(target, decision.in_experiment, error=True))
+
+    def _record(self, target: Target, in_experiment: bool, **outcome: Any) -> RequestRecord:
+        decision = target.decision
+        assert decision is not None
+        labels = decision.labels
+        if outcome.get("prompt_tokens") is not None:
+            labels = (*labels, length_bucket(outcome["prompt_tokens"]))
+        return RequestRecord(
+            target.task, target.version, decision.unit, stratum_of(decision.weight), time.time(),
+            arm=decision.arm if decision.reason != "no_rollout" else "", in_experiment=in_experiment,
+            segments=labels, **outcome,
+        )  # fmt: skip
 
     def _account(
         self, target: Target, tracker: RequestTracker, out: RequestOutput, fallback: bool
-    ) -> None:
+    ) -> RequestRecord | None:
         decision = target.decision
         if decision is None:
-            return
+            return None
         error = out.finish_reason == "error"
-        non_finite = error and out.error == NON_FINITE_ERROR
-        if error and decision.arm == "candidate" and decision.in_experiment and not fallback:
-            self.controller.record_canary_failure(
-                target.task, target.version, non_finite=non_finite
-            )
-            return
-        outcome = dict(
-            error=error, non_finite=non_finite, ttft=tracker.ttft, tpot=tracker.tpot, e2e=tracker.e2e,
-            output_tokens=out.completion_tokens, finish_reason=out.finish_reason if out.finished else "abort",
+        record = self._record(
+            target, decision.in_experiment and not fallback,  # stable answering for a failed candidate: shown only
+            error=error, non_finite=error and out.error == NON_FINITE_ERROR, ttft=tracker.ttft, tpot=tracker.tpot,
+            e2e=tracker.e2e, output_tokens=out.completion_tokens, prompt_tokens=out.prompt_tokens,
+            finish_reason=out.finish_reason if out.finished else "abort", batch=self._share(target.task, out.batch),
         )  # fmt: skip
-        if fallback:  # stable answering for a failed candidate: shown, never judged
-            self.windows.record_request(target.task, target.version, in_experiment=False, **outcome)
-        else:
-            self.windows.record_route(decision, **outcome)
+        self.windows.record(record)
+        return record
+
+    def _share(self, task: str, share: StepShare | None) -> BatchShare | None:
+        """The engine's per-adapter step counts in the rollout's terms (stable, candidate, other)."""
+        if share is None:
+            return None
+        rollout = self.router.rollout(task)
+        stable = lora_id_of(task, rollout.spec.stable) if rollout is not None else None
+        candidate = lora_id_of(task, rollout.spec.candidate) if rollout is not None else None
+        out = BatchShare(share.steps, share.step_s, share.tokens)
+        for lora_id, (steps, tokens) in share.adapters.items():
+            if lora_id is not None and lora_id == stable:
+                out.stable_steps, out.stable_tokens = steps, tokens
+            elif lora_id is not None and lora_id == candidate:
+                out.candidate_steps, out.candidate_tokens = steps, tokens
+            else:
+                out.other_steps += steps
+                out.other_tokens += tokens
+        return out
 
     # ---- shadow copies ------------------------------------------------------------------
 
@@ -369,11 +413,14 @@ class CanaryRuntime:
             if copy.failed
             else await self._llr(task, stable, candidate, prompt_ids, stable_ids)
         )
-        self.windows.record_shadow(
-            task, stable, candidate, exact_match=not copy.failed and copy.text == stable_text, llr=llr,
-            e2e=copy.e2e, error=copy.failed, out_len=len(copy.token_ids), ttft=copy.ttft,
-            non_finite=copy.non_finite,
-        )  # fmt: skip
+        self.windows.record_shadow(task, candidate, exact_match=not copy.failed and copy.text == stable_text,
+                                   llr=llr, e2e=copy.e2e, error=copy.failed)  # fmt: skip
+        self.windows.record(RequestRecord(
+            task, candidate, decision.unit, SHADOW_STRATUM, time.time(), arm="candidate", error=copy.failed,
+            non_finite=copy.non_finite, finish_reason=copy.finish_reason, e2e=copy.e2e, ttft=copy.ttft,
+            output_tokens=len(copy.token_ids), prompt_tokens=len(prompt_ids), segments=decision.labels,
+            batch=self._share(task, copy.batch),
+        ))  # fmt: skip
         self._count_shadow(task, "error" if copy.failed else "ok")
 
     async def _llr(
@@ -398,10 +445,10 @@ class CanaryRuntime:
 class RolloutCollector(Collector):
     """Rollout gauges and counters per task, read from the controller at every scrape.
 
-    Ratios are 0-1 (Prometheus base units): the canary weight, the last judgment's score (the
-    judge's 0-100 divided by 100), and per arm of an active rollout (``arm`` stable or
-    candidate, with its ``version``) the probe accuracy and mean feedback score in the judged
-    window (the current step), with the window's sample counts beside them.
+    Ratios are 0-1 (Prometheus base units): the canary weight, the last judgment's progress toward
+    the next decision, and per arm of an active rollout (``arm`` stable or candidate, with its
+    ``version``) the probe accuracy and mean feedback score of the rollout's evidence, with its
+    sample counts beside them.
     """
 
     def __init__(self, runtime: CanaryRuntime) -> None:
@@ -412,8 +459,8 @@ class RolloutCollector(Collector):
         tasks: dict[str, dict[str, Any]] = snap["tasks"]
         yield self._per_task("canary_weight_ratio", "Candidate share of the task's traffic (0-1).",
                              tasks, "weight", scale=0.01)  # fmt: skip
-        yield self._per_task("rollout_last_score_ratio", "Score of the latest judgment with data (0-1: "
-                             "the judge's 0-100 score / 100).", tasks, "last_score", scale=0.01)  # fmt: skip
+        yield self._per_task("rollout_progress_ratio", "Share (0-1) of the evidence the next decision needs, "
+                             "from the latest judgment.", tasks, "last_progress")  # fmt: skip
         yield self._states(tasks)
         yield self._counts("rollout_judgments", "Judgments by result.", snap["judgments"], "result")
         yield self._counts(
@@ -430,10 +477,10 @@ class RolloutCollector(Collector):
     def _arms(self) -> Iterator[Metric]:
         labels = ["task", "version", "arm"]
         accuracy = GaugeMetricFamily(f"{PREFIX}_canary_probe_accuracy_ratio", "Share of known-answer probes "
-                                     "answered exactly, per arm, in the judged window.", labels=labels)  # fmt: skip
+                                     "answered exactly, per arm, during the rollout.", labels=labels)  # fmt: skip
         feedback = GaugeMetricFamily(f"{PREFIX}_canary_feedback_score_ratio", "Mean user feedback score "
-                                     "(0-1), per arm, in the judged window.", labels=labels)  # fmt: skip
-        samples = GaugeMetricFamily(f"{PREFIX}_canary_window_samples", "Samples per arm in the judged "
+                                     "(0-1), per arm, during the rollout.", labels=labels)  # fmt: skip
+        samples = GaugeMetricFamily(f"{PREFIX}_canary_window_samples", "Samples per arm of the rollout, "
                                     "window, by kind (requests, probes, feedback).", labels=[*labels, "kind"])  # fmt: skip
         router, windows = self._runtime.router, self._runtime.windows
         for task in sorted(router.tasks):
@@ -442,7 +489,7 @@ class RolloutCollector(Collector):
                 continue
             spec = rollout.spec
             for arm, version in (("stable", spec.stable), ("candidate", spec.candidate)):
-                s = windows.summary(task, version, rollout.step_started_at)
+                s = windows.summary(task, version)
                 if s.get("probe_accuracy") is not None:
                     accuracy.add_metric([task, version, arm], float(s["probe_accuracy"]))
                 if s.get("mean_feedback_score") is not None:

@@ -9,7 +9,8 @@ rollout of every task that had one (``RolloutController.status``).
 
 - ``weight``: the candidate's weight and the state at every state change and every judgment
   (the weight carried forward), so a new point appears after each controller round;
-- ``score``: each judgment's score and result;
+- ``score``: each judgment's progress toward the next decision in percent (a judge that stores
+  a ``score`` instead: that score) and result;
 - ``metrics``: per metric named in the judgments, every number a judgment record carries for
   it (``series``: one list per key, aligned on ``t``, None where a judgment lacks it) and every
   pair of numbers (``bands``: an interval as ``lo``/``hi`` lists), plus its classification and,
@@ -165,11 +166,15 @@ class _MetricSeries:
     def add(self, at: float, record: Mapping[str, Any]) -> None:
         i = len(self.t)
         self.t.append(at)
-        self.classification.append(record.get("classification") or record.get("verdict"))
+        self.classification.append(record.get("classification") or record.get("status") or record.get("verdict"))
         self.direction = record.get("direction", self.direction)
         self.critical = record.get("critical", self.critical)
         numbers = {k: _number(v) for k, v in record.items() if k != "at"}
         margin = _margin(record)
+        if "harm" in record:  # the sequential judge: harm (worse is positive) and its always-valid bounds
+            numbers["estimate"] = _number(record.get("harm"))
+            margin = _number(record.get("tolerance"))
+            record = {**record, "interval": [record.get("lower"), record.get("upper")]}
         if margin is not None:
             numbers["margin"] = margin
         for key, value in numbers.items():
@@ -208,7 +213,8 @@ def build_timeline(status: Mapping[str, Any], events: list[dict[str, Any]], inte
         elif e["kind"] == "judgment":
             last_judgment = e["at"]
             score["t"].append(e["at"])
-            score["score"].append(_number(payload.get("score")))
+            progress = _number(payload.get("progress"))
+            score["score"].append(_number(payload.get("score")) if progress is None else 100.0 * progress)
             score["result"].append(payload.get("result"))
             for name, record in _metric_records(payload):
                 metrics.setdefault(name, _MetricSeries()).add(e["at"], record)

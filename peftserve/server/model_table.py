@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from peftserve.canary.router import RouteDecision, Router, RoutingError
 from peftserve.server.errors import invalid_request, model_not_found
@@ -30,6 +30,11 @@ ARM_HEADER = "X-Peftserve-Arm"
 def lora_id_of(task: str, version: str) -> str:
     """The engine's adapter id of ``task@version``."""
     return f"{task}@{version}"
+
+
+def twin_id_of(task: str, version: str) -> str:
+    """The engine's adapter id of ``task@version``'s probe twin (same files, its own slot)."""
+    return f"{task}@{version}#probe"
 
 
 @dataclass(frozen=True)
@@ -142,6 +147,7 @@ class ModelTable:
         headers: Mapping[str, str] | None = None,
         request_id: str = "",
         is_admin: bool = False,
+        metadata: Mapping[str, str] | None = None,
     ) -> Target:
         """The target of a request's ``model``: 404 if unknown, 400 if malformed.
 
@@ -151,7 +157,8 @@ class ModelTable:
             return Target(self.base_name, BASE_VERSION, None)
         try:
             decision = self.router.route(
-                model, user=user, headers=headers, request_id=request_id, is_admin=is_admin
+                model, user=user, headers=headers, request_id=request_id, is_admin=is_admin,
+                metadata=metadata,
             )
         except RoutingError as exc:
             if exc.status == 404:
@@ -174,9 +181,7 @@ class ModelTable:
         stable = rollout.spec.stable if rollout is not None else self.stable(decision.task)
         if stable is None:
             raise model_not_found(decision.task)
-        fallback = RouteDecision(
-            decision.task, stable, "stable", decision.reason, False, decision.bucket
-        )
+        fallback = replace(decision, version=stable, arm="stable", shadow=False, shadow_version=None)
         return Target(decision.task, stable, lora_id_of(decision.task, stable), fallback)
 
     def cards(self) -> list[ModelEntry]:

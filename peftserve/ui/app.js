@@ -488,9 +488,9 @@ function renderCharts(tl, c) {
   const sc = tl.score;
   const judged = sc.t;
   const data = join(w.t, [{ t: w.t, values: w.weight }, { t: sc.t, values: sc.score }]);
-  const box = drawChart(c, "weight", "Candidate weight (%) and judgment score (0-100)", [
+  const box = drawChart(c, "weight", "Candidate weight (%) and progress toward the next decision (%)", [
     { label: "weight %", stroke: COLORS.weight, width: 2, fill: "rgba(29,78,216,0.08)", paths: uPlot.paths.stepped({ align: 1 }), spanGaps: true, points: { show: false } },
-    { label: "score", stroke: COLORS.score, paths: points, points: { show: true, size: 7, fill: COLORS.score } },
+    { label: "progress %", stroke: COLORS.score, paths: points, points: { show: true, size: 7, fill: COLORS.score } },
   ], data, { scales: { y: { range: [0, 100] } }, wide: true });
   // What the browser test reads: the judgments drawn and the time of the latest one.
   box.dataset.judgments = String(judged.length);
@@ -572,7 +572,7 @@ window.addEventListener("resize", () => {
 
 // ---- judgments and events ---------------------------------------------------------------------
 
-const KNOWN = new Set(["name", "classification", "critical", "detail", "kind", "direction", "weight"]);
+const KNOWN = new Set(["name", "classification", "status", "test", "critical", "required", "detail", "kind", "direction", "weight"]);
 
 function renderJudgment(tl, c) {
   const j = tl.events.find((e) => e.kind === "judgment");
@@ -588,12 +588,12 @@ function renderJudgment(tl, c) {
       .map(([k, v]) => `${k} ${Array.isArray(v) ? `[${v.map((x) => num(x)).join(", ")}]` : num(v)}`);
     return h("tr", {},
       h("td", { text: `${m.name}${m.critical ? " (critical)" : ""}` }),
-      h("td", {}, badge(m.classification || m.verdict, "c")),
+      h("td", {}, badge(m.classification || m.status || m.verdict, "c")),
       h("td", { class: "muted", text: numbers.join(" · ") }),
       h("td", { text: m.detail || "" }));
   });
   c.judgment.replaceChildren(
-    h("p", {}, `${clock(j.at)} `, badge(p.result, "r"), ` score ${num(p.score)}: `, p.reason || ""),
+    h("p", {}, `${clock(j.at)} `, badge(p.result, "r"), p.progress != null ? ` progress ${num(100 * p.progress)} %: ` : ` score ${num(p.score)}: `, p.reason || ""),
     h("table", {}, h("thead", {}, h("tr", {}, ...["metric", "verdict", "numbers", "detail"].map((t) => h("th", { text: t })))),
       h("tbody", {}, ...rows)),
   );
