@@ -27,6 +27,7 @@ from typing import Any
 
 from peftserve import __version__
 from peftserve.server.settings import (
+    FlagAlias,
     FlagSpec,
     ServeSettings,
     config_values,
@@ -62,6 +63,49 @@ def add_config_flags(parser: argparse.ArgumentParser, specs: Sequence[FlagSpec])
             if spec.is_list:
                 kwargs["action"] = "append"
         groups[spec.owner].add_argument(spec.flag, **kwargs)
+        for alias in spec.aliases:
+            groups[spec.owner].add_argument(alias.flag, **_alias_kwargs(spec, alias))
+
+
+def _alias_kwargs(spec: FlagSpec, alias: FlagAlias) -> dict[str, Any]:
+    """argparse options of ``alias``: it writes the field of ``spec`` (no env var of its own)."""
+    help_text = f"{alias.origin}'s name for {spec.flag}"
+    if alias.help:
+        help_text += f" ({alias.help})"
+    kwargs: dict[str, Any] = {
+        "dest": spec.field,
+        "default": argparse.SUPPRESS,
+        "help": help_text.replace("%", "%%"),
+    }
+    kwargs["type"] = _with_message(alias.parse) if alias.parse else converter(spec)
+    kwargs["metavar"] = alias.metavar or spec.field.upper()
+    if alias.many:
+        kwargs["nargs"] = "+"
+        kwargs["action"] = "extend"
+    elif spec.is_list:
+        kwargs["action"] = "append"
+    return kwargs
+
+
+def _with_message(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``parse`` whose ValueError message argparse shows (it hides a plain ValueError's)."""
+
+    def parse_or_explain(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse_or_explain
+
+
+def add_vllm_flags(parser: argparse.ArgumentParser) -> None:
+    """vLLM flags with no setting of ours to map onto, accepted so a vLLM command line runs."""
+    group = parser.add_argument_group("vLLM compatibility")
+    group.add_argument(
+        "--enable-lora", action="store_true", dest="vllm_enable_lora",
+        help="accepted for vLLM command lines; LoRA serving is always on here",
+    )  # fmt: skip
 
 
 def serve_settings(
@@ -85,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the OpenAI-compatible server. Every flag also reads PEFTSERVE_<FIELD> (e.g. PEFTSERVE_MAX_LORA_RANK); a flag beats its variable.",
     )
     add_config_flags(serve, flag_specs())
+    add_vllm_flags(serve)
     serve.set_defaults(handler=_run_serve)
     add_adapters_parser(commands)
     add_rollout_parser(commands)

@@ -58,6 +58,12 @@ ACTIONS = {
     "load": lambda url, h, parts: httpx.post(f"{url}/admin/adapters/alpha/v2/load", headers=h),
     "unload": lambda url, h, parts: httpx.post(f"{url}/admin/adapters/alpha/v2/unload", headers=h),
     "list": lambda url, h, parts: httpx.get(f"{url}/admin/adapters", headers=h),
+    "vllm-load": lambda url, h, parts: httpx.post(
+        f"{url}/v1/load_lora_adapter", json={"lora_name": "newtask", "lora_path": "/x"}, headers=h
+    ),
+    "vllm-unload": lambda url, h, parts: httpx.post(
+        f"{url}/v1/unload_lora_adapter", json={"lora_name": "alpha"}, headers=h
+    ),
 }
 
 
@@ -91,9 +97,10 @@ def test_the_right_token_gets_in_and_inference_needs_no_admin_token(url: str) ->
 
 def _bare_admin_app(token: str) -> FastAPI:
     app = FastAPI()
-    app.state.serving = SimpleNamespace(admin_token=token, adapters=None)
+    app.state.serving = SimpleNamespace(admin_token=token, adapters=None, max_request_bytes=1 << 20)
     install_error_handlers(app)
     app.include_router(admin.router)
+    app.include_router(admin.vllm_router)
     return app
 
 
@@ -104,12 +111,13 @@ def _bare_admin_app(token: str) -> FastAPI:
 def test_without_a_token_admin_answers_loopback_only(client: str, status: int) -> None:
     """503 'no registry' means the request got past authentication."""
 
-    async def get() -> httpx.Response:
+    async def get() -> list[httpx.Response]:
         transport = httpx.ASGITransport(app=_bare_admin_app(""), client=(client, 5000))
         async with httpx.AsyncClient(transport=transport, base_url="http://server") as http:
-            return await http.get("/admin/adapters")
+            body = {"lora_name": "a", "lora_path": "/a"}
+            return [await http.get("/admin/adapters"), await http.post("/v1/load_lora_adapter", json=body)]
 
-    response = asyncio.run(get())
-    assert response.status_code == status, response.text
-    if status == 403:
-        assert "--admin-token" in response.json()["error"]["message"]
+    for response in asyncio.run(get()):
+        assert response.status_code == status, response.text
+        if status == 403:
+            assert "--admin-token" in response.json()["error"]["message"]

@@ -19,6 +19,7 @@ from peftserve.cli import add_config_flags, build_parser, serve_settings
 from peftserve.config import DEFAULT_MODEL_DIR, ServerConfig
 from peftserve.server import startup
 from peftserve.server.settings import (
+    ALIASES,
     CONFIG_CLASSES,
     ServeSettings,
     config_values,
@@ -89,6 +90,38 @@ def test_flags_reach_every_config() -> None:
     assert (srv.host, srv.port, srv.adapter) == ("0.0.0.0", 9, ["a=/x", "b=/y"])
     assert (srv.served_model_name, srv.api_key, srv.admin_token) == ("base", ["k1", "k2"], "t")
     assert (srv.data_dir, srv.log_level) == ("/d", "debug")
+
+
+def test_vllm_flag_names_set_our_fields() -> None:
+    argv = [
+        "--enable-lora", "--max-loras", "3", "--max-lora-rank", "8", "--max-cpu-loras", "5",
+        "--lora-modules", "a=/x", '{"name": "b", "path": "/y", "base_model_name": "m"}',
+        "--adapter", "c=/z", "--lora-modules", "d=/w",
+    ]  # fmt: skip
+    s = _settings(argv)
+    assert s.server.adapter == ["a=/x", "b=/y", "c=/z", "d=/w"]  # both spellings, in order
+    assert (s.engine.lora.max_loras, s.engine.lora.max_lora_rank) == (3, 8)
+    assert s.engine.lora.max_cpu_adapters == 5
+    assert s.explicit == {"adapter", "max_loras", "max_lora_rank", "max_cpu_adapters"}
+    fields = {spec.field for spec in flag_specs()}
+    assert all(alias.field in fields for alias in ALIASES)
+    # env vars exist for our names only
+    assert _settings([], {"PEFTSERVE_MAX_CPU_LORAS": "9"}).engine.lora.max_cpu_adapters == 64
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("nopath", "expected name=path"),
+        ('{"name": "a"}', '"path": PATH'),
+        ('{"name": "a", "path": "/x", "dtype": "f"}', "unsupported key(s) dtype"),
+        ("{oops", "not valid JSON"),
+    ],
+)
+def test_bad_lora_modules_value_names_the_problem(value: str, message: str, capsys) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--lora-modules", value])
+    assert message in capsys.readouterr().err
 
 
 def test_defaults_when_nothing_is_given() -> None:

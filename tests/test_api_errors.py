@@ -76,7 +76,8 @@ def _chat(**fields) -> dict:
 @pytest.mark.parametrize(
     ("fields", "param", "needle"),
     [
-        ({"n": 2}, "n", "n must be 1"),
+        ({"n": 0}, "n", "n must be in 1.."),
+        ({"n": 10**6}, "n", "max_num_seqs"),
         ({"temperature": 2.5}, "temperature", "temperature must be in [0, 2]"),
         ({"temperature": "hot"}, "temperature", "temperature"),
         ({"top_p": 0}, "top_p", "top_p must be in (0, 1]"),
@@ -85,14 +86,24 @@ def _chat(**fields) -> dict:
         ({"logprobs": 50}, "logprobs", "logprobs must be in 0..20"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "up to 4"),
         ({"stop": [""]}, "stop", "non-empty"),
-        ({"echo": True}, "echo", "not supported"),
-        ({"best_of": 3}, "best_of", "not supported"),
+        ({"n": 3, "best_of": 2}, "best_of", "at least n"),
+        ({"best_of": 3, "stream": True}, "best_of", "stream"),
         ({"suffix": "x"}, "suffix", "not supported"),
-        ({"presence_penalty": 0.5}, "presence_penalty", "not supported"),
-        ({"frequency_penalty": 1}, "frequency_penalty", "not supported"),
-        ({"logit_bias": {"5": 10}}, "logit_bias", "not supported"),
+        ({"presence_penalty": 2.5}, "presence_penalty", "[-2, 2]"),
+        ({"frequency_penalty": -3}, "frequency_penalty", "[-2, 2]"),
+        ({"repetition_penalty": 0}, "repetition_penalty", "above 0"),
+        ({"logit_bias": {"x": 10}}, "logit_bias", "token ids"),
+        ({"logit_bias": {"-5": 10}}, "logit_bias", "token ids"),
+        ({"logit_bias": {"5": 101}}, "logit_bias", "[-100, 100]"),
+        ({"logit_bias": {"99999": 1}}, "logit_bias", "token ids must be in"),
         ({"stream_options": {"include_usage": True}}, "stream_options", "only allowed when stream"),
-        ({"prompt": ["a", "b"]}, "prompt", "one prompt"),
+        ({"response_format": {"type": "json_object"}}, "response_format", "not supported"),
+        ({"guided_json": {"type": "object"}}, "guided_json", "not supported"),
+        ({"use_beam_search": True}, "use_beam_search", "not supported"),
+        ({"skip_special_tokens": False}, "skip_special_tokens", "not supported"),
+        ({"prompt_logprobs": 1}, "prompt_logprobs", "not supported"),
+        ({"bad_words": ["ab"]}, "bad_words", "not supported"),
+        ({"prompt": ["a", ""]}, "prompt[1]", "empty"),
         ({"prompt": ""}, "prompt", "empty"),
         ({"prompt": [1, 99999]}, "prompt", "out of range"),
         ({"prompt": 5}, "prompt", "prompt"),
@@ -109,7 +120,21 @@ def test_completion_invalid_parameter(url: str, fields: dict, param: str, needle
 @pytest.mark.parametrize(
     ("fields", "param", "needle"),
     [
-        ({"n": 3}, "n", "n must be 1"),
+        ({"n": 10**6}, "n", "max_num_seqs"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "not supported"),
+        ({"tool_choice": "required"}, "tool_choice", "not supported"),
+        ({"functions": [{"name": "f"}]}, "functions", "not supported"),
+        ({"function_call": {"name": "f"}}, "function_call", "not supported"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+            "response_format",
+            "json_schema",
+        ),
+        ({"audio": {"voice": "alloy", "format": "wav"}}, "audio", "not supported"),
+        ({"continue_final_message": True}, "continue_final_message", "not supported"),
+        ({"chat_template": "{{ x }}"}, "chat_template", "not supported"),
+        ({"echo": True}, "echo", "not supported"),
+        ({"modalities": ["text", "audio"]}, "modalities", "not supported"),
         ({"top_logprobs": 2}, "top_logprobs", "requires logprobs"),
         ({"logprobs": True, "top_logprobs": 30}, "top_logprobs", "0..20"),
         ({"max_completion_tokens": 0}, "max_completion_tokens", "max_completion_tokens must be"),
@@ -190,8 +215,11 @@ def test_no_max_tokens_fills_the_context(url: str) -> None:
 def test_openai_client_sees_bad_request(url: str) -> None:
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
     with pytest.raises(openai.BadRequestError) as info:
-        client.completions.create(model="base", prompt="abc", n=2)
-    assert info.value.param == "n" and info.value.type == "invalid_request_error"
+        client.chat.completions.create(
+            model="base", messages=[{"role": "user", "content": "hi"}],
+            tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+        )  # fmt: skip
+    assert info.value.param == "tools" and info.value.type == "invalid_request_error"
 
 
 # ---- 404 -----------------------------------------------------------------------------------
@@ -225,7 +253,7 @@ def test_internal_error_is_generic_500(url: str, monkeypatch: pytest.MonkeyPatch
     def boom(*args, **kwargs):
         raise RuntimeError("secret internals /etc/passwd")
 
-    monkeypatch.setattr(prompts, "completion_prompt_ids", boom)
+    monkeypatch.setattr(prompts, "completion_prompts", boom)
     response = _post(url, "completions", _completion())
     error = _error(response, 500, "server_error", None)
     assert "secret" not in response.text and "Traceback" not in response.text

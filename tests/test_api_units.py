@@ -103,9 +103,11 @@ def test_sampling_params_from_body() -> None:
 def test_unknown_fields_ignored_known_unsupported_rejected() -> None:
     body = CompletionRequest.model_validate({"model": "m", "prompt": "p", "whatever": 1})
     reject_unsupported(body)
+    reject_unsupported(CompletionRequest(model="m", prompt="p", n=2, best_of=3, echo=True))
+    schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}
     with pytest.raises(APIError) as info:
-        reject_unsupported(CompletionRequest(model="m", prompt="p", n=2))
-    assert info.value.param == "n"
+        reject_unsupported(CompletionRequest(model="m", prompt="p", response_format=schema))
+    assert info.value.param == "response_format" and "json_schema" in info.value.message
 
 
 def test_completion_logprobs_offsets() -> None:
@@ -178,7 +180,7 @@ def test_a_stream_whose_client_left_before_the_first_chunk_is_closed() -> None:
     engine = _Closed()
     stream = OutputStream(_out("a"), engine, engine)
     info = StreamInfo("cmpl-1", "m", 1, include_usage=False, logprobs=False)
-    response = SSEResponse(sse_body(stream, CompletionChunker(info), info), stream=stream)
+    response = SSEResponse(sse_body([stream], CompletionChunker(info), info), streams=[stream])
 
     async def send(message: dict) -> None:
         raise OSError("client gone")  # before the body iterator ever started

@@ -100,6 +100,16 @@ def test_padding_rows_are_zero_and_scratch_is_written():
     assert not out.isnan().any()
 
 
+def test_torch_path_runs_outside_inference_mode_after_a_served_step():
+    """The K/V gather workspace made under inference_mode (a served step) is not reused by a
+    call outside it (an inference tensor cannot be written there)."""
+    step = make_step(DECODE, num_heads=4, num_kv_heads=2, head_dim=8, block_size=16, seed=3)
+    with torch.inference_mode():
+        served, _ = paged_attention(LAYER, step.query, step.key, step.value, None, paged_metadata=step.meta)
+    out, _ = paged_attention(LAYER, step.query, step.key, step.value, None, paged_metadata=step.meta)
+    assert torch.equal(out, served)
+
+
 def test_masks_are_built_once_per_step():
     step = make_step(MIXED, num_heads=4, num_kv_heads=2, head_dim=8, block_size=16, seed=2)
     for _ in range(2):

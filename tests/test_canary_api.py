@@ -404,6 +404,28 @@ def test_metrics_export_rollout_state(url: str, alpha: dict[str, Any]) -> None:
     assert value(samples, task="alpha", version="v1", arm="stable", kind="requests") >= 1
 
 
+def test_a_request_with_several_choices_is_one_sample(url: str, alpha: dict[str, Any]) -> None:
+    inside = users("alpha", 25, True)[0]
+
+    def counts() -> tuple[float, float, float]:
+        families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text)}
+        window = [s.value for s in families["peftserve_canary_window_samples"].samples
+                  if s.labels == {"task": "alpha", "version": "v2", "arm": "candidate", "kind": "requests"}]
+        requests = [s for s in families["peftserve_requests"].samples if s.name == "peftserve_requests_total"
+                    and s.labels["version"] == "v2" and s.labels["arm"] == "candidate"]
+        tokens = [s.value for s in families["peftserve_generation_tokens"].samples
+                  if s.name == "peftserve_generation_tokens_total" and s.labels["version"] == "v2"
+                  and s.labels["arm"] == "candidate"]  # fmt: skip
+        return sum(window), sum(s.value for s in requests), sum(tokens)
+
+    before = counts()
+    response = complete(url, "alpha", inside, max_tokens=3, n=3, temperature=1.0, seed=1, ignore_eos=True)
+    assert served(response) == ("alpha@v2", "candidate") and len(response.json()["choices"]) == 3
+    after = counts()
+    assert after[0] == before[0] + 1 and after[1] == before[1] + 1  # one request, one sample
+    assert after[2] == before[2] + 9  # its tokens: every choice's
+
+
 # ---- a failing candidate --------------------------------------------------------------------------
 
 

@@ -221,7 +221,7 @@ def test_unauthenticated_big_body_is_401_unread(bpe_url: str) -> None:
     ("route", "body", "param"),
     [
         ("completions", _completion(prompt="a" * (10 * MIB)), "prompt"),
-        ("completions", _completion(prompt=["é" * 50_000]), "prompt"),
+        ("completions", _completion(prompt=["é" * 50_000]), "prompt[0]"),
         ("completions", _completion(prompt=" " * 200_000), "prompt"),
         ("chat/completions", _chat(model="base", messages=[{"role": "user", "content": "b" * (5 * MIB)}]), "messages"),
         ("chat/completions", _chat(model="base", messages=[{"role": "user", "content": "hi " * 1000}] * 100), "messages"),
@@ -655,8 +655,8 @@ def test_full_queue_is_429_before_tokenizing(model_dir: Path, monkeypatch: pytes
                 waiting.append(_background(client, base, long))
                 assert wait_for(lambda n=n: _queue(base) == (1, n), timeout=20), engine_stats(base)
             calls = []
-            real = prompts.completion_prompt_ids
-            monkeypatch.setattr(prompts, "completion_prompt_ids", lambda *a: calls.append(a) or real(*a))
+            real = prompts.completion_prompts
+            monkeypatch.setattr(prompts, "completion_prompts", lambda *a: calls.append(a) or real(*a))
             for body in (_completion(), _completion(prompt="x" * 50_000), _completion(stream=True)):
                 response = client.post(f"{base}/v1/completions", json=body)
                 _error(response, 429, None, "queue_full")

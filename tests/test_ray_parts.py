@@ -282,6 +282,24 @@ def test_a_second_lost_replica_answers_503_and_engine_errors_come_back_unwrapped
         asyncio.run(_collect(_remote(refused)))
     assert len(refused.calls) == 1  # not a lost replica: no retry
 
+    several = SamplingParams(
+        max_tokens=5, temperature=0.0, n=2
+    )  # choices with prefixes of their own
+    lost_mid_choices = FakeHandle([([_out("cmpl-1", [7], False, 3, 1)] * 2, 1)])
+    with pytest.raises(ReplicaLost):
+        asyncio.run(_collect(_remote(lost_mid_choices), several))
+    assert len(lost_mid_choices.calls) == 1  # no continuation of two choices as one
+    choices = [
+        _out("cmpl-1-retry", [7], True, 3, 1),
+        replace(_out("cmpl-1-retry", [8], True, 3, 1), index=1),
+    ]
+    lost_at_once = FakeHandle([(choices, 0), (choices, None)])  # lost before a token: both choices again
+    outs = asyncio.run(_collect(_remote(lost_at_once), several))
+    assert [(o.index, o.token_ids, o.request_id) for o in outs] == [
+        (0, [7], "cmpl-1"),
+        (1, [8], "cmpl-1"),
+    ]
+
     with pytest.raises(UnknownAdapter):  # a version the snapshot does not serve
         asyncio.run(
             _remote(FakeHandle([])).generate("c", [1], SamplingParams(), "reverse@v9").__anext__()
@@ -441,19 +459,13 @@ def test_engine_reports_fold_into_one_fleet_view():
     now = [0.0]
     fleet = FleetState(interval_s=1.0, clock=lambda: now[0])
     info = ModelInfo(64, "cpu", "float32")
-    fleet.record(
-        EngineReport(
-            "a",
-            EngineStats(steps=3, max_loras_in_step=2),
-            {"reverse@v1": "gpu"},
-            ("reverse",),
-            info,
-        )
-    )
+    fleet.record(EngineReport("a", EngineStats(steps=3, max_loras_in_step=2), {"reverse@v1": "gpu"},
+                              ("reverse",), info, waiting=("reverse@v1",)))  # fmt: skip
     fleet.record(EngineReport("b", EngineStats(steps=4, max_loras_in_step=3), {"reverse@v1": "cpu", "sort@s": "disk"},
-                              ("reverse", "sort"), info))  # fmt: skip
+                              ("reverse", "sort"), info, waiting=("sort@s", "reverse@v1")))  # fmt: skip
     view = fleet.view()
     assert view.replicas == ("a", "b") and view.tiers == {"reverse@v1": "gpu"}
+    assert view.waiting == ("reverse@v1", "sort@s")  # vLLM's waiting_lora_adapters, fleet-wide
     stats = stats_of(view.stats)
     assert stats.steps == 7 and stats.max_loras_in_step == 3 and isinstance(stats.steps, int)
     now[0] = 10.0  # neither reported for 5 intervals: gone

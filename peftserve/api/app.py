@@ -27,7 +27,7 @@ from peftserve.api.openapi import ADMIN_ERRORS, errors, install_openapi
 from peftserve.api.prompts import PromptLimits
 from peftserve.api.state import ServingState
 from peftserve.server.canary import CanaryRuntime, RolloutCollector
-from peftserve.server.metrics import Metrics
+from peftserve.server.metrics import Metrics, VLLMCollector
 
 if TYPE_CHECKING:
     from peftserve.config import ServerConfig
@@ -95,6 +95,7 @@ def build_app(
     workers = ThreadPoolExecutor(REQUEST_WORKERS, thread_name_prefix="peftserve-request")
     llm = engine.engine
     app_metrics = Metrics(engine)
+    app_metrics.add_collector(VLLMCollector(engine, models))
     engine.on_adapter_load = app_metrics.observe_adapter_load
     if adapters is not None:
         adapters.on_delete.append(app_metrics.forget)
@@ -124,6 +125,7 @@ def build_app(
         app.include_router(forward)
         return app
     app.include_router(admin.router, responses=errors(*ADMIN_ERRORS))
+    app.include_router(admin.vllm_router, responses=errors(*ADMIN_ERRORS))
     app.include_router(rollouts.admin_router, responses=errors(*ADMIN_ERRORS))
     app.include_router(rollouts.feedback_router)
     app.include_router(ui.admin_router, responses=errors(*ADMIN_ERRORS))

@@ -77,9 +77,7 @@ class OutputStream:
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
         yield self._first
-        if self._first.finished:
-            return
-        async for out in self._outputs:
+        async for out in self._outputs:  # ends after the last choice's final output
             self._observe(out)
             yield out
 
@@ -133,36 +131,49 @@ def output_error(out: RequestOutput, request_id: str) -> APIError | None:
 
 @dataclass
 class Generation:
-    """A whole non-streamed generation."""
+    """One whole non-streamed choice."""
 
+    index: int = 0
+    """Its choice index within its engine request."""
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    prompt_logprobs: list[TokenLogprob] | None = None
+    """Every prompt token's logprob (with ``SamplingParams.prompt_logprobs``)."""
 
     def add(self, out: RequestOutput) -> None:
         self.text += out.text
         self.token_ids.extend(out.token_ids)
         if out.logprobs is not None:
             self.logprobs = (self.logprobs or []) + list(out.logprobs)
+        if out.prompt_token_logprobs is not None:
+            self.prompt_logprobs = out.prompt_token_logprobs
         self.finish_reason = out.finish_reason
         self.prompt_tokens = out.prompt_tokens
         self.completion_tokens = out.completion_tokens
 
+    @property
+    def mean_logprob(self) -> float:
+        """Log-probability per generated token (how ``best_of`` ranks choices)."""
+        values = [lp.logprob for lp in self.logprobs or [] if lp.logprob is not None]
+        return sum(values) / len(values) if values else float("-inf")
 
-async def collect(stream: OutputStream, request_id: str) -> Generation:
-    generation = Generation()
+
+async def collect(stream: OutputStream, request_id: str, n: int = 1) -> list[Generation]:
+    """Every output of the stream, as its ``n`` choices (closing the stream in any case)."""
+    generations = [Generation(index=i) for i in range(n)]
     try:
         async for out in stream:
             error = output_error(out, request_id)
             if error is not None:
                 raise error
-            generation.add(out)
+            generations[out.index].add(out)
     finally:
         await stream.aclose()
-    return generation
+    return generations
 
 
 async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
@@ -201,7 +212,23 @@ async def _disconnected(request: Request) -> None:
 
 
 async def _close_streams(result: object) -> None:
-    """Close the OutputStreams in an unused result (a stream, or a tuple holding one)."""
-    for item in result if isinstance(result, tuple) else (result,):
-        if isinstance(item, OutputStream):
-            await item.aclose()
+    """Close the OutputStreams in an unused result (a stream, or a tuple or list holding
+    streams or lists of them)."""
+    if isinstance(result, OutputStream):
+        await result.aclose()
+    elif isinstance(result, (tuple, list)):
+        for item in result:
+            await _close_streams(item)
+
+
+async def gather_or_cancel(*work: Awaitable[T]) -> list[T]:
+    """The results of ``work``, run concurrently; when one raises, the others are cancelled
+    (and awaited) before the error goes on."""
+    tasks = [asyncio.ensure_future(w) for w in work]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

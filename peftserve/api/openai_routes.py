@@ -9,6 +9,7 @@ stable|candidate|pinned`` (pinned: the request named the version; the arm label 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -27,6 +28,7 @@ from peftserve.api.generation import (
     OutputStream,
     cancel_on_disconnect,
     collect,
+    gather_or_cancel,
     open_stream,
 )
 from peftserve.api.openapi import INFERENCE_ERRORS, SSE_200, errors
@@ -55,7 +57,7 @@ from peftserve.api.streaming import (
 )
 from peftserve.engine.sampling_params import SamplingParams
 from peftserve.server.completion_ids import new_completion_id
-from peftserve.server.errors import APIError, queue_full
+from peftserve.server.errors import APIError, invalid_request, queue_full
 from peftserve.server.metrics import RequestTracker, failure_outcome, request_arm
 from peftserve.server.model_table import Target
 
@@ -73,28 +75,51 @@ router = APIRouter(
 
 @dataclass
 class Job:
-    """A validated request, ready for the engine."""
+    """A validated request, ready for the engine: one engine request per prompt, each with
+    ``params[i].n`` choices."""
 
     request_id: str
     model: str
     lora_id: str | None
-    prompt_ids: list[int]
-    params: SamplingParams
+    prompts: list[list[int]]
+    params: list[SamplingParams]
+    """One per prompt (``max_tokens`` may differ: what each prompt leaves of the context)."""
     stream: bool
     include_usage: bool
     created: int
     engine_id: str = ""
     """The engine's request id: ``request_id``, or a derived one when stable answers for a
-    failed candidate (the client still sees ``request_id``)."""
+    failed candidate (the client still sees ``request_id``); ``-<i>`` follows for prompt ``i``
+    of a request with several."""
+    returned: int = 1
+    """Choices returned per prompt (``n``; ``best_of`` generates ``params[i].n`` of them)."""
+    user_logprobs: bool = True
+    """False when logprobs were computed only to rank ``best_of`` choices."""
+    echo: list[str] | None = None
+    """Completions ``echo``: each prompt's text."""
+    prompt_only: bool = False
+    """``echo`` with ``max_tokens: 0``: one token is generated (the prompt's logprobs come from
+    its step) and not returned."""
+    continuous_usage: bool = False
 
     def __post_init__(self) -> None:
         self.engine_id = self.engine_id or self.request_id
 
+    def engine_ids(self) -> list[str]:
+        if len(self.prompts) == 1:
+            return [self.engine_id]
+        return [f"{self.engine_id}-{i}" for i in range(len(self.prompts))]
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.params[0].logprobs is not None and self.user_logprobs
+
     def stream_info(self) -> StreamInfo:
-        wants_logprobs = self.params.logprobs is not None
         return StreamInfo(
-            self.request_id, self.model, self.created, self.include_usage, wants_logprobs
-        )
+            self.request_id, self.model, self.created, self.include_usage, self.wants_logprobs,
+            n=self.returned, echo=self.echo, prompt_only=self.prompt_only,
+            continuous_usage=self.continuous_usage,
+        )  # fmt: skip
 
 
 @router.get("/models", response_model=ModelList, responses=errors(401, 500))
@@ -122,21 +147,38 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     )
     if job.stream:  # the stream records the request when it closes
         return await _stream(request, state, job, target, CompletionChunker)
-    generation, served = await _generate(request, state, job, target)
-    logprobs = None
-    if job.params.logprobs is not None:
-        logprobs = completion_logprobs(generation.logprobs or [])
-    choice = CompletionChoice(
-        text=generation.text, logprobs=logprobs, finish_reason=generation.finish_reason
-    )
+    answers, served = await _generate(request, state, job, target)
+    choices = []
+    for p, generations in enumerate(answers):
+        for i, generation in enumerate(_returned(job, generations)):
+            choices.append(_completion_choice(job, p, p * job.returned + i, generation))
     response = CompletionResponse(
         id=job.request_id,
         created=job.created,
         model=job.model,
-        choices=[choice],
-        usage=_usage(generation),
+        choices=choices,
+        usage=_usage(job, answers),
     )
     return JSONResponse(response.model_dump(), headers=served.headers())
+
+
+def _completion_choice(job: Job, prompt: int, index: int, generation: Generation) -> CompletionChoice:
+    text, items = generation.text, list(generation.logprobs or [])
+    if job.prompt_only:
+        text, items = "", []
+    if job.echo is not None:
+        text = job.echo[prompt] + text
+        items = list(generation.prompt_logprobs or []) + items
+    logprobs = completion_logprobs(items) if job.wants_logprobs else None
+    return CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=generation.finish_reason)
+
+
+def _returned(job: Job, generations: list[Generation]) -> list[Generation]:
+    """The ``n`` choices to return of a prompt's generated ones: with ``best_of``, those of
+    highest log-probability per token (OpenAI's rule), best first."""
+    if len(generations) == job.returned:
+        return generations
+    return sorted(generations, key=lambda g: g.mean_logprob, reverse=True)[: job.returned]
 
 
 @router.post(
@@ -151,21 +193,22 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     job = await _prepare(state, target, lambda: _chat_job(body, state, request_id, target.lora_id))
     if job.stream:  # the stream records the request when it closes
         return await _stream(request, state, job, target, ChatChunker)
-    generation, served = await _generate(request, state, job, target)
-    logprobs = None
-    if job.params.logprobs is not None:
-        logprobs = chat_logprobs(generation.logprobs or [])
-    choice = ChatChoice(
-        message=AssistantMessage(content=generation.text),
-        logprobs=logprobs,
-        finish_reason=generation.finish_reason,
-    )
+    [generations], served = await _generate(request, state, job, target)
+    choices = [
+        ChatChoice(
+            index=generation.index,
+            message=AssistantMessage(content=generation.text),
+            logprobs=chat_logprobs(generation.logprobs or []) if job.wants_logprobs else None,
+            finish_reason=generation.finish_reason,
+        )
+        for generation in generations
+    ]
     response = ChatCompletionResponse(
         id=job.request_id,
         created=job.created,
         model=job.model,
-        choices=[choice],
-        usage=_usage(generation),
+        choices=choices,
+        usage=_usage(job, [generations]),
     )
     return JSONResponse(response.model_dump(), headers=served.headers())
 
@@ -213,12 +256,41 @@ def _completion_job(
 ) -> Job:
     prompts.reject_unsupported(body)
     llm = state.llm
-    ids = prompts.completion_prompt_ids(
-        llm.tokenizer, body.prompt, _vocab_size(state), state.prompt_limits
+    prompt_ids = prompts.completion_prompts(
+        llm.tokenizer, body.prompt, _vocab_size(state), state.prompt_limits, llm.config.scheduler.max_waiting
     )
-    max_tokens = prompts.context_max_tokens(len(ids), body.max_tokens, llm.max_model_len)
-    params = prompts.sampling_params(body, max_tokens, body.logprobs)
-    return _job(body, request_id, lora_id, ids, params)
+    n = _choices(state, body.n, "n")
+    best_of = n if body.best_of is None else _choices(state, body.best_of, "best_of")
+    if best_of < n:
+        raise invalid_request(f"best_of ({best_of}) must be at least n ({n}).", "best_of")
+    prompt_only = bool(body.echo) and body.max_tokens == 0
+    requested = 1 if prompt_only else body.max_tokens
+    ranked = best_of > n
+    logprobs = 0 if ranked and body.logprobs is None else body.logprobs
+    extra: dict = {"n": best_of}
+    if body.echo and body.logprobs is not None:
+        extra["prompt_logprobs"] = body.logprobs
+    several = prompts.is_prompt_list(body.prompt)
+    params = []
+    for i, ids in enumerate(prompt_ids):
+        param = f"prompt[{i}]" if several else "prompt"
+        max_tokens = prompts.context_max_tokens(len(ids), requested, llm.max_model_len, param)
+        params.append(prompts.sampling_params(body, max_tokens, logprobs, **extra))
+    job = _job(body, request_id, lora_id, prompt_ids, params)
+    job.returned, job.user_logprobs, job.prompt_only = n, body.logprobs is not None, prompt_only
+    if body.echo:
+        job.echo = prompts.prompt_texts(llm.tokenizer, body.prompt, prompt_ids)
+    return job
+
+
+def _choices(state: ServingState, value: int | None, param: str) -> int:
+    """``n`` or ``best_of`` checked against the seats a request may hold (``max_num_seqs``)."""
+    seats = state.llm.config.scheduler.max_num_seqs
+    if value is None:
+        return 1
+    if not 1 <= value <= seats:
+        raise invalid_request(f"{param} must be in 1..{seats} (the server's max_num_seqs), got {value}.", param)
+    return value
 
 
 def _chat_job(
@@ -232,26 +304,30 @@ def _chat_job(
     max_tokens = prompts.context_max_tokens(
         len(ids), requested, llm.max_model_len, "messages", tokens_param
     )
-    params = prompts.sampling_params(body, max_tokens, logprobs, tokens_param)
-    return _job(body, request_id, lora_id, ids, params)
+    n = _choices(state, body.n, "n")
+    params = prompts.sampling_params(body, max_tokens, logprobs, tokens_param, n=n)
+    job = _job(body, request_id, lora_id, [ids], [params])
+    job.returned = n
+    return job
 
 
 def _job(
     body: CompletionRequest | ChatCompletionRequest,
     request_id: str,
     lora_id: str | None,
-    ids: list[int],
-    params: SamplingParams,
+    prompt_ids: list[list[int]],
+    params: list[SamplingParams],
 ) -> Job:
     return Job(
         request_id=request_id,
         model=body.model,
         lora_id=lora_id,
-        prompt_ids=ids,
+        prompts=prompt_ids,
         params=params,
         stream=bool(body.stream),
         include_usage=body.include_usage,
         created=int(time.time()),
+        continuous_usage=body.continuous_usage,
     )
 
 
@@ -273,8 +349,9 @@ def _vocab_size(state: ServingState) -> int:
 
 async def _generate(
     request: Request, state: ServingState, job: Job, target: Target
-) -> tuple[Generation, Target]:
-    """The whole generation and the target that served it (stable after a failed candidate)."""
+) -> tuple[list[list[Generation]], Target]:
+    """The whole generation (per prompt, its choices) and the target that served it (stable
+    after a failed candidate)."""
     try:
         return await _attempt(request, state, job, target), target
     except Exception as exc:
@@ -292,72 +369,92 @@ async def _generate(
 
 async def _attempt(
     request: Request, state: ServingState, job: Job, target: Target, *, fallback: bool = False
-) -> Generation:
-    tracker = _track(state, job, target, fallback)
+) -> list[list[Generation]]:
+    """Every prompt of the job at once; one failing cancels the others."""
+    engine_ids = job.engine_ids()
 
-    async def run() -> Generation:
-        stream = await open_stream(
-            state.engine, job.engine_id, job.prompt_ids, job.params, job.lora_id, tracker
-        )
-        return await collect(stream, job.engine_id)
+    async def run(i: int) -> list[Generation]:
+        tracker = _track(state, job, target, fallback, i)
+        try:
+            stream = await open_stream(
+                state.engine, engine_ids[i], job.prompts[i], job.params[i], job.lora_id, tracker
+            )
+            return await collect(stream, engine_ids[i], job.params[i].n)
+        except BaseException as exc:
+            tracker.finish(failure_outcome(exc))
+            raise
 
-    try:
-        return await cancel_on_disconnect(request, run())
-    except BaseException as exc:
-        tracker.finish(failure_outcome(exc))
-        raise
+    return await cancel_on_disconnect(request, gather_or_cancel(*(run(i) for i in range(len(job.prompts)))))
 
 
 async def _stream(
     request: Request, state: ServingState, job: Job, target: Target, chunker: Callable[[StreamInfo], Chunker]
 ) -> Response:
-    stream, served = await cancel_on_disconnect(request, _open(state, job, target))
+    streams, served = await cancel_on_disconnect(request, _open(state, job, target))
     info = job.stream_info()
-    return SSEResponse(sse_body(stream, chunker(info), info), headers=served.headers(), stream=stream)
+    return SSEResponse(sse_body(streams, chunker(info), info), headers=served.headers(), streams=streams)
 
 
-async def _open(state: ServingState, job: Job, target: Target) -> tuple[OutputStream, Target]:
-    """The started stream and its target; a candidate failing before its first token falls back."""
+async def _open(state: ServingState, job: Job, target: Target) -> tuple[list[OutputStream], Target]:
+    """The started streams and their target; a candidate failing before its first token falls back."""
     try:
-        stream = await _open_attempt(state, job, target)
+        streams = await _open_all(state, job, target)
     except Exception as exc:
         fallback = _fallback(state, target, exc)
         if fallback is None:
             _name(exc, target)
             raise
     else:
-        first = stream.first
-        if first.finish_reason != "error":
-            return stream, target
-        fallback = _fallback(state, target, EngineFailed(job.engine_id, first.error))
+        failed = next((s.first for s in streams if s.first.finish_reason == "error"), None)
+        if failed is None:
+            return streams, target
+        fallback = _fallback(state, target, EngineFailed(job.engine_id, failed.error))
         if fallback is None:
-            return stream, target  # the stream sends the error event
-        await stream.aclose()  # records the candidate's failure
+            return streams, target  # the stream sends the error event
+        for stream in streams:
+            await stream.aclose()  # records the candidate's failure
     try:
-        return await _open_attempt(state, _retarget(job, fallback), fallback, fallback=True), fallback
+        return await _open_all(state, _retarget(job, fallback), fallback, fallback=True), fallback
     except Exception as exc:
         _name(exc, fallback)
         raise
 
 
-async def _open_attempt(
+async def _open_all(
     state: ServingState, job: Job, target: Target, *, fallback: bool = False
+) -> list[OutputStream]:
+    """A started stream per prompt; if one cannot start, those that did are closed."""
+    opened = await asyncio.gather(
+        *(_open_attempt(state, job, target, i, fallback=fallback) for i in range(len(job.prompts))),
+        return_exceptions=True,
+    )
+    streams = [item for item in opened if isinstance(item, OutputStream)]
+    if len(streams) < len(opened):
+        for stream in streams:
+            await stream.aclose()
+        raise next(item for item in opened if isinstance(item, BaseException))
+    return streams
+
+
+async def _open_attempt(
+    state: ServingState, job: Job, target: Target, i: int, *, fallback: bool = False
 ) -> OutputStream:
-    tracker = _track(state, job, target, fallback)
+    tracker = _track(state, job, target, fallback, i)
     try:
         return await open_stream(
-            state.engine, job.engine_id, job.prompt_ids, job.params, job.lora_id, tracker
+            state.engine, job.engine_ids()[i], job.prompts[i], job.params[i], job.lora_id, tracker
         )
     except BaseException as exc:
         tracker.finish(failure_outcome(exc))
         raise
 
 
-def _track(state: ServingState, job: Job, target: Target, fallback: bool) -> RequestTracker:
-    """The attempt's tracker: Prometheus, plus the canary accounting when rollouts run."""
+def _track(state: ServingState, job: Job, target: Target, fallback: bool, i: int = 0) -> RequestTracker:
+    """The tracker of prompt ``i`` of the attempt (each prompt is a request of the metrics):
+    Prometheus, plus the canary accounting when rollouts run."""
     hook = None
     if state.canary is not None:
-        hook = state.canary.finish_hook(target, job.request_id, job.prompt_ids, job.params, fallback=fallback)
+        hook = state.canary.finish_hook(target, job.request_id, job.prompts[i], job.params[i], fallback=fallback)
     return state.metrics.track(target.task, target.version, request_arm(target), hook)
 
 
@@ -390,5 +487,8 @@ def _name(exc: BaseException, target: Target) -> None:
         exc.headers = {**target.headers(), **exc.headers}
 
 
-def _usage(generation: Generation) -> Usage:
-    return Usage.of(generation.prompt_tokens, generation.completion_tokens)
+def _usage(job: Job, answers: list[list[Generation]]) -> Usage:
+    """Every prompt once, every generated choice (those ``best_of`` did not return too)."""
+    prompt_tokens = sum(generations[0].prompt_tokens for generations in answers)
+    completion = 0 if job.prompt_only else sum(g.completion_tokens for gs in answers for g in gs)
+    return Usage.of(prompt_tokens, completion)

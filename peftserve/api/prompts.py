@@ -131,31 +131,64 @@ class PromptLimits:
         return cls(max_model_len, prompt_char_limit(tokenizer, max_model_len))
 
 
-def completion_prompt_ids(
-    tokenizer: Any, prompt: str | list, vocab_size: int, limits: PromptLimits | None = None
+def is_prompt_list(prompt: str | list) -> bool:
+    """Whether a completion's ``prompt`` is a list of prompts (strings or token-id lists)."""
+    return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], (str, list))
+
+
+def completion_prompts(
+    tokenizer: Any,
+    prompt: str | list,
+    vocab_size: int,
+    limits: PromptLimits | None = None,
+    max_prompts: int | None = None,
+) -> list[list[int]]:
+    """The prompts of a completion request (a string, token ids, or a list of either; at most
+    ``max_prompts``) as token ids, each checked against the context on its own."""
+    if is_prompt_list(prompt):
+        if max_prompts is not None and len(prompt) > max_prompts:
+            message = f"At most {max_prompts} prompts per request, got {len(prompt)}."
+            raise invalid_request(message, "prompt")
+        return [
+            _prompt_ids(tokenizer, one, vocab_size, limits, f"prompt[{i}]")
+            for i, one in enumerate(prompt)
+        ]
+    return [_prompt_ids(tokenizer, prompt, vocab_size, limits, "prompt")]
+
+
+def prompt_texts(tokenizer: Any, prompt: str | list, prompt_ids: list[list[int]]) -> list[str]:
+    """Each prompt's text (``echo``): as sent, or its token ids decoded."""
+    given = prompt if is_prompt_list(prompt) else [prompt]
+    return [
+        one if isinstance(one, str) else tokenizer.decode(ids)
+        for one, ids in zip(given, prompt_ids, strict=True)
+    ]
+
+
+def _prompt_ids(
+    tokenizer: Any,
+    prompt: str | list[int],
+    vocab_size: int,
+    limits: PromptLimits | None,
+    param: str,
 ) -> list[int]:
-    """One prompt (a string, a list of one string, token ids or a list of one id list)."""
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-        if len(prompt) != 1:
-            raise invalid_request("Only one prompt per request is supported.", "prompt")
-        prompt = prompt[0]
     if isinstance(prompt, str):
         if limits is not None:
-            check_prompt_chars([prompt], limits, "prompt")
+            check_prompt_chars([prompt], limits, param)
         ids = list(tokenizer(prompt)["input_ids"])
     else:
         if limits is not None and len(prompt) >= limits.max_model_len:
-            raise context_exceeded(len(prompt), limits.max_model_len, "prompt")
-        ids = _checked_token_ids(prompt, vocab_size)
+            raise context_exceeded(len(prompt), limits.max_model_len, param)
+        ids = _checked_token_ids(prompt, vocab_size, param)
     if not ids:
-        raise invalid_request("The prompt is empty.", "prompt")
+        raise invalid_request("The prompt is empty.", param)
     return ids
 
 
-def _checked_token_ids(ids: list[int], vocab_size: int) -> list[int]:
+def _checked_token_ids(ids: list[int], vocab_size: int, param: str = "prompt") -> list[int]:
     bad = [t for t in ids if not 0 <= t < vocab_size]
     if bad:
-        raise invalid_request(f"Token id {bad[0]} is out of range 0..{vocab_size - 1}.", "prompt")
+        raise invalid_request(f"Token id {bad[0]} is out of range 0..{vocab_size - 1}.", param)
     return list(ids)
 
 
@@ -238,45 +271,129 @@ def context_exceeded(prompt_len: int, max_model_len: int, param: str) -> APIErro
 
 def reject_unsupported(body: SamplingFields) -> None:
     """Fields we know but cannot honour get a 400 naming them instead of being ignored."""
-    if body.n not in (None, 1):
-        raise invalid_request(f"n must be 1 (one choice per request), got {body.n}.", "n")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(body, name) not in (None, 0, 0.0):
-            raise unsupported(name, name)
-    if body.logit_bias:
-        raise unsupported("logit_bias", "logit_bias")
     if body.stream_options is not None and not body.stream:
         raise invalid_request(
             "stream_options is only allowed when stream is true.", "stream_options"
         )
+    response_format = body.response_format
+    if response_format is not None and response_format.get("type", "text") != "text":
+        kind = response_format.get("type")
+        raise unsupported(
+            "response_format", f"response_format of type {kind!r} (structured output)"
+        )
+    for name in ("min_p", "min_tokens"):
+        if getattr(body, name):
+            raise unsupported(name, name)
+    if body.stop_token_ids:
+        raise unsupported("stop_token_ids", "stop_token_ids")
+    if body.use_beam_search:
+        raise unsupported("use_beam_search", "Beam search")
+    for name in (
+        "guided_json",
+        "guided_regex",
+        "guided_choice",
+        "guided_grammar",
+        "structured_outputs",
+    ):
+        if getattr(body, name) is not None:
+            raise unsupported(name, f"{name} (guided decoding)")
+    _reject_values(body, _VLLM_ONLY)
     if isinstance(body, CompletionRequest):
         _reject_completion_only(body)
+    elif isinstance(body, ChatCompletionRequest):
+        _reject_values(body, _VLLM_CHAT_ONLY)
+        _reject_chat_only(body)
+
+
+_VLLM_ONLY: tuple[tuple[str, tuple[Any, ...]], ...] = (
+    ("prompt_logprobs", (None,)),
+    ("allowed_token_ids", (None,)),
+    ("bad_words", (None, [])),
+    ("truncate_prompt_tokens", (None,)),
+    ("include_stop_str_in_output", (None, False)),
+    ("skip_special_tokens", (None, True)),
+    ("return_tokens_as_token_ids", (None, False)),
+)
+"""vLLM's request extensions we do not implement, with the values that change nothing."""
+_VLLM_CHAT_ONLY: tuple[tuple[str, tuple[Any, ...]], ...] = (
+    ("echo", (None, False)),
+    ("add_generation_prompt", (None, True)),
+    ("continue_final_message", (None, False)),
+    ("chat_template", (None,)),
+    ("chat_template_kwargs", (None, {})),
+)
+
+
+def _reject_values(body: SamplingFields, fields: tuple[tuple[str, tuple[Any, ...]], ...]) -> None:
+    for name, harmless in fields:
+        value = getattr(body, name)
+        if not any(value is h or (type(value) is type(h) and value == h) for h in harmless):
+            raise unsupported(name, f"{name}={json.dumps(value)[:80]}")
 
 
 def _reject_completion_only(body: CompletionRequest) -> None:
-    if body.echo:
-        raise unsupported("echo", "echo=true")
-    if body.best_of not in (None, 1):
-        raise unsupported("best_of", "best_of > 1")
     if body.suffix:
         raise unsupported("suffix", "suffix")
+    if body.best_of is not None and body.stream and body.best_of != (body.n or 1):
+        raise invalid_request(
+            "best_of cannot be used with stream (choices are picked at the end).", "best_of"
+        )
+    if body.max_tokens == 0 and not body.echo:
+        raise invalid_request("max_tokens must be at least 1 (0 only with echo).", "max_tokens")
+
+
+def _reject_chat_only(body: ChatCompletionRequest) -> None:
+    for name in ("tools", "functions"):
+        if getattr(body, name):
+            raise unsupported(name, f"{name} (tool and function calling)")
+    for name, allowed in (("tool_choice", ("none", "auto")), ("function_call", ("none", "auto"))):
+        value = getattr(body, name)
+        if value is not None and value not in allowed:
+            raise unsupported(name, f"{name} {value!r} (tool and function calling)")
+    for name in ("audio", "prediction", "web_search_options", "reasoning_effort"):
+        if getattr(body, name) is not None:
+            raise unsupported(name, name)
+    if body.modalities is not None and set(body.modalities) - {"text"}:
+        raise unsupported("modalities", f"modalities {body.modalities} (text only)")
+
+
+def logit_bias(body: SamplingFields) -> dict[int, float]:
+    """``logit_bias`` with its token ids as integers (400 for a key that is not one)."""
+    bias: dict[int, float] = {}
+    for key, value in (body.logit_bias or {}).items():
+        if not (key.isascii() and key.isdigit()):
+            message = f"logit_bias keys must be token ids (decimal digits), got {key!r}."
+            raise invalid_request(message, "logit_bias")
+        bias[int(key)] = value
+    return bias
 
 
 def sampling_params(
-    body: SamplingFields, max_tokens: int, logprobs: int | None, tokens_param: str = "max_tokens"
+    body: SamplingFields,
+    max_tokens: int,
+    logprobs: int | None,
+    tokens_param: str = "max_tokens",
+    **extra: Any,
 ) -> SamplingParams:
-    """SamplingParams from the body; its range checks become 400s naming the parameter."""
+    """SamplingParams from the body (``extra``: fields the route decides, such as ``n``); its
+    range checks become 400s naming the parameter."""
+    fields: dict[str, Any] = {
+        "max_tokens": max_tokens,
+        "temperature": 1.0 if body.temperature is None else body.temperature,
+        "top_p": 1.0 if body.top_p is None else body.top_p,
+        "top_k": -1 if body.top_k is None else body.top_k,
+        "seed": body.seed,
+        "stop": body.stop_list,
+        "logprobs": logprobs,
+        "ignore_eos": body.ignore_eos,
+        "n": 1 if body.n is None else body.n,
+        "presence_penalty": body.presence_penalty or 0.0,
+        "frequency_penalty": body.frequency_penalty or 0.0,
+        "repetition_penalty": 1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        "logit_bias": logit_bias(body),
+    }
     try:
-        return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p,
-            top_k=-1 if body.top_k is None else body.top_k,
-            seed=body.seed,
-            stop=body.stop_list,
-            logprobs=logprobs,
-            ignore_eos=body.ignore_eos,
-        )
+        return SamplingParams(**{**fields, **extra})
     except InvalidParameter as e:
         param = tokens_param if e.param == "max_tokens" else e.param
         raise invalid_request(str(e).replace("max_tokens", param), param) from None

@@ -1,10 +1,11 @@
 """OpenAI request and response bodies (pydantic).
 
-Requests ignore unknown fields (as vLLM does). Fields we know but cannot honour (n > 1,
-echo, penalties, ...) are rejected with a 400 naming them rather than silently dropped;
-range checks live in ``SamplingParams`` so there is one source for them. ``_doc`` writes
-those ranges into the OpenAPI document as well (``/openapi.json`` tells a client what is
-accepted) without validating them a second time.
+Requests ignore unknown fields (as vLLM does). Fields we know but cannot honour (``tools``,
+``response_format`` beyond text, ``functions``, audio, vLLM's guided decoding, ...) are
+declared here and rejected with a 400 naming them (``peftserve.api.prompts.reject_unsupported``)
+rather than silently dropped; range checks live in ``SamplingParams`` so there is one source
+for them. ``_doc`` writes those ranges and refusals into the OpenAPI document as well
+(``/openapi.json`` tells a client what is accepted) without validating them a second time.
 """
 
 from __future__ import annotations
@@ -25,10 +26,16 @@ def _doc(default: Any = ..., **schema: Any) -> Any:
 
 
 _TOP = {"minimum": 0, "maximum": 20}
+_NULL = {"type": "null"}
+"""Only null (or absent) is accepted: a value is a 400 naming the field."""
+_PENALTY = {"minimum": -2, "maximum": 2}
 
 
 class StreamOptions(_Request):
     include_usage: bool = False
+    """A last chunk, without choices, carries the request's usage."""
+    continuous_usage_stats: bool = False
+    """Extension (vLLM): every chunk carries the usage so far (with ``include_usage``)."""
 
 
 class SamplingFields(_Request):
@@ -41,24 +48,70 @@ class SamplingFields(_Request):
     top_k: int | None = _doc(None, minimum=-1)
     """Extension (vLLM): keep the k most likely tokens; -1 or 0 keeps all."""
     seed: int | None = _doc(None, minimum=-(2**63), maximum=2**64 - 1)
+    """Same seed, prompt and parameters give the same output; with n > 1 each choice draws
+    its own tokens (choice 0 those of n = 1)."""
     stop: str | list[str] | None = _doc(None, minLength=1, maxItems=4, items={"minLength": 1})
     """Up to 4 non-empty strings."""
-    n: int | None = _doc(1, minimum=1, maximum=1)
-    """Only 1 (one choice per request)."""
+    n: int | None = _doc(1, minimum=1)
+    """Choices per prompt, sharing the prompt's prefill; at most the server's ``max_num_seqs``."""
     user: str | None = None
     metadata: dict[str, str] | None = None
     """Labels of the request (OpenAI: up to 16 string pairs); canary rollouts judge each value as a
     segment, so a regression confined to one label's users is caught."""
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+    """Only with ``stream: true``."""
     ignore_eos: bool = False
     """Extension (vLLM): keep generating past the end-of-sequence token."""
-    presence_penalty: float | None = _doc(None, minimum=0, maximum=0)
-    """Not supported: only 0."""
-    frequency_penalty: float | None = _doc(None, minimum=0, maximum=0)
-    """Not supported: only 0."""
-    logit_bias: dict[str, float] | None = _doc(None, maxProperties=0)
-    """Not supported: only ``{}``."""
+    presence_penalty: float | None = _doc(None, **_PENALTY)
+    """Subtracted from the logit of every token generated so far."""
+    frequency_penalty: float | None = _doc(None, **_PENALTY)
+    """Subtracted from a token's logit once per time it was generated."""
+    repetition_penalty: float | None = _doc(None, exclusiveMinimum=0)
+    """Extension (vLLM): divides the positive and multiplies the negative logits of the tokens
+    in the prompt or generated so far (1: off)."""
+    logit_bias: dict[str, float] | None = _doc(
+        None,
+        propertyNames={"pattern": "^[0-9]+$"},
+        additionalProperties={"minimum": -100, "maximum": 100},
+    )
+    """Token id (decimal digits, below the vocabulary size) -> a bias in -100..100 added to its
+    logit."""
+    # Not supported: a 400 names them when set (see ``prompts.reject_unsupported``).
+    response_format: dict[str, Any] | None = _doc(None, properties={"type": {"enum": ["text"]}})
+    """Not supported beyond ``{"type": "text"}`` (no structured output)."""
+    min_p: float | None = _doc(None, minimum=0, maximum=0)
+    """Extension (vLLM), not supported: only 0."""
+    min_tokens: int | None = _doc(None, minimum=0, maximum=0)
+    """Extension (vLLM), not supported: only 0."""
+    stop_token_ids: list[int] | None = _doc(None, maxItems=0)
+    """Extension (vLLM), not supported: only empty."""
+    use_beam_search: bool | None = _doc(None, enum=[False, None])
+    """Extension (vLLM), not supported: only false."""
+    guided_json: Any = _doc(None, **_NULL)
+    """Extension (vLLM), not supported (guided decoding)."""
+    guided_regex: Any = _doc(None, **_NULL)
+    """Extension (vLLM), not supported (guided decoding)."""
+    guided_choice: Any = _doc(None, **_NULL)
+    """Extension (vLLM), not supported (guided decoding)."""
+    guided_grammar: Any = _doc(None, **_NULL)
+    """Extension (vLLM), not supported (guided decoding)."""
+    structured_outputs: Any = _doc(None, **_NULL)
+    """Extension (vLLM), not supported (guided decoding)."""
+    prompt_logprobs: Any = _doc(None, **_NULL)
+    """Extension (vLLM), not supported (completions' ``echo`` with ``logprobs`` scores the prompt)."""
+    allowed_token_ids: Any = _doc(None, **_NULL)
+    """Extension (vLLM), not supported (``logit_bias`` can ban tokens)."""
+    bad_words: list[str] | None = _doc(None, maxItems=0)
+    """Extension (vLLM), not supported: only empty."""
+    truncate_prompt_tokens: Any = _doc(None, **_NULL)
+    """Extension (vLLM), not supported."""
+    include_stop_str_in_output: bool | None = _doc(None, enum=[False, None])
+    """Extension (vLLM), not supported: only false (a stop string is never in the output)."""
+    skip_special_tokens: bool | None = _doc(None, enum=[True, None])
+    """Extension (vLLM): only true (special tokens are never in the text)."""
+    return_tokens_as_token_ids: bool | None = _doc(None, enum=[False, None])
+    """Extension (vLLM), not supported: only false."""
 
     @property
     def stop_list(self) -> list[str]:
@@ -70,16 +123,24 @@ class SamplingFields(_Request):
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def continuous_usage(self) -> bool:
+        options = self.stream_options
+        return bool(self.stream and options and options.continuous_usage_stats)
+
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]] = _doc(minLength=1, minItems=1)
-    """One prompt: a string, token ids, or a list holding one of them."""
-    max_tokens: int | None = _doc(16, minimum=1)
+    """A prompt (a string or token ids), or a list of them: each gets ``n`` choices, choice
+    ``i`` of prompt ``p`` answering as index ``p * n + i``."""
+    max_tokens: int | None = _doc(16, minimum=0)
+    """0 only with ``echo``: the prompt comes back, scored, and nothing is generated."""
     logprobs: int | None = _doc(None, **_TOP)
-    echo: bool | None = _doc(False, enum=[False, None])
-    """Not supported: only false."""
-    best_of: int | None = _doc(None, minimum=1, maximum=1)
-    """Not supported: only 1."""
+    echo: bool | None = False
+    """Put the prompt (and with ``logprobs`` its tokens' log-probabilities) before each choice."""
+    best_of: int | None = _doc(None, minimum=1)
+    """Generate this many choices per prompt (at least ``n``) and return the ``n`` with the
+    highest log-probability per token; with ``stream``, only equal to ``n``."""
     suffix: str | None = _doc(None, maxLength=0)
     """Not supported: only empty."""
 
@@ -100,9 +161,66 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = _doc(minItems=1)
     max_tokens: int | None = _doc(None, minimum=1)
     max_completion_tokens: int | None = _doc(None, minimum=1)
+    """Wins over ``max_tokens``."""
     logprobs: bool | None = False
     top_logprobs: int | None = _doc(None, **_TOP)
     """Needs ``logprobs: true``."""
+    # Not supported: a 400 names them when set (see ``prompts.reject_unsupported``).
+    tools: list[Any] | None = _doc(None, maxItems=0)
+    """Not supported (tool calling): only empty."""
+    tool_choice: Any = _doc(None, enum=["none", "auto", None])
+    """Not supported (tool calling): only "none" or "auto" (with no tools, no call is made)."""
+    functions: list[Any] | None = _doc(None, maxItems=0)
+    """Not supported (function calling): only empty."""
+    function_call: Any = _doc(None, enum=["none", "auto", None])
+    """Not supported (function calling): only "none" or "auto"."""
+    audio: Any = _doc(None, **_NULL)
+    """Not supported (text only)."""
+    modalities: list[str] | None = _doc(None, items={"enum": ["text"]})
+    """Only ``["text"]``."""
+    prediction: Any = _doc(None, **_NULL)
+    """Not supported (predicted outputs)."""
+    web_search_options: Any = _doc(None, **_NULL)
+    """Not supported."""
+    reasoning_effort: Any = _doc(None, **_NULL)
+    """Not supported (no reasoning models here)."""
+    echo: bool | None = _doc(None, enum=[False, None])
+    """Extension (vLLM), not supported on chat: only false."""
+    add_generation_prompt: bool | None = _doc(None, enum=[True, None])
+    """Extension (vLLM): only true (the template's assistant prompt is always added)."""
+    continue_final_message: bool | None = _doc(None, enum=[False, None])
+    """Extension (vLLM), not supported: only false."""
+    chat_template: Any = _doc(None, **_NULL)
+    """Extension (vLLM), not supported (the model's own template is used)."""
+    chat_template_kwargs: dict[str, Any] | None = _doc(None, maxProperties=0)
+    """Extension (vLLM), not supported: only empty."""
+
+
+# ---- vLLM's runtime adapter API ------------------------------------------------------------
+
+
+class LoadLoRAAdapterRequest(BaseModel):
+    """POST /v1/load_lora_adapter (vLLM's body)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lora_name: str = Field(min_length=1)
+    """The model name to serve it as: a task, or ``task@version``."""
+    lora_path: str = Field(min_length=1)
+    """The adapter's directory on the server (adapter_config.json, adapter_model.safetensors)."""
+    load_inplace: bool = False
+    """vLLM's in-place reload of a served name: refused here (unload first, or roll it out)."""
+
+
+class UnloadLoRAAdapterRequest(BaseModel):
+    """POST /v1/unload_lora_adapter (vLLM's body)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lora_name: str = Field(min_length=1)
+    """A task (every version of it goes) or ``task@version``."""
+    lora_int_id: int | None = None
+    """vLLM's numeric adapter id: accepted with ``lora_name``, which names the adapter here."""
 
 
 # ---- responses ----------------------------------------------------------------------------
@@ -127,11 +245,12 @@ class Usage(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
-    """The legacy completions shape: parallel lists, one entry per generated token."""
+    """The legacy completions shape: parallel lists, one entry per token (with ``echo``, the
+    prompt's tokens first: the very first has no logprob)."""
 
     tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
 
 

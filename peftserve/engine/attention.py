@@ -385,15 +385,16 @@ def gather_blocks(
     return out.view(2, num_kv, -1, dim)
 
 
-_WORKSPACES: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-"""The flat buffer gathered K/V blocks are copied into, per (device, dtype), reused by every
-layer and step and grown, never shrunk: a fresh tensor per layer would be a large allocation,
-page-faulted in again on every step."""
+_WORKSPACES: dict[tuple[torch.device, torch.dtype, bool], torch.Tensor] = {}
+"""The flat buffer gathered K/V blocks are copied into, per (device, dtype, inference mode),
+reused by every layer and step and grown, never shrunk: a fresh tensor per layer would be a
+large allocation, page-faulted in again on every step. One made under ``inference_mode`` is
+an inference tensor, which cannot be written outside it (a test after a served step)."""
 
 
 def _workspace(cache: torch.Tensor, num_blocks: int, block_size: int) -> torch.Tensor:
     need = gather_numel(cache.shape[1], num_blocks, block_size, cache.shape[3])
-    key = (cache.device, cache.dtype)
+    key = (cache.device, cache.dtype, torch.is_inference_mode_enabled())
     buf = _WORKSPACES.get(key)
     if buf is None or buf.numel() < need:
         with torch.inference_mode(False):  # a normal tensor: written in and out of inference mode

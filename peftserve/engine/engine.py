@@ -41,7 +41,7 @@ from peftserve.engine.outputs import RawLogprob, RequestOutput, StepRecord, Toke
 from peftserve.engine.sampler import Sampler, SamplerOutput
 from peftserve.engine.sampling_params import InvalidParameter, SamplingParams
 from peftserve.engine.scheduler import Scheduler, SchedulerOutput
-from peftserve.engine.sequence import Sequence
+from peftserve.engine.sequence import Sequence, choice_id
 from peftserve.lora.cache import AdapterTiers, Fetched, LoadCallback, Loader
 from peftserve.lora.manager import SlotsBusy
 from peftserve.lora.peft_adapter import AdapterError
@@ -120,7 +120,8 @@ class LLMEngine:
         self._outputs = OutputProcessor(self.tokenizer)  # the text side of add_request/step
         self.eos_token_ids = _eos_token_ids(self.runner)
         self._stats = EngineStats(kv_blocks_total=self.block_manager.num_blocks)
-        self._lora_users: dict[str, int] = defaultdict(int)  # queued + running requests per adapter
+        self._lora_users: dict[str, int] = defaultdict(int)  # queued + running sequences per adapter
+        self._choices: dict[str, list[str]] = {}  # request id -> its unfinished choices (n > 1 only)
         self._draining: set[str] = set()  # unregistered; dropped when their last request ends
 
     # -- what the API layer reads -----------------------------------------------------
@@ -230,6 +231,11 @@ class LLMEngine:
         """Tier of every registered adapter: 'gpu', 'cpu' or 'disk' (a snapshot)."""
         return {i: tier for i, tier in self.tiers.statuses().items() if i not in self._draining}
 
+    def waiting_lora_ids(self) -> set[str]:
+        """Adapters of the requests waiting for admission (a snapshot; any thread may call it:
+        copying the queue is one step under the GIL)."""
+        return {seq.lora_id for seq in list(self.scheduler.waiting) if seq.lora_id is not None}
+
     def _check_replaceable(self, lora_id: str) -> None:
         if lora_id in self._draining or self._lora_users.get(lora_id):
             raise ValueError(f"adapter {lora_id!r} is in use by requests; unregister it and wait")
@@ -278,8 +284,11 @@ class LLMEngine:
             return []
         seqs = [seq for seq in self.scheduler.waiting if seq.lora_id in failed]
         return [
-            self._finish_output(seq, "error", f"adapter {seq.lora_id!r} could not be loaded: {failed[seq.lora_id]}")
+            out
             for seq in seqs
+            for out in self._finish_outputs(
+                seq, "error", f"adapter {seq.lora_id!r} could not be loaded: {failed[seq.lora_id]}"
+            )
         ]
 
     # -- requests --------------------------------------------------------------------
@@ -320,13 +329,24 @@ class LLMEngine:
             self._check_servable(lora_id)
         prompt = list(prompt_token_ids)
         self._check_prompt(prompt, params)
+        self._check_choices(params)
         return Sequence(
             request_id=request_id,
             token_ids=prompt,
             num_prompt_tokens=len(prompt),
             params=params,
             lora_id=lora_id,
+            num_forks=params.n - 1,
         )
+
+    def _check_choices(self, params: SamplingParams) -> None:
+        seats = self.config.scheduler.max_num_seqs
+        if params.n > seats:
+            raise InvalidParameter("n", f"n must be at most {seats} (the server's max_num_seqs), got {params.n}")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in params.logit_bias if not 0 <= t < vocab]
+        if bad:
+            raise InvalidParameter("logit_bias", f"logit_bias token ids must be in 0..{vocab - 1}, got {bad[0]}")
 
     def _check_prompt(self, prompt: list[int], params: SamplingParams) -> None:
         if not prompt:
@@ -349,15 +369,27 @@ class LLMEngine:
         if seq.lora_id is not None:
             self._check_servable(seq.lora_id)  # again: the adapter may have gone since
         self.scheduler.add(seq)
+        if seq.num_forks:
+            self._choices[seq.request_id] = [seq.request_id]
         if seq.lora_id is not None:
             self._lora_users[seq.lora_id] += 1
             self.tiers.prefetch(seq.lora_id)
 
+    def _adopt(self, sched: SchedulerOutput) -> None:
+        """Count the choices the scheduler forked or queued this step as the engine's own."""
+        children = [c for _, forked in sched.forks for c in forked] + sched.spawned
+        for child in children:
+            self._choices.setdefault(child.request, []).append(child.request_id)
+            if child.lora_id is not None:
+                self._lora_users[child.lora_id] += 1
+
     def abort_request(self, request_id: str) -> None:
-        """Drop a request and free its KV blocks (no output; unknown ids are ignored)."""
-        seq = self.scheduler.get(request_id)
-        if seq is not None:
-            self._finish(seq, "abort")
+        """Drop a request (every choice of it) and free its KV blocks (no output; unknown ids
+        are ignored)."""
+        for choice in self._choices.pop(request_id, [request_id]):
+            seq = self.scheduler.get(choice)
+            if seq is not None:
+                self._finish(seq, "abort")
         self._outputs.drop(request_id)
 
     def stop_request(self, request_id: str) -> None:
@@ -370,7 +402,7 @@ class LLMEngine:
     def finish_all(self, reason: str, error: str | None = None) -> list[TokenOutput]:
         """End every unfinished request with ``reason``; their final token outputs."""
         seqs = list(self.scheduler.running) + list(self.scheduler.waiting)
-        return [self._finish_output(seq, reason, error) for seq in seqs]
+        return [out for seq in seqs for out in self._finish_outputs(seq, reason, error)]
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0
@@ -418,6 +450,7 @@ class LLMEngine:
     def _step(self) -> tuple[list[TokenOutput], torch.Tensor, list[Sequence]]:
         self.tiers.apply_pending_unloads(self.scheduler.busy_adapters())
         sched = self.scheduler.schedule()  # may make adapters resident (between steps)
+        self._adopt(sched)
         failed = self._fail_unloadable()
         if not sched.seqs:
             return failed, torch.empty(0), []
@@ -425,6 +458,7 @@ class LLMEngine:
         started = time.perf_counter()
         try:
             logits, seqs, sampling = self.runner.execute(sched)  # [S, V]
+            self.runner.copy_blocks(sched.block_copies)  # forked choices: the prompt's last block
         except Exception as exc:  # a broken forward ends the step's requests, not the engine
             logger.exception("model forward failed")
             return failed + self.finish_all("error", f"engine step failed: {exc}"), torch.empty(0), []
@@ -458,16 +492,17 @@ class LLMEngine:
 
     def _append_token(self, seq: Sequence, token: int, finite: bool, logprob: RawLogprob | None) -> TokenOutput:
         if not finite:
-            self.runner.zero_blocks(seq.block_table)  # its KV may hold NaN: never let it leak
+            # its KV may hold NaN: never let it leak (blocks shared with its other choices stay)
+            self.runner.zero_blocks(self.block_manager.exclusive_blocks(seq))
             return self._finish_output(seq, "error", NON_FINITE_ERROR)
         seq.token_ids.append(token)
         self._stats.generated_tokens += 1
         reason = self._stop_reason(seq, token)
         logprobs = [logprob] if logprob is not None else None
-        if reason is None:
-            return TokenOutput(seq.request_id, [token], logprobs=logprobs)
-        self._finish(seq, reason)
-        return TokenOutput(seq.request_id, [token], reason, logprobs=logprobs, prompt_logprobs=_prompt_logprobs(seq))
+        prompt = _prompt_logprobs(seq) if seq.num_generated == 1 else None  # with the first token
+        if reason is not None:
+            self._finish(seq, reason)
+        return TokenOutput(seq.request_id, [token], reason, logprobs=logprobs, prompt_logprobs=prompt)
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         params = seq.params
@@ -482,6 +517,11 @@ class LLMEngine:
         seq.error = error
         self.scheduler.finish(seq)
         self._stats.requests_finished += 1
+        choices = self._choices.get(seq.request)
+        if choices is not None:
+            choices.remove(seq.request_id)
+            if not choices:
+                del self._choices[seq.request]
         if seq.lora_id is not None:
             self._lora_users[seq.lora_id] -= 1
             self._drop_if_idle(seq.lora_id)
@@ -490,6 +530,13 @@ class LLMEngine:
         """End ``seq`` without a new token; its final output."""
         self._finish(seq, reason, error)
         return TokenOutput(seq.request_id, [], reason, error, prompt_logprobs=_prompt_logprobs(seq))
+
+    def _finish_outputs(self, seq: Sequence, reason: str, error: str | None = None) -> list[TokenOutput]:
+        """``_finish_output``, plus the final outputs of the choices it had yet to fork."""
+        unforked = [choice_id(seq.request, seq.index + k) for k in range(1, seq.num_forks + 1)]
+        seq.num_forks = 0
+        final = self._finish_output(seq, reason, error)
+        return [final, *(TokenOutput(choice, [], reason, error) for choice in unforked)]
 
 
 def _share_step(sched: SchedulerOutput, seconds: float) -> None:
@@ -509,8 +556,8 @@ def _score_request(prompt_ids: list[int], target_ids: list[int]) -> tuple[str, l
     return f"score-{uuid.uuid4().hex}", list(prompt_ids) + list(target_ids), params
 
 
-def _prompt_logprobs(seq: Sequence) -> list[float] | None:
-    start = seq.params.score_from
+def _prompt_logprobs(seq: Sequence) -> list[RawLogprob] | None:
+    start = seq.params.scored_from
     if start is None:
         return None
     return [seq.prompt_logprobs[i] for i in range(start, seq.num_prompt_tokens) if i in seq.prompt_logprobs]
@@ -533,6 +580,8 @@ def _eos_token_ids(runner: ModelRunner) -> frozenset[int]:
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
+    unfinished: int = 1
+    """Choices of the request not finished yet (its stream ends with the last)."""
 
 
 class AsyncLLMEngine:
@@ -577,6 +626,10 @@ class AsyncLLMEngine:
         the caller's thread; it may lag a change being applied)."""
         return self._engine.lora_status()
 
+    def waiting_lora_ids(self) -> set[str]:
+        """See ``LLMEngine.waiting_lora_ids`` (read from the caller's thread)."""
+        return self._engine.waiting_lora_ids()
+
     def start(self) -> None:
         """Start the step-loop thread and the adapter loader threads (idempotent)."""
         if self.is_running:
@@ -613,18 +666,20 @@ class AsyncLLMEngine:
         params: SamplingParams,
         lora_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs. Validation errors (QueueFull, ValueError) are raised
-        before the first output; leaving the loop early aborts the request."""
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        """Stream a request's outputs (those of its ``params.n`` choices interleaved, each
+        naming its ``index``; the stream ends when every choice has finished). Validation
+        errors (QueueFull, ValueError) are raised before the first output; leaving the loop
+        early aborts the request."""
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), params.n)
         self._submit(request_id, prompt_token_ids, params, lora_id, stream)
-        finished = False
+        unfinished = params.n
         try:
-            while not finished:
+            while unfinished:
                 out = await stream.queue.get()
-                finished = out.finished
+                unfinished -= out.finished
                 yield out
         finally:
-            if not finished:
+            if unfinished:
                 self._abort(request_id)
 
     async def add_lora(self, lora_id: str, adapter: LoRAAdapter) -> int:
@@ -777,9 +832,14 @@ class AsyncLLMEngine:
         batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = defaultdict(list)
         with self._lock:
             for out in outputs:
-                stream = self._streams.pop(out.request_id, None) if out.finished else self._streams.get(out.request_id)
-                if stream is not None:
-                    batches[stream.loop].append((stream.queue, out))
+                stream = self._streams.get(out.request_id)
+                if stream is None:
+                    continue
+                batches[stream.loop].append((stream.queue, out))
+                if out.finished:
+                    stream.unfinished -= 1
+                    if not stream.unfinished:
+                        del self._streams[out.request_id]
         for loop, items in batches.items():
             try:
                 loop.call_soon_threadsafe(_deliver, items)

@@ -36,7 +36,7 @@ from peftserve.engine.attention import (
 from peftserve.engine.block_manager import RESERVED_BLOCKS, SCRATCH_BLOCK
 from peftserve.engine.cuda_graphs import DecodeGraphs, decode_buckets
 from peftserve.engine.families import check_model_config, check_model_type
-from peftserve.engine.sampler import RowParams, SamplingTensors
+from peftserve.engine.sampler import LogitBias, PenaltyTensors, RowParams, SamplingTensors
 from peftserve.engine.scheduler import SchedulerOutput
 from peftserve.engine.sequence import Sequence
 from peftserve.engine.step_buffers import StepBuffers
@@ -274,6 +274,7 @@ class ModelRunner:
         score_idx: list[int] = []
         score_rows: list[tuple[Sequence, int]] = []
         rows = RowParams()
+        forks = {id(parent): children for parent, children in sched.forks}
         for i, (seq, n) in enumerate(zip(sched.seqs, sched.num_tokens, strict=True)):
             row, start = len(ids), seq.num_computed_tokens
             end = start + n
@@ -295,13 +296,16 @@ class ModelRunner:
             else:
                 segments.append((row, n, seq.slot))
             if end == seq.num_tokens:
-                sample_rows.append(row + n - 1)
-                sample_seqs.append(seq)
-                rows.add(seq.params, seq.num_generated)
-            if seq.params.score_from is not None:
+                for sampled in (seq, *forks.get(id(seq), ())):  # forked choices share the row
+                    sample_rows.append(row + n - 1)
+                    sample_seqs.append(sampled)
+                    history = (sampled.token_ids, sampled.num_prompt_tokens) if sampled.params.penalized else None
+                    rows.add(sampled.params, sampled.num_generated, sampled.index, history)
+            if seq.params.scored_from is not None:
                 _score_rows(seq, row, start, n, score_idx, score_rows)
         num_tokens, num_seqs = len(ids), len(seq_lens)
-        every_row = len(sample_rows) == num_tokens and not score_idx  # a decode step: all rows, in order
+        # a decode step: all rows, in order
+        every_row = len(sample_rows) == num_tokens and not score_idx and not forks
         bucket = None
         if self.graphs is not None and every_row:
             bucket = self.graphs.bucket_for(num_seqs)
@@ -423,7 +427,19 @@ class ModelRunner:
             seeded_rows=d["seeded_rows"][:r],
             logprob_rows=d["logprob_rows"][:k],
             host=rows,
+            penalties=PenaltyTensors.build(rows, self.hf_config.vocab_size, self.device),
+            bias=LogitBias.build(rows, self.device),
         )
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """KV block ``dst`` := block ``src`` in every layer, for each (src, dst) (one launch):
+        a forked choice's copy of its parent's partly filled last block."""
+        if not copies:
+            return
+        layers, two, kv_heads, _, head_dim = self._kv.shape
+        paged = self._kv.view(layers, two, kv_heads, -1, self.block_size, head_dim)
+        src, dst = zip(*copies, strict=True)
+        paged.index_copy_(3, self._tensor(list(dst)), paged.index_select(3, self._tensor(list(src))))
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
@@ -444,7 +460,7 @@ def _score_rows(
     seq: Sequence, row: int, start: int, n: int, idx: list[int], rows: list[tuple[Sequence, int]]
 ) -> None:
     """Rows of this chunk whose next token is a prompt token to score (teacher forcing)."""
-    first = max(start, seq.params.score_from - 1)  # row at position p predicts token p + 1
+    first = max(start, seq.params.scored_from - 1)  # row at position p predicts token p + 1
     last = min(start + n, seq.num_prompt_tokens - 1)
     for pos in range(first, last):
         idx.append(row + pos - start)
@@ -452,8 +468,15 @@ def _score_rows(
 
 
 def _record_prompt_logprobs(logits: torch.Tensor, rows: list[tuple[Sequence, int]]) -> None:
-    """Store log p(token | prefix) for each scored prompt token; ``logits`` is [P, V] fp32."""
+    """Store log p(token | prefix) for each scored prompt token, with the top-k alternatives
+    its request asks for (``prompt_logprobs``); ``logits`` is [P, V] fp32."""
     targets = torch.tensor([seq.token_ids[i] for seq, i in rows], device=logits.device)  # [P]
-    logprobs = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0].tolist()
-    for (seq, i), lp in zip(rows, logprobs, strict=True):
-        seq.prompt_logprobs[i] = lp  # a recompute after preemption rewrites the same value
+    lp = torch.log_softmax(logits, dim=-1)  # [P, V]
+    chosen = lp.gather(1, targets[:, None])[:, 0].tolist()
+    wants = [seq.params.prompt_logprobs or 0 for seq, _ in rows]
+    k = max(wants)
+    top_lp, top_ids = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0])  # [P, k]
+    top_lp, top_ids = top_lp.tolist(), top_ids.long().tolist()
+    for j, ((seq, i), value) in enumerate(zip(rows, chosen, strict=True)):
+        want = wants[j]  # a recompute after preemption rewrites the same value
+        seq.prompt_logprobs[i] = (value, top_ids[j][:want], top_lp[j][:want])

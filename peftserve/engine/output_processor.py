@@ -33,15 +33,22 @@ from peftserve.engine.outputs import (
     step_share,
 )
 from peftserve.engine.sampling_params import SamplingParams
+from peftserve.engine.sequence import choice_id
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
 class _Request:
+    """One choice of a request (the request itself when it has one)."""
+
     detok: DetokState
     want_logprobs: bool
     prompt_tokens: int
+    request_id: str
+    index: int = 0
+    prompt_ids: list[int] | None = None
+    """Kept when the request wants its prompt's logprobs with their texts."""
     completion_tokens: int = 0
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     steps: list[StepRecord] | None = None
@@ -55,6 +62,9 @@ class OutputProcessor:
     def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self.detokenizer = Detokenizer(tokenizer)
         self._requests: dict[str, _Request] = {}
+        """Keyed by the engine's id of each choice (``choice_id``)."""
+        self._choices: dict[str, list[str]] = {}
+        """Request id -> its choices' ids, for requests with several."""
 
     def __len__(self) -> int:
         return len(self._requests)
@@ -66,18 +76,28 @@ class OutputProcessor:
         params: SamplingParams,
         steps: list[StepRecord] | None = None,
     ) -> None:
-        """Start tracking a request; must come before its first token output. ``steps``: the
-        engine's list of the request's step records, for the last output's ``batch``."""
-        self._requests[request_id] = _Request(
-            detok=self.detokenizer.start(prompt_token_ids, params.stop),
-            want_logprobs=params.logprobs is not None,
-            prompt_tokens=len(prompt_token_ids),
-            steps=steps,
-        )
+        """Start tracking a request (each of its ``params.n`` choices); must come before its
+        first token output. ``steps``: the engine's list of the request's step records, for the
+        last output's ``batch`` (choice 0's: the other choices' outputs carry none)."""
+        prompt_ids = list(prompt_token_ids) if params.prompt_logprobs is not None else None
+        choices = [choice_id(request_id, i) for i in range(params.n)]
+        for index, choice in enumerate(choices):
+            self._requests[choice] = _Request(
+                detok=self.detokenizer.start(prompt_token_ids, params.stop),
+                want_logprobs=params.logprobs is not None,
+                prompt_tokens=len(prompt_token_ids),
+                request_id=request_id,
+                index=index,
+                prompt_ids=prompt_ids,
+                steps=steps if index == 0 else None,
+            )
+        if params.n > 1:
+            self._choices[request_id] = choices
 
     def drop(self, request_id: str) -> None:
         """Forget a request whose caller went away (its later outputs are ignored)."""
-        self._requests.pop(request_id, None)
+        for choice in self._choices.pop(request_id, [request_id]):
+            self._requests.pop(choice, None)
 
     def process(self, outputs: list[TokenOutput]) -> tuple[list[RequestOutput], list[str]]:
         """The request outputs of ``outputs``, and the ids of requests a stop string ended
@@ -118,8 +138,16 @@ class OutputProcessor:
             results.append(result)
             if result.finished:
                 del self._requests[out.request_id]
+                self._forget_choice(req.request_id, out.request_id)
                 if out.finish_reason is None:
                     stopped.append(out.request_id)
+
+    def _forget_choice(self, request_id: str, choice: str) -> None:
+        choices = self._choices.get(request_id)
+        if choices is not None:
+            choices.remove(choice)
+            if not choices:
+                del self._choices[request_id]
 
     def _process_one(
         self, out: TokenOutput, req: _Request, first_stopped: bool | None
@@ -145,8 +173,9 @@ class OutputProcessor:
         logprobs = None
         if req.want_logprobs:
             logprobs, req.pending_logprobs = req.pending_logprobs, []
+        raw_prompt = out.prompt_logprobs
         return RequestOutput(
-            request_id=out.request_id,
+            request_id=req.request_id,
             text=detok.take_text(req.detok, final=finished),
             token_ids=out.token_ids[:emitted] if emitted < len(out.token_ids) else out.token_ids,
             logprobs=logprobs,
@@ -155,9 +184,24 @@ class OutputProcessor:
             prompt_tokens=req.prompt_tokens,
             completion_tokens=req.completion_tokens,
             error=out.error if finished else None,
-            prompt_logprobs=out.prompt_logprobs if finished else None,
+            prompt_logprobs=None if raw_prompt is None else [lp for lp, _, _ in raw_prompt],
+            index=req.index,
+            prompt_token_logprobs=self._prompt_token_logprobs(req, raw_prompt),
             batch=step_share(req.steps) if finished and req.steps is not None else None,
         )
+
+    def _prompt_token_logprobs(
+        self, req: _Request, raw: list[RawLogprob] | None
+    ) -> list[TokenLogprob] | None:
+        """Every prompt token with its text; ``raw`` holds the entries of the second on."""
+        prompt = req.prompt_ids
+        if raw is None or prompt is None or len(raw) != len(prompt) - 1:
+            return None
+        first = TokenLogprob(self.detokenizer.token_text(prompt[0]), None)
+        return [
+            first,
+            *(self._token_logprob(t, item) for t, item in zip(prompt[1:], raw, strict=True)),
+        ]
 
     def _token_logprob(self, token: int, raw: RawLogprob) -> TokenLogprob:
         value, top_ids, top_lps = raw
@@ -169,8 +213,8 @@ class OutputProcessor:
 
 def _failed(request_id: str, req: _Request, error: str) -> RequestOutput:
     return RequestOutput(
-        request_id=request_id, text="", token_ids=[], logprobs=None, finished=True, finish_reason="error",
-        prompt_tokens=req.prompt_tokens, completion_tokens=req.completion_tokens, error=error,
+        request_id=req.request_id, text="", token_ids=[], logprobs=None, finished=True, finish_reason="error",
+        prompt_tokens=req.prompt_tokens, completion_tokens=req.completion_tokens, error=error, index=req.index,
     )  # fmt: skip
 
 

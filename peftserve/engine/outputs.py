@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 @dataclass
 class TokenLogprob:
     token: str
-    logprob: float
+    logprob: float | None
+    """None only for a prompt's first token (nothing comes before it)."""
     top: dict[str, float] = field(default_factory=dict)
     """The requested top-k alternatives (token text -> logprob)."""
 
@@ -71,10 +72,19 @@ class RequestOutput:
     completion_tokens: int
     error: str | None = None
     prompt_logprobs: list[float] | None = None
-    """With ``SamplingParams.score_from``: the log-probability of each prompt token from that
-    index on, on the last output."""
+    """With ``SamplingParams.score_from`` or ``prompt_logprobs``: the log-probability of each
+    prompt token from that index on (the second token for ``prompt_logprobs``), on the output
+    holding the first generated token (or on the last one, if it ended without a token)."""
+    index: int = 0
+    """The choice this output belongs to (``SamplingParams.n`` > 1); ``finished`` ends that
+    choice, and the request ends when all of its choices have."""
+    prompt_token_logprobs: list[TokenLogprob] | None = None
+    """With ``SamplingParams.prompt_logprobs``: every prompt token with its text, its
+    log-probability and top-k alternatives (the first token's logprob is None), on the output
+    holding the first generated token."""
     batch: StepShare | None = None
-    """On the last output: what the request's engine steps were shared with."""
+    """On the last output: what the request's engine steps were shared with (choice 0's only,
+    for a request with several choices)."""
     served_by: str = ""
     """The engine replica that produced it (Ray Serve composition); empty in one process."""
 
@@ -99,5 +109,6 @@ class TokenOutput:
     error: str | None = None
     logprobs: list[RawLogprob] | None = None
     """One entry per token of ``token_ids`` when the request asked for logprobs."""
-    prompt_logprobs: list[float] | None = None
-    """On the final output of a request with ``SamplingParams.score_from``."""
+    prompt_logprobs: list[RawLogprob] | None = None
+    """With ``SamplingParams.scored_from``: on the output of the first generated token (or the
+    final one of a request that ended without a token)."""

@@ -5,15 +5,21 @@ seeds, the rows that want logprobs), filled once per step by the model runner's 
 buffers; the sampler is a short pipeline over them, so a new per-row parameter (penalties,
 logit bias) is one more tensor and one more stage.
 
-Greedy rows (temperature 0) take the argmax of the raw logits. Sampled rows apply
-temperature, then top-k, then top-p, and draw with the exponential race
+Rows with a ``logit_bias`` get it added first, then rows with a presence, frequency or
+repetition penalty get it applied (vLLM's formulas: the repetition penalty divides the
+positive and multiplies the negative logits of the tokens in the prompt or the output, the
+frequency penalty is subtracted once per time a token was generated, the presence penalty once
+if it was); rows with neither cost nothing. Greedy rows (temperature 0) then take the argmax.
+Sampled rows apply temperature, then top-k, then top-p, and draw with the exponential race
 ``argmax(p / q), q ~ Exp(1)`` (the same distribution as ``multinomial``). Rows without a
 seed take their noise from the engine's generator, in one call. Seeded rows take theirs
 from a counter-based hash of (seed, index of the token being drawn, vocabulary id), all
 seeded rows in one batched call: a seeded request's output depends on its seed and prompt
-only, never on the batch it runs in, nor on the device's random state.
-Logprobs come from ``log_softmax`` of the raw fp32 logits. Every result of the step comes
-back to the host in one transfer (one device sync).
+only, never on the batch it runs in, nor on the device's random state. The choices of an
+``n > 1`` request mix their index into the key (choice 0 draws as ``n = 1`` does).
+Logprobs come from ``log_softmax`` of the raw fp32 logits (before bias and penalties, as
+vLLM reports them). Every result of the step comes back to the host in one transfer (one
+device sync).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from peftserve.engine.sampling_params import SamplingParams
@@ -45,15 +52,27 @@ class SamplingTensors:
     seeded_rows: torch.Tensor  # [R] int64 rows that draw from their seed
     logprob_rows: torch.Tensor  # [L] int64 rows that want logprobs
     host: RowParams
+    penalties: PenaltyTensors | None = None
+    """The rows with a presence, frequency or repetition penalty (None: no row has one)."""
+    bias: LogitBias | None = None
+    """The rows with a logit bias (None: no row has one)."""
 
     @classmethod
     def build(
-        cls, params: list[SamplingParams], draw_index: list[int], device: torch.device
+        cls,
+        params: list[SamplingParams],
+        draw_index: list[int],
+        device: torch.device,
+        histories: list[tuple[list[int], int]] | None = None,
+        choices: list[int] | None = None,
+        vocab: int = 0,
     ) -> SamplingTensors:
-        """Tensors for ``params`` (one per row), built from Python lists (tests, tools)."""
+        """Tensors for ``params`` (one per row), built from Python lists (tests, tools).
+        ``histories``: each row's (token ids, prompt length), needed by penalties; ``choices``:
+        each row's choice index; ``vocab``: the logits' width, needed by penalties."""
         rows = RowParams()
-        for p, idx in zip(params, draw_index, strict=True):
-            rows.add(p, idx)
+        for i, (p, idx) in enumerate(zip(params, draw_index, strict=True)):
+            rows.add(p, idx, choices[i] if choices else 0, histories[i] if histories else None)
         return cls(
             temperature=torch.tensor(rows.temps, dtype=torch.float32, device=device),
             top_k=torch.tensor(rows.top_k, dtype=torch.int32, device=device),
@@ -62,6 +81,71 @@ class SamplingTensors:
             seeded_rows=torch.tensor(rows.seeded_rows, dtype=torch.int64, device=device),
             logprob_rows=torch.tensor(rows.logprob_rows, dtype=torch.int64, device=device),
             host=rows,
+            penalties=PenaltyTensors.build(rows, vocab, device),
+            bias=LogitBias.build(rows, device),
+        )
+
+
+@dataclass
+class PenaltyTensors:
+    """Presence, frequency and repetition penalties of the ``P`` rows that have one, and the
+    tokens they count (built per step, only when a row has a penalty)."""
+
+    rows: torch.Tensor  # [P] int64 rows of the step
+    presence: torch.Tensor  # [P] f32
+    frequency: torch.Tensor  # [P] f32
+    repetition: torch.Tensor  # [P] f32
+    output_ids: torch.Tensor  # [P, Lo] int64 generated tokens, padded with V
+    prompt_ids: torch.Tensor | None  # [P, Lp] int64 prompt tokens padded with V; None: no repetition penalty
+
+    @classmethod
+    def build(cls, rows: RowParams, vocab: int, device: torch.device) -> PenaltyTensors | None:
+        if not rows.penalty_rows:
+            return None
+        if vocab < 1:
+            raise ValueError("penalties need the vocabulary size")
+        histories = rows.histories
+        outputs = _padded([ids[n:] for ids, n in histories], vocab)
+        prompts = _padded([ids[:n] for ids, n in histories], vocab) if rows.any_repetition else None
+
+        def tensor(values: list[float]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.float32).to(device, non_blocking=True)
+
+        return cls(
+            rows=torch.tensor(rows.penalty_rows, dtype=torch.int64).to(device, non_blocking=True),
+            presence=tensor(rows.presence),
+            frequency=tensor(rows.frequency),
+            repetition=tensor(rows.repetition),
+            output_ids=torch.from_numpy(outputs).to(device, non_blocking=True),
+            prompt_ids=None if prompts is None else torch.from_numpy(prompts).to(device, non_blocking=True),
+        )
+
+
+def _padded(token_lists: list[list[int]], pad: int) -> np.ndarray:
+    """[len(token_lists), longest] int64, each row's tokens then ``pad``."""
+    width = max(1, max(len(ids) for ids in token_lists))
+    out = np.full((len(token_lists), width), pad, dtype=np.int64)
+    for i, ids in enumerate(token_lists):
+        out[i, : len(ids)] = ids
+    return out
+
+
+@dataclass
+class LogitBias:
+    """Every (row, token, bias) of the step's logit biases, flattened."""
+
+    rows: torch.Tensor  # [B] int64
+    tokens: torch.Tensor  # [B] int64
+    values: torch.Tensor  # [B] f32
+
+    @classmethod
+    def build(cls, rows: RowParams, device: torch.device) -> LogitBias | None:
+        if not rows.bias_rows:
+            return None
+        return cls(
+            rows=torch.tensor(rows.bias_rows, dtype=torch.int64).to(device, non_blocking=True),
+            tokens=torch.tensor(rows.bias_tokens, dtype=torch.int64).to(device, non_blocking=True),
+            values=torch.tensor(rows.bias_values, dtype=torch.float32).to(device, non_blocking=True),
         )
 
 
@@ -69,7 +153,9 @@ class RowParams:
     """Host side of a step's per-row sampling parameters, accumulated by one ``add`` per row."""
 
     __slots__ = ("temps", "top_k", "top_p", "seed_keys", "seeded_rows", "logprob_rows", "num_logprobs",
-                 "all_greedy", "max_top_k", "any_top_p", "num_unseeded")  # fmt: skip
+                 "all_greedy", "max_top_k", "any_top_p", "num_unseeded", "penalty_rows", "presence",
+                 "frequency", "repetition", "histories", "any_repetition", "bias_rows", "bias_tokens",
+                 "bias_values")  # fmt: skip
 
     def __init__(self) -> None:
         self.temps: list[float] = []
@@ -86,17 +172,50 @@ class RowParams:
         self.any_top_p = False
         self.num_unseeded = 0
         """Sampled (non-greedy) rows without a seed."""
+        self.penalty_rows: list[int] = []
+        """Rows with a presence, frequency or repetition penalty, and theirs (same order)."""
+        self.presence: list[float] = []
+        self.frequency: list[float] = []
+        self.repetition: list[float] = []
+        self.histories: list[tuple[list[int], int]] = []
+        """Each penalty row's (token ids, prompt length)."""
+        self.any_repetition = False
+        self.bias_rows: list[int] = []
+        """(row, token, bias) of every logit bias, flattened."""
+        self.bias_tokens: list[int] = []
+        self.bias_values: list[float] = []
 
     @property
     def num_rows(self) -> int:
         return len(self.temps)
 
-    def add(self, p: SamplingParams, draw_index: int) -> None:
-        """Row ``num_rows``: ``p``'s parameters; ``draw_index`` counts the tokens it drew before."""
+    def add(
+        self,
+        p: SamplingParams,
+        draw_index: int,
+        choice: int = 0,
+        history: tuple[list[int], int] | None = None,
+    ) -> None:
+        """Row ``num_rows``: ``p``'s parameters; ``draw_index`` counts the tokens it drew before,
+        ``choice`` is its choice index; ``history`` (its token ids and prompt length) is read
+        when ``p`` has a penalty."""
         row = len(self.temps)
         if p.logprobs is not None:
             self.logprob_rows.append(row)
             self.num_logprobs.append(p.logprobs)
+        if p.logit_bias:
+            self.bias_rows.extend([row] * len(p.logit_bias))
+            self.bias_tokens.extend(p.logit_bias)
+            self.bias_values.extend(p.logit_bias.values())
+        if p.penalized:
+            if history is None:
+                raise ValueError("a row with a penalty needs its token history")
+            self.penalty_rows.append(row)
+            self.presence.append(p.presence_penalty)
+            self.frequency.append(p.frequency_penalty)
+            self.repetition.append(p.repetition_penalty)
+            self.histories.append(history)
+            self.any_repetition = self.any_repetition or p.repetition_penalty != 1.0
         if p.greedy:  # the other parameters do not apply (a tiny temperature counts as 0)
             self.temps.append(0.0)
             self.top_k.append(0)
@@ -113,7 +232,7 @@ class RowParams:
             self.num_unseeded += 1
         else:
             self.seeded_rows.append(row)
-            self.seed_keys.append(seed_key(p.seed, draw_index))
+            self.seed_keys.append(seed_key(p.seed, draw_index, choice))
 
 
 def _mix32(x: int) -> int:
@@ -125,10 +244,12 @@ def _mix32(x: int) -> int:
     return x ^ (x >> 16)
 
 
-def seed_key(seed: int, draw_index: int) -> int:
-    """The 32-bit stream key of the ``draw_index``-th token drawn under ``seed`` (any int)."""
+def seed_key(seed: int, draw_index: int, choice: int = 0) -> int:
+    """The 32-bit stream key of the ``draw_index``-th token drawn under ``seed`` (any int) by
+    choice ``choice`` of its request (choice 0: the key of a request with one choice)."""
     seed %= 1 << 64
-    return _mix32(_mix32(_mix32(seed & _MASK32) ^ (seed >> 32)) ^ draw_index)
+    key = _mix32(_mix32(_mix32(seed & _MASK32) ^ (seed >> 32)) ^ draw_index)
+    return key if choice == 0 else _mix32(key ^ _mix32(choice * _GOLDEN & _MASK32))
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
@@ -176,8 +297,17 @@ class Sampler:
         # One pass: the row max is NaN or +inf iff the row holds NaN or +inf (or is all -inf).
         row_max, token_ids = logits.max(dim=-1)  # [S], [S]
         finite = torch.isfinite(row_max)
+        adjusted = logits
+        if st.bias is not None or st.penalties is not None:
+            adjusted = logits.clone()  # logprobs stay those of the raw logits
+            if st.bias is not None:
+                b = st.bias
+                adjusted.index_put_((b.rows, b.tokens), b.values, accumulate=True)
+            if st.penalties is not None:
+                apply_penalties(adjusted, st.penalties)
+            token_ids = adjusted.argmax(dim=-1)  # [S]
         if not st.host.all_greedy:
-            token_ids = self._sample(logits, st, token_ids)
+            token_ids = self._sample(adjusted, st, token_ids)
         parts = [token_ids.to(torch.float64), finite.to(torch.float64)]  # ids are exact in float64
         k = max(st.host.num_logprobs, default=0)
         if st.host.num_logprobs:
@@ -242,6 +372,24 @@ def _unpack(host: list[float], rows: RowParams, k: int) -> SamplerOutput:
         top = slice(j * k, j * k + want)
         logprobs[row] = (chosen[j], [int(x) for x in top_ids[top]], top_lp[top])
     return SamplerOutput(ids, finite, logprobs)
+
+
+def apply_penalties(logits: torch.Tensor, pt: PenaltyTensors) -> None:
+    """Apply the penalties of ``pt`` to their rows of ``logits`` [S, V] in place (vLLM's
+    formulas, see the module docstring)."""
+    rows = logits.index_select(0, pt.rows)  # [P, V]
+    num_rows, vocab = rows.shape
+    ones = torch.ones_like(pt.output_ids, dtype=logits.dtype)
+    counts = torch.zeros(num_rows, vocab + 1, dtype=logits.dtype, device=logits.device)
+    counts = counts.scatter_add_(1, pt.output_ids, ones)[:, :vocab]  # [P, V] times generated
+    generated = counts > 0  # [P, V]
+    if pt.prompt_ids is not None:
+        seen = torch.zeros(num_rows, vocab + 1, dtype=torch.bool, device=logits.device)
+        seen = seen.scatter_(1, pt.prompt_ids, True)[:, :vocab] | generated  # [P, V]
+        rep = pt.repetition[:, None]  # [P, 1]
+        rows = torch.where(seen, torch.where(rows > 0, rows / rep, rows * rep), rows)
+    rows = rows - pt.frequency[:, None] * counts - pt.presence[:, None] * generated
+    logits.index_copy_(0, pt.rows, rows)
 
 
 def apply_top_k(scaled: torch.Tensor, top_k: torch.Tensor, max_top_k: int) -> torch.Tensor:

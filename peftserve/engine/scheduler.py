@@ -19,6 +19,13 @@ Policy, once per step:
 3. The step's sequences are ordered by LoRA slot, so tokens sharing an adapter are
    contiguous in the packed batch.
 
+A request with ``n`` choices is admitted with ``n`` seats of ``max_num_seqs`` and runs as one
+sequence until the step that ends its prefill: there its other choices are forked off
+(``SchedulerOutput.forks``): they share the prompt's KV blocks (the partly filled last one
+copied) and draw their first token from the same logits row, then run on their own. When the
+free blocks cannot hold the copies, the choices queue as sequences of their own instead
+(``SchedulerOutput.spawned``), to be prefilled like any request.
+
 A step thus never holds more distinct adapters than there are slots, and an adapter with
 running sequences is never evicted. Preempted sequences go through the same admission.
 """
@@ -32,7 +39,7 @@ from typing import Protocol
 
 from peftserve.config import SchedulerConfig
 from peftserve.engine.block_manager import BlockManager
-from peftserve.engine.sequence import Sequence, SequenceStatus
+from peftserve.engine.sequence import Sequence, SequenceStatus, choice_id
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +68,12 @@ class SchedulerOutput:
     seqs: list[Sequence] = field(default_factory=list)
     num_tokens: list[int] = field(default_factory=list)
     num_preempted: int = 0
+    forks: list[tuple[Sequence, list[Sequence]]] = field(default_factory=list)
+    """(parent, its forked choices): the choices sample from the parent's row this step."""
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
+    """(source, destination) KV blocks to copy once this step's forward wrote the source."""
+    spawned: list[Sequence] = field(default_factory=list)
+    """Choices queued as sequences of their own (no blocks for a fork)."""
 
     @property
     def total_tokens(self) -> int:
@@ -94,10 +107,16 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         """Queue a new sequence (capacity is the engine's check)."""
+        self._enqueue(seq)
+
+    def _enqueue(self, seq: Sequence, front: bool = False) -> None:
         self._arrivals += 1
         seq.arrival = self._arrivals
         seq.status = SequenceStatus.WAITING
-        self.waiting.append(seq)
+        if front:
+            self.waiting.appendleft(seq)
+        else:
+            self.waiting.append(seq)
         self._by_id[seq.request_id] = seq
 
     def finish(self, seq: Sequence) -> None:
@@ -115,6 +134,10 @@ class Scheduler:
         budget = self._schedule_running(out, self.config.max_num_batched_tokens)
         if not out.num_preempted:
             self._schedule_waiting(out, budget)
+        for _, children in out.forks:  # after the loops above: they run from the next step
+            self.running.extend(children)
+        for child in reversed(out.spawned):  # first in line, in order
+            self._enqueue(child, front=True)
         order = sorted(range(len(out.seqs)), key=lambda i: out.seqs[i].slot)  # stable
         out.seqs = [out.seqs[i] for i in order]
         out.num_tokens = [out.num_tokens[i] for i in order]
@@ -127,11 +150,43 @@ class Scheduler:
             n = min(seq.num_uncomputed, budget)
             if not self._reserve(seq, seq.num_computed_tokens + n, out):
                 break  # seq itself was preempted: it was the last one
-            out.seqs.append(seq)
-            out.num_tokens.append(n)
+            self._run(seq, n, out)
             budget -= n
             i += 1
         return budget
+
+    def _run(self, seq: Sequence, n: int, out: SchedulerOutput) -> None:
+        """Put ``n`` tokens of ``seq`` in the step; fork its choices if they end its prefill."""
+        out.seqs.append(seq)
+        out.num_tokens.append(n)
+        if seq.num_forks and seq.num_computed_tokens + n == seq.num_tokens:
+            self._fork(seq, out)
+
+    def _fork(self, parent: Sequence, out: SchedulerOutput) -> None:
+        """Choices 1..n-1 of ``parent``'s request, sharing its prompt (see the module docstring)."""
+        children = [
+            Sequence(
+                request_id=choice_id(parent.request, parent.index + k), token_ids=list(parent.token_ids),
+                num_prompt_tokens=parent.num_prompt_tokens, params=parent.params, lora_id=parent.lora_id,
+                slot=parent.slot, prompt_logprobs=parent.prompt_logprobs, group_id=parent.request,
+                index=parent.index + k,
+            )
+            for k in range(1, parent.num_forks + 1)
+        ]  # fmt: skip
+        parent.num_forks = 0
+        if not self.block_manager.can_fork(parent, len(children)):
+            out.spawned.extend(children)
+            return
+        for child in children:
+            copy = self.block_manager.fork(parent, child)
+            if copy is not None:
+                out.block_copies.append(copy)
+            self._arrivals += 1
+            child.arrival = self._arrivals
+            child.num_computed_tokens = parent.num_tokens  # once this step has run
+            child.status = SequenceStatus.RUNNING
+            self._by_id[child.request_id] = child
+        out.forks.append((parent, children))
 
     def _reserve(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> bool:
         """Make room for ``seq`` by preempting the newest running sequences; False if it was one."""
@@ -161,11 +216,14 @@ class Scheduler:
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         bm = self.block_manager
         busy = self.busy_adapters()
+        # a sequence with choices to fork holds their seats from its admission on
+        seats = len(self.running) + sum(seq.num_forks for seq in self.running)
+        seats += sum(len(children) for _, children in out.forks)
         i = 0
-        while i < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while i < len(self.waiting) and budget > 0 and seats < self.config.max_num_seqs:
             seq = self.waiting[i]
             n = min(seq.num_uncomputed, budget)
-            if not bm.can_allocate(seq, n):
+            if seats + 1 + seq.num_forks > self.config.max_num_seqs or not bm.can_allocate(seq, n):
                 break
             if not self._bind_adapter(seq, busy):
                 if self._starving(seq):
@@ -176,8 +234,8 @@ class Scheduler:
             bm.allocate(seq, n)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            out.seqs.append(seq)
-            out.num_tokens.append(n)
+            seats += 1 + seq.num_forks
+            self._run(seq, n, out)
             budget -= n
 
     def _starving(self, seq: Sequence) -> bool:

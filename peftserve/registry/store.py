@@ -193,10 +193,12 @@ class Registry:
     def add_from_dir(
         self,
         task: str,
-        version: str,
+        version: str | None,
         src_dir: str | Path,
         validate: Validator,
         base_fingerprint: str | None = None,
+        *,
+        new_task_only: bool = False,
     ) -> Added:
         """Copy the adapter in ``src_dir`` into the store as ``task@version``.
 
@@ -205,13 +207,15 @@ class Registry:
         is called on the copy before it is accepted. Same task, version and content again
         returns the existing record with ``created`` False, however many adds race (exactly
         one of them creates it). ``base_fingerprint``, when given, must equal the
-        registry's. Raises InvalidName, InvalidAdapter, WrongBaseModel, Conflict,
-        StorageUnavailable or StorageFull.
+        registry's. Without a ``version``, content ``task`` already has returns that version,
+        and new content becomes version ``sha256[:12]``; with ``new_task_only`` new content
+        is refused (Conflict) when ``task`` has a version already. Raises InvalidName,
+        InvalidAdapter, WrongBaseModel, Conflict, StorageUnavailable or StorageFull.
         """
         src = Path(src_dir)
         return self._add(
             task, version, lambda staging: _stage_dir(src, staging), validate, str(src),
-            base_fingerprint,
+            base_fingerprint, new_task_only=new_task_only,
         )  # fmt: skip
 
     def add_from_stream(
@@ -259,6 +263,8 @@ class Registry:
         validate: Validator,
         label: str,
         declared_base: str | None,
+        *,
+        new_task_only: bool = False,
     ) -> Added:
         validate_name(task, "task name")
         if version is not None:
@@ -279,6 +285,8 @@ class Registry:
                 if same is not None:
                     logger.info("adapter %s from %s is already registered", same.ref, label)
                     return Added(same, False)
+                if new_task_only and self._query("SELECT 1 FROM adapters WHERE task = ? LIMIT 1", task):
+                    raise Conflict(f"task {task!r} is registered already, with other content")
                 version = sha[:12]
             existing = self._find(task, version)
             if existing is not None:  # answered before validating; _publish decides races

@@ -26,6 +26,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -86,6 +87,8 @@ class AdapterService:
     """Called with (task, version) after a version is deleted."""
     _serving: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
     """Serializes serving a stored version (concurrent identical uploads serve it once)."""
+    _runtime: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
+    """Serializes vLLM-style loads and unloads (a name's check and its change are one step)."""
 
     @property
     def model(self) -> nn.Module:
@@ -228,7 +231,103 @@ class AdapterService:
         return {**self.view(record, {}), "status": "deleted", "deleted": True}
 
     def is_protected(self, task: str, version: str) -> bool:
-        return self.stable.get(task) == version or any(p(task, version) for p in self.protectors)
+        return self.stable.get(task) == version or self._in_rollout(task, version)
+
+    def _in_rollout(self, task: str, version: str) -> bool:
+        return any(p(task, version) for p in self.protectors)
+
+    # ---- vLLM's runtime adapter API (POST /v1/load_lora_adapter, /v1/unload_lora_adapter) ----
+
+    async def load_path(self, name: str, path: str) -> tuple[dict[str, Any], bool]:
+        """Serve the adapter in directory ``path`` (on this server) as ``name``; return its
+        view and whether it is new. Stored and validated like an upload.
+
+        ``name`` is a task or ``task@version``. A new task's version is named after its
+        content and becomes its stable version; the same content again changes nothing;
+        other content for a registered task is refused (409: unload it first, or roll the new
+        version out). ``task@version`` registers that version (pinned, when the task has a
+        stable version already)."""
+        task, pinned, version = name.partition("@")
+        validate_name(task, "task name")
+        if pinned:
+            validate_name(version, "version")
+        if task == self.table.base_name:
+            raise Conflict(f"adapter name {task!r} is the base model's name; pick another")
+        add = partial(
+            self.registry.add_from_dir, task, version or None, path, self._validator(name),
+            new_task_only=not pinned,
+        )  # fmt: skip
+        async with self._runtime:
+            try:
+                record, created = await to_thread.run_sync(add)
+            except Conflict as exc:
+                raise Conflict(
+                    f"adapter {name!r} is loaded already, with other content ({exc}): unload it "
+                    "first, or upload the new content as a version of the task and roll it out"
+                ) from None
+            if record.base_fingerprint != self.registry.base_fingerprint:
+                raise Conflict(f"adapter {record.ref} is already registered for another base model")
+            async with self._serving:
+                if not self.table.is_served(task, record.version):
+                    await self._serve(record)
+        return self.view(record), created
+
+    async def unload_name(self, name: str) -> None:
+        """Stop serving ``name`` and drop it from the registry: ``task@version`` as ``delete``
+        does (never a stable version), a task with all its versions (``retire``)."""
+        task, pinned, version = name.partition("@")
+        async with self._runtime:
+            if pinned:
+                await self.delete(task, version)
+            else:
+                await self.retire(task)
+
+    async def retire(self, task: str) -> list[dict[str, Any]]:
+        """Delete ``task`` entirely: its stable pointer and every version (404 if unknown; 409
+        while an active rollout uses one of them). Out of the model table first; if the data
+        directory cannot be written, what is still registered is served again."""
+        validate_name(task, "task name")
+        records = await to_thread.run_sync(self.registry.list, task)
+        if not records:
+            raise NotFound(f"task {task!r} has no registered adapter")
+        for record in records:
+            if await to_thread.run_sync(self._in_rollout, task, record.version):
+                raise Conflict(f"adapter {record.ref} is in use by an active rollout; end it first")
+        stable = await to_thread.run_sync(self.stable.get, task)
+        records.sort(key=lambda r: r.version == stable)  # the stable version last
+        for record in records:
+            self.table.remove_version(task, record.version)
+        deleted: list[AdapterRecord] = []
+        try:
+            await to_thread.run_sync(self.stable.remove, task)
+            for record in records:
+                await to_thread.run_sync(
+                    self.registry.delete, task, record.version, self._in_rollout
+                )
+                deleted.append(record)
+        except Exception:
+            await self._serve_again(task, [r for r in records if r not in deleted], stable)
+            raise
+        for record in records:
+            if record.ref in self.engine.lora_status():
+                await self.engine.unregister_lora(record.ref)
+            for hook in self.on_delete:
+                hook(task, record.version)
+        logger.info("task %s retired (%d versions)", task, len(records))
+        return [{**self.view(r, {}), "status": "deleted", "deleted": True} for r in records]
+
+    async def _serve_again(
+        self, task: str, records: list[AdapterRecord], stable: str | None
+    ) -> None:
+        """After a failed ``retire``: serve what is still registered, under its stable version."""
+        if stable is not None and any(r.version == stable for r in records):
+            await to_thread.run_sync(self.stable.ensure, task, stable)
+        for record in records:
+            if self._files_present(record):
+                self.table.add_version(task, record.version, self._root(record), record.created_at,
+                                       record.sha256)  # fmt: skip
+        if stable is not None and self.table.is_served(task, stable):
+            self.table.set_stable(task, stable)
 
     async def load(self, task: str, version: str) -> dict[str, Any]:
         """Make ``task@version`` resident in an adapter slot."""

@@ -122,9 +122,11 @@ class InternalResult:
 
 
 def shadow_params(params: SamplingParams) -> SamplingParams:
-    """The copy's sampling: the request's own when reproducible (greedy or seeded), else greedy."""
+    """The copy's sampling: the request's own when reproducible (greedy or seeded), else
+    greedy; one choice (compared with the request's choice 0) and no logprobs."""
     reproducible = params.greedy or params.seed is not None
-    return replace(params, logprobs=None, temperature=params.temperature if reproducible else 0.0)
+    temperature = params.temperature if reproducible else 0.0
+    return replace(params, logprobs=None, prompt_logprobs=None, n=1, temperature=temperature)
 
 
 def _mean(values: list[float]) -> float:

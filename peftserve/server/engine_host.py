@@ -183,7 +183,8 @@ class EngineHost:
 
     def report(self) -> EngineReport:
         return EngineReport(self.name, self.engine.stats, dict(self.engine.lora_status()),
-                            tuple(sorted(self.tasks)), self.info(), time.process_time())  # fmt: skip
+                            tuple(sorted(self.tasks)), self.info(), time.process_time(),
+                            tuple(sorted(self.engine.waiting_lora_ids())))  # fmt: skip
 
     async def generate(
         self,

@@ -12,9 +12,11 @@ routes, the canary accounting, the probes and the adapter service run on it unch
   ``version``;
 - a replica that dies under a request (``RayActorError``: killed, its node removed) costs one
   retry on another replica: from the start if it had sent nothing, else as a *continuation*
-  (the prompt plus the tokens already delivered, for the tokens left), so no client request is
-  lost and none is answered twice. A second loss answers 503 (``replica_lost``). Such failures
-  are the fleet's, never the version's: nothing of them reaches the metric windows;
+  (the prompt plus the tokens already delivered, for the tokens left; a seeded or penalized
+  sampling goes on from there, not as the same draw), so no client request is lost and none
+  is answered twice. A request with several choices (``n`` > 1) that had delivered tokens, a
+  scoring request, or a second loss answers 503 (``replica_lost``). Such failures are the
+  fleet's, never the version's: nothing of them reaches the metric windows;
 - errors the engine raises before its first output (a full queue, a bad parameter) come back
   as the engine's own exception types, not wrapped by Ray.
 
@@ -84,6 +86,8 @@ class EngineReport:
     info: ModelInfo
     cpu_s: float = 0.0
     """CPU seconds the replica's process has used (how much of the machine it got)."""
+    waiting: tuple[str, ...] = ()
+    """Adapters that requests waiting on this replica need."""
 
 
 class ReplicaLost(APIError):
@@ -204,6 +208,11 @@ class RemoteEngine:
         snapshot = self._snapshot()
         return snapshot is not None and bool(snapshot.fleet.replicas)
 
+    def waiting_lora_ids(self) -> set[str]:
+        """Adapters that requests waiting on any engine replica need (per the latest snapshot)."""
+        snapshot = self._snapshot()
+        return set(snapshot.fleet.waiting) if snapshot is not None else set()
+
     def _fewest_waiting(self) -> int:
         snapshot = self._snapshot()
         per_replica = snapshot.fleet.per_replica if snapshot is not None else {}
@@ -249,29 +258,28 @@ class RemoteEngine:
         """Stream a request's outputs from a replica holding its task; one retry if it dies."""
         task, version, sha = self._target(lora_id)
         delivered: list[int] = []
-        last: RequestOutput | None = None
+        ended = 0  # choices finished
         retried = False
         while True:
             prompt, rest, before = prompt_token_ids + delivered, params, len(delivered)
             if delivered:  # continue after what was delivered, for the tokens left
-                rest = replace(params, max_tokens=params.max_tokens - len(delivered), seed=None)
+                rest = replace(params, max_tokens=params.max_tokens - len(delivered), seed=None,
+                               prompt_logprobs=None)  # fmt: skip
             engine_id = request_id if not retried else f"{request_id}-retry"
             stream = self._call("generate", task, stream=True).remote(
                 version, sha, engine_id, prompt, rest
             )
-            finished = False
             try:
                 async for out in stream:
-                    finished = out.finished
+                    ended += out.finished
                     out = _as_original(out, request_id, len(prompt_token_ids), before)
                     delivered.extend(out.token_ids)
-                    last = out
                     yield out
                 return
             except Exception as exc:
                 if not replica_gone(exc):
                     raise unwrap(exc) from None
-                if retried or params.score_from is not None:
+                if retried or not _resumable(params, delivered):
                     raise ReplicaLost(request_id) from exc
                 retried = True
                 self.retries[lora_id or ""] = self.retries.get(lora_id or "", 0) + 1
@@ -280,9 +288,9 @@ class RemoteEngine:
                     request_id, type(exc).__name__, len(delivered),
                 )  # fmt: skip
             finally:
-                if not finished:
+                if ended < params.n:
                     stream.cancel()
-            if last is not None and last.finished:
+            if ended >= params.n:
                 return
 
     async def score(
@@ -324,6 +332,16 @@ class RemoteEngine:
         self._target(lora_id)
         self.evict[lora_id] = time.time()
         return True
+
+
+def _resumable(params: SamplingParams, delivered: list[int]) -> bool:
+    """Whether a request can go on elsewhere after its replica died, having ``delivered``
+    tokens: from the start when nothing was delivered; as a continuation of its one choice
+    otherwise (the choices of an ``n`` > 1 request have prefixes of their own, and a scoring
+    request's prompt log-probabilities belong to its original prompt)."""
+    if params.score_from is not None:
+        return False
+    return not delivered or params.n == 1
 
 
 def _as_original(
@@ -382,10 +400,11 @@ class FleetState:
                 if TIER_ORDER.get(tier, 9) < TIER_ORDER.get(tiers.get(lora_id, "disk"), 9):
                     tiers[lora_id] = tier
         info = reports[0].info
+        waiting = tuple(sorted({lora_id for r in reports for lora_id in r.waiting}))
         per_replica = {
             r.replica: {"steps": r.stats.steps, "generated_tokens": r.stats.generated_tokens,
                         "num_running": r.stats.num_running, "num_waiting": r.stats.num_waiting, "tasks": len(r.tasks), "cpu_s": r.cpu_s}
             for r in reports
         }  # fmt: skip
         return FleetView(tuple(sorted(r.replica for r in reports)), stats, tiers, info.device, info.dtype,
-                         per_replica)  # fmt: skip
+                         per_replica, waiting)  # fmt: skip

@@ -23,6 +23,18 @@ by the engine's ``on_adapter_load`` hook. The process and Python collectors (``p
 ``python_*``) are registered too. Rollouts (canary weight, state, judgments and decisions by
 outcome, last score, probe accuracy and feedback score per arm, shadow copies, per task) come
 from ``peftserve.server.canary.RolloutCollector``, read from the controller at scrape time.
+
+``VLLMCollector`` exports the same engine state under vLLM's names, in the shapes the model-server
+protocol of the Kubernetes Gateway API Inference Extension defines (``deploy/inference-pool.md``),
+so its endpoint picker can route to a peftserve pod: ``vllm:num_requests_waiting`` and
+``vllm:num_requests_running`` (sequences), ``vllm:kv_cache_usage_perc`` (and on a CUDA engine its
+older name ``vllm:gpu_cache_usage_perc``; a fraction in [0, 1], as vLLM reports it),
+``vllm:cache_config_info``
+(labels ``block_size``, ``num_gpu_blocks``) and ``vllm:lora_requests_info``: one series whose
+value is the scrape's Unix time and whose labels are ``max_lora`` (the adapter slots),
+``running_lora_adapters`` (the model names whose adapter holds a slot: ``task@version``, and
+``task`` for a task's stable version) and ``waiting_lora_adapters`` (the model names of adapters
+that requests wait for), each a comma-separated list without spaces.
 """
 
 from __future__ import annotations
@@ -32,7 +44,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -53,7 +65,7 @@ from peftserve.server.errors import APIError, ClientDisconnected
 if TYPE_CHECKING:
     from peftserve.engine.engine import AsyncLLMEngine
     from peftserve.engine.outputs import RequestOutput
-    from peftserve.server.model_table import Target
+    from peftserve.server.model_table import ModelTable, Target
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +223,9 @@ class RequestTracker:
     """Times one request and records it once, with the outcome of its last output.
 
     It also keeps what the canary layer reads when the request ends (``on_finish``): the
-    output's token ids and text, the last output, and the timings.
+    output's token ids and text, the last output, and the timings. A request with several
+    choices (``n``) is one request here: its first token starts the time to first token, its
+    tokens add up, it failed if a choice failed, and the text and token ids are choice 0's.
     """
 
     def __init__(
@@ -228,7 +242,8 @@ class RequestTracker:
         self._start = time.perf_counter()
         self._first: float | None = None
         self._last: float | None = None
-        self._out: RequestOutput | None = None
+        self._outs: dict[int, RequestOutput] = {}
+        """The last output of each choice."""
         self._done = False
         self.on_finish = on_finish
         self.outcome: str | None = None
@@ -243,14 +258,25 @@ class RequestTracker:
                 self._first = now
                 self._metrics.ttft.labels(*self._labels).observe(now - self._start)
             self._last = now
-        self.token_ids.extend(out.token_ids)
-        self.text += out.text
-        self._out = out
+        if out.index == 0:
+            self.token_ids.extend(out.token_ids)
+            self.text += out.text
+        self._outs[out.index] = out
 
     @property
     def last_output(self) -> RequestOutput | None:
-        """The last output the engine sent (None: the request never reached the engine)."""
-        return self._out
+        """The last output the engine sent (None: the request never reached the engine); with
+        several choices, that of the first choice that failed or was cut, else choice 0's."""
+        outs = self._outs
+        for out in outs.values():
+            if not out.finished or out.finish_reason in ("error", "abort"):
+                return out
+        return outs.get(0) or next(iter(outs.values()), None)
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens generated, every choice together."""
+        return sum(out.completion_tokens for out in self._outs.values())
 
     @property
     def ttft(self) -> float | None:
@@ -264,11 +290,12 @@ class RequestTracker:
 
     @property
     def tpot(self) -> float | None:
-        """Mean seconds per output token after the first."""
-        out = self._out
-        if out is None or self._first is None or self._last is None or out.completion_tokens < 2:
+        """Mean seconds per output token after the first (of the longest choice: choices are
+        generated side by side)."""
+        longest = max((out.completion_tokens for out in self._outs.values()), default=0)
+        if self._first is None or self._last is None or longest < 2:
             return None
-        return (self._last - self._first) / (out.completion_tokens - 1)
+        return (self._last - self._first) / (longest - 1)
 
     def close(self) -> None:
         """The stream ended: record it with the outcome its last output gives."""
@@ -279,7 +306,7 @@ class RequestTracker:
         if self._done:
             return
         self._done = True
-        out = self._out
+        out = self.last_output
         if outcome is None:
             reason = out.finish_reason if out is not None and out.finished else "abort"
             outcome = _FINISH_OUTCOMES.get(reason or "", "error")
@@ -292,12 +319,12 @@ class RequestTracker:
                 logger.exception("request finish hook failed")
 
     def _record(self, outcome: str) -> None:
-        out, m, labels = self._out, self._metrics, self._labels
+        out, m, labels = self.last_output, self._metrics, self._labels
         m.requests.labels(*labels, outcome).inc()
         if out is None:
             return
         m.prompt_tokens.labels(*labels).inc(out.prompt_tokens)
-        m.generation_tokens.labels(*labels).inc(out.completion_tokens)
+        m.generation_tokens.labels(*labels).inc(self.completion_tokens)
         if outcome != "ok" or self.e2e is None:
             return
         m.e2e.labels(*labels).observe(self.e2e)
@@ -313,8 +340,7 @@ class EngineCollector(Collector):
 
     def device(self) -> str:
         """Where the adapter slots live: ``cuda``, ``cpu``, ... (``unknown`` for a stand-in engine)."""
-        device = getattr(getattr(self._engine, "engine", None), "device", None)
-        return getattr(device, "type", None) or "unknown"
+        return _device(self._engine)
 
     def collect(self) -> Iterator[Metric]:
         s = self._engine.stats
@@ -365,6 +391,70 @@ class EngineCollector(Collector):
         for tier, count in counts.items():
             family.add_metric([tier], count)
         return family
+
+
+class VLLMCollector(Collector):
+    """The engine gauges under vLLM's names (the Gateway API Inference Extension's model-server
+    protocol; see the module docstring), read from the engine at every scrape."""
+
+    def __init__(self, engine: AsyncLLMEngine, models: ModelTable) -> None:
+        self._engine = engine
+        self._models = models
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._engine.stats
+        labels = {"model_name": self._models.base_name, "engine": "0"}
+        yield _vllm_gauge("num_requests_running", "Sequences running.", labels, s.num_running)
+        yield _vllm_gauge("num_requests_waiting", "Sequences waiting.", labels, s.num_waiting)
+        usage = s.kv_blocks_used / s.kv_blocks_total if s.kv_blocks_total else 0.0
+        doc = "KV-cache usage: the fraction of KV-cache blocks in use (1 means 100 percent)."
+        yield _vllm_gauge("kv_cache_usage_perc", doc, labels, usage)
+        if _device(self._engine) == "cuda":  # a CPU server never names a series gpu
+            yield _vllm_gauge("gpu_cache_usage_perc", f"{doc} (the older name)", labels, usage)
+        blocks = getattr(getattr(self._engine, "engine", None), "block_manager", None)
+        if blocks is not None:
+            config = {
+                "block_size": str(blocks.block_size),
+                "num_gpu_blocks": str(blocks.num_blocks),
+            }
+            yield _vllm_gauge("cache_config_info", "The KV cache (always 1).", config, 1.0)
+        yield self._lora_info(s.gpu_slots_total)
+
+    def _lora_info(self, max_lora: int) -> Metric:
+        resident = [i for i, tier in self._engine.lora_status().items() if tier == "gpu"]
+        labels = {
+            "running_lora_adapters": ",".join(self._names(resident)),
+            "max_lora": str(max_lora),
+            "waiting_lora_adapters": ",".join(self._names(self._engine.waiting_lora_ids())),
+        }
+        doc = (
+            "Adapters holding a slot (running_lora_adapters), adapters requests wait for "
+            "(waiting_lora_adapters), the slots (max_lora); the value is the time of reading."
+        )
+        return _vllm_gauge("lora_requests_info", doc, labels, time.time())
+
+    def _names(self, lora_ids: Iterable[str]) -> list[str]:
+        """The API model names of engine adapters: ``task@version``, and ``task`` when that is
+        the task's stable version (its unpinned requests go there)."""
+        names: set[str] = set()
+        for lora_id in lora_ids:
+            task, _, version = lora_id.partition("@")
+            names.add(lora_id)
+            if self._models.stable(task) == version:
+                names.add(task)
+        return sorted(names)
+
+
+def _device(engine: AsyncLLMEngine) -> str:
+    """The engine's device type: ``cuda``, ``cpu``, ... (``unknown`` for a stand-in engine)."""
+    device = getattr(getattr(engine, "engine", None), "device", None)
+    return getattr(device, "type", None) or "unknown"
+
+
+def _vllm_gauge(name: str, doc: str, labels: dict[str, str], value: float) -> Metric:
+    family = GaugeMetricFamily(f"vllm:{name}", doc, labels=list(labels))
+    family.add_metric(list(labels.values()), float(value))
+    return family
 
 
 def _by_device(name: str, doc: str, device: str, value: float) -> Metric:

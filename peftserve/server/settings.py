@@ -4,6 +4,11 @@ A field's flag is its name with dashes, its help is the field's docstring, list 
 repeatable flags, and every field has a ``PEFTSERVE_<FIELD>`` environment variable (lists
 comma-separated). A flag beats its environment variable, which beats the field's default.
 The argparse side lives in ``peftserve.cli``; this module turns values into ``ServeSettings``.
+
+``ALIASES`` adds vLLM's names for the same settings (``--max-cpu-loras``, ``--lora-modules``;
+``--max-loras`` and ``--max-lora-rank`` are our names already), so a vLLM command line runs
+unchanged. An alias sets the same field as our flag (a field given by both takes the last one
+on the command line); environment variables exist for our names only.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import json
 import textwrap
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -45,6 +51,55 @@ _FALSE = ("0", "false", "no", "off", "")
 
 
 @dataclass(frozen=True)
+class FlagAlias:
+    """Another project's flag for one of our fields (its values go through ``parse``)."""
+
+    flag: str
+    field: str
+    origin: str
+    """Whose name it is (shown in the help)."""
+    parse: Callable[[str], Any] | None = None
+    """Turns one command-line value into the field's value (default: the field's type)."""
+    many: bool = False
+    """Takes several values after one flag (``--lora-modules a=/x b=/y``) and may repeat."""
+    help: str = ""
+    """What differs from our flag, if anything."""
+    metavar: str = ""
+
+
+def lora_module(text: str) -> str:
+    """vLLM's ``--lora-modules`` value, ``name=path`` or ``{"name": ..., "path": ...}``, as our
+    ``NAME=PATH``."""
+    raw = text.strip()
+    if not raw.startswith("{"):
+        name, sep, path = raw.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"expected name=path or a JSON object, not {text!r}")
+        return raw
+    try:
+        module = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg}): {text!r}") from None
+    if not isinstance(module, dict) or not all(
+        isinstance(module.get(k), str) and module[k] for k in ("name", "path")
+    ):
+        raise ValueError(f'expected {{"name": NAME, "path": PATH}}, not {text!r}')
+    unknown = sorted(set(module) - {"name", "path", "base_model_name"})
+    if unknown:
+        raise ValueError(f"unsupported key(s) {', '.join(unknown)} in {text!r}")
+    return f"{module['name']}={module['path']}"
+
+
+ALIASES: tuple[FlagAlias, ...] = (
+    FlagAlias("--max-cpu-loras", "max_cpu_adapters", "vLLM",
+              help="vLLM counts the resident adapters in it; here they come on top"),
+    FlagAlias("--lora-modules", "adapter", "vLLM", lora_module, many=True, metavar="NAME=PATH",
+              help='NAME=PATH or {"name": NAME, "path": PATH}, several after one flag'),
+)  # fmt: skip
+"""vLLM's flag names for our fields (``--max-loras`` and ``--max-lora-rank`` are ours too)."""
+
+
+@dataclass(frozen=True)
 class FlagSpec:
     """One config field as a command-line flag and an environment variable."""
 
@@ -54,6 +109,8 @@ class FlagSpec:
     """Scalar type (int, float, str, bool); for list fields, the element type."""
     is_list: bool
     help: str
+    aliases: tuple[FlagAlias, ...] = ()
+    """Other projects' flags for this field (``ALIASES``)."""
 
     @property
     def flag(self) -> str:
@@ -80,8 +137,11 @@ def _is_field(stmt: ast.stmt) -> bool:
     return isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
 
 
-def flag_specs(classes: Sequence[type] = CONFIG_CLASSES) -> list[FlagSpec]:
-    """Every field of ``classes`` as a FlagSpec; field names must be unique across them."""
+def flag_specs(
+    classes: Sequence[type] = CONFIG_CLASSES, aliases: Sequence[FlagAlias] = ALIASES
+) -> list[FlagSpec]:
+    """Every field of ``classes`` as a FlagSpec (with its ``aliases``); field names must be
+    unique across them, and an alias may not be the flag of a field."""
     specs: dict[str, FlagSpec] = {}
     for cls in classes:
         hints = typing.get_type_hints(cls)
@@ -90,7 +150,12 @@ def flag_specs(classes: Sequence[type] = CONFIG_CLASSES) -> list[FlagSpec]:
             if f.name in specs:
                 raise ValueError(f"config field {f.name!r} is defined twice; flags must be unique")
             kind, is_list = _flag_type(hints[f.name])
-            specs[f.name] = FlagSpec(cls, f.name, kind, is_list, docs.get(f.name, ""))
+            own = tuple(a for a in aliases if a.field == f.name)
+            specs[f.name] = FlagSpec(cls, f.name, kind, is_list, docs.get(f.name, ""), own)
+    flags = {spec.flag for spec in specs.values()}
+    for alias in aliases:
+        if alias.flag in flags:
+            raise ValueError(f"alias {alias.flag} is already the flag of a config field")
     return list(specs.values())
 
 

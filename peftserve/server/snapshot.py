@@ -50,6 +50,8 @@ class FleetView:
     per_replica: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     """Replica -> its steps, generated tokens, running and waiting sequences (how the work was
     split)."""
+    waiting: tuple[str, ...] = ()
+    """Adapters that requests waiting on some replica need (vLLM's ``waiting_lora_adapters``)."""
 
 
 @dataclass(frozen=True)
