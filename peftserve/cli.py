@@ -147,7 +147,6 @@ def _run_demo(argv: Sequence[str]) -> int:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from peftserve.server.local import run_server
     from peftserve.server.startup import StartupError
 
     try:
@@ -155,10 +154,28 @@ def _run_serve(args: argparse.Namespace) -> int:
     except ValueError as e:
         return _fail(f"peftserve serve: error: {e}", EXIT_USAGE)
     try:
-        run_server(settings)
+        if settings.ray.ray:
+            _run_ray(settings)
+        else:
+            from peftserve.server.local import run_server
+
+            run_server(settings)
     except StartupError as e:
         return _fail(f"peftserve serve: error: {e}", EXIT_STARTUP)
     return 0
+
+
+def _run_ray(settings: ServeSettings) -> None:
+    from peftserve.server.startup import StartupError, check_model_dir
+
+    check_model_dir(settings.engine.model.model)
+    try:
+        from peftserve.server.ray_app import run_ray
+    except ImportError as e:
+        raise StartupError(
+            f"--ray needs Ray Serve ({e}); install it with: pip install 'peftserve[ray]'"
+        ) from e
+    run_ray(settings)
 
 
 # ---- peftserve adapters ... ------------------------------------------------------------------

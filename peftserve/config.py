@@ -177,6 +177,41 @@ class CanaryConfig:
 
 
 @dataclass
+class RayConfig:
+    ray: bool = False
+    """Serve as Ray Serve deployments: ingress replicas, engine replicas and one rollout controller (needs peftserve[ray])."""
+    ray_address: str = ""
+    """Ray cluster to join (an address such as 10.0.0.5:6379, or auto); empty starts a local Ray on this machine."""
+    engine_replicas: int = 1
+    """Engine replicas (one per GPU); each holds the base model and serves the tasks routed to it."""
+    ingress_replicas: int = 1
+    """Ingress replicas (CPU): OpenAI routes, auth and the canary router; admin calls go on to the controller."""
+    engine_num_cpus: float = 1.0
+    """CPUs Ray reserves for each engine replica."""
+    engine_num_gpus: float = -1.0
+    """GPUs Ray reserves for each engine replica; -1: one when the cluster has GPUs, else none."""
+    engine_max_ongoing_requests: int = 64
+    """Requests one engine replica takes at once; beyond it Ray Serve sends a task's requests to another replica (which loads the task)."""
+    max_tasks_per_replica: int = 16
+    """Tasks an engine replica keeps registered (Ray Serve model multiplexing, least recently used first out)."""
+    snapshot_interval_s: float = 1.0
+    """How often ingress and engine replicas refresh the rollout snapshot and push their samples and stats."""
+    adapter_cache_dir: str = ""
+    """Node-local cache of adapter files fetched by sha256 on engine replicas; empty: peftserve-adapters under the temp dir."""
+
+    def __post_init__(self) -> None:
+        for name in ("engine_replicas", "ingress_replicas", "engine_max_ongoing_requests", "max_tasks_per_replica"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.engine_num_cpus < 0:
+            raise ValueError(f"engine_num_cpus must be >= 0, not {self.engine_num_cpus}")
+        if self.engine_num_gpus < 0 and self.engine_num_gpus != -1:
+            raise ValueError(f"engine_num_gpus must be >= 0 or -1 (auto), not {self.engine_num_gpus}")
+        if not self.snapshot_interval_s > 0:
+            raise ValueError(f"snapshot_interval_s must be > 0, not {self.snapshot_interval_s}")
+
+
+@dataclass
 class EngineConfig:
     """Everything the engine needs, grouped by concern."""
 

@@ -533,7 +533,7 @@ def test_a_refused_shadow_copy_is_skipped_not_a_candidate_error() -> None:
     runtime.shadow_counts = {}
     runtime.engine = SimpleNamespace()  # no score: no LLR
     runtime.windows = SimpleNamespace(record_shadow=lambda *a, **kw: recorded.append(kw), record=lambda r: None)
-    runtime.router = SimpleNamespace(rollout=lambda task: None)
+    runtime.table = SimpleNamespace(router=SimpleNamespace(rollout=lambda task: None))  # routes through its table
     decision = RouteDecision("t", "v1", "stable", "hash", True, 0, shadow_version="v2")
     target = Target("t", "v1", "t@v1", decision)
 

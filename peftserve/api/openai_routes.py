@@ -13,7 +13,6 @@ import asyncio
 import dataclasses
 import logging
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -57,6 +56,7 @@ from peftserve.api.streaming import (
     sse_body,
 )
 from peftserve.engine.sampling_params import SamplingParams
+from peftserve.server.completion_ids import new_completion_id
 from peftserve.server.errors import APIError, invalid_request, queue_full
 from peftserve.server.metrics import RequestTracker, failure_outcome, request_arm
 from peftserve.server.model_table import Target
@@ -246,7 +246,7 @@ def _admit(state: ServingState) -> None:
 
 
 def _new_id(request: Request, prefix: str) -> str:
-    request_id = f"{prefix}-{uuid.uuid4().hex}"
+    request_id = new_completion_id(prefix)
     set_request_id(request, request_id)
     return request_id
 

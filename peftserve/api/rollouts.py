@@ -277,7 +277,7 @@ async def feedback(request: Request) -> dict[str, Any]:
     if "score" not in body:
         raise invalid_request("score is required: true, false or a number in [0, 1]", "score")
     score = _score(body["score"])
-    if not runtime.windows.record_feedback(completion_id, score):
+    if not await runtime.record_feedback(completion_id, score):
         ttl = runtime.windows.feedback_ttl_s
         raise APIError(404, f"unknown or expired completion id {completion_id!r:.100} (feedback is accepted for "
                             f"{ttl:g} s after the answer)", "invalid_request_error", "id",

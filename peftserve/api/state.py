@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from peftserve.api.prompts import PromptLimits
     from peftserve.engine.engine import AsyncLLMEngine, LLMEngine
     from peftserve.server.adapters import AdapterService
-    from peftserve.server.canary import CanaryRuntime
+    from peftserve.server.canary import RequestAccounting
     from peftserve.server.metrics import Metrics
     from peftserve.server.model_table import ModelTable
 
@@ -30,8 +30,9 @@ class ServingState:
     admin_token: str = ""
     adapters: AdapterService | None = None
     """The registry-backed adapter service; None on a server built without a data directory."""
-    canary: CanaryRuntime | None = None
-    """Canary rollouts (controller, metric windows, shadow copies); None without a registry."""
+    canary: RequestAccounting | None = None
+    """Canary rollouts: a ``CanaryRuntime`` (controller, metric windows, shadow copies), on a Ray
+    ingress replica its request accounting alone; None without a registry."""
     max_request_bytes: int = 1 << 20
     """Largest JSON body a /v1 route reads (413 beyond it)."""
     prompt_limits: PromptLimits | None = None

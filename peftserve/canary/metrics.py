@@ -185,6 +185,8 @@ class _Task:
     """Per version: sums of every request, judged or not (for people)."""
     probes: dict[str, np.ndarray] = field(default_factory=dict)
     """version -> [prompts, 4]: answers, sum of scores, timed probes, sum of log step time."""
+    replicas: dict[str, dict[str, int]] = field(default_factory=dict)
+    """version -> engine replica -> judged user requests it answered (Ray Serve; empty in one process)."""
     first_at: float | None = None
     last_at: float | None = None
 
@@ -537,6 +539,10 @@ class MetricWindows:
             else:
                 _, record, delta_n, delta, graded = item
                 self._fold_feedback(record, delta_n, delta, graded)
+        for r in records:
+            if r.replica and r.in_experiment and r.stratum != PROBE_STRATUM:
+                served = self._tasks.setdefault(r.task, _Task()).replicas.setdefault(r.version, {})
+                served[r.replica] = served.get(r.replica, 0) + 1
         for columns in columns_of(records):
             self._fold_columns(columns)
 
@@ -657,7 +663,8 @@ class MetricWindows:
         people (probes are counted apart).
 
         ``requests`` counts every recorded request, ``in_experiment`` the judged ones; latency
-        means are over completed requests.
+        means are over completed requests; ``replicas`` the judged ones per engine replica that
+        answered them (Ray Serve; empty in one process).
         """
         with self._lock:
             self._fold()
@@ -667,6 +674,7 @@ class MetricWindows:
             stats = table.snapshot()[1] if table is not None else np.zeros((0, len(COLUMNS)))
             keys = table.snapshot()[0] if table is not None else np.zeros(0, np.int64)
             probes = t.probes.get(version, np.zeros((0, 4))).copy()
+            replicas = dict(t.replicas.get(version, {}))
         probe = t.strata.get(PROBE_STRATUM, -1)
         users = ((keys >> 40) & 0xFFFF == 0) & ((keys >> 56) != probe)  # all segments' sums, no probes
         judged = stats[users].sum(axis=0) if stats.size else np.zeros(len(COLUMNS))
@@ -690,6 +698,7 @@ class MetricWindows:
             "probes": int(answers),
             "probe_prompts": int(np.count_nonzero(probes[:, 0])),
             "probe_accuracy": float(probes[:, 1].sum()) / answers if answers else None,
+            "replicas": replicas,
         }
 
     def shadow_summary(self, task: str, candidate: str) -> dict[str, Any]:

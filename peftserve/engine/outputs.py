@@ -85,6 +85,8 @@ class RequestOutput:
     batch: StepShare | None = None
     """On the last output: what the request's engine steps were shared with (choice 0's only,
     for a request with several choices)."""
+    served_by: str = ""
+    """The engine replica that produced it (Ray Serve composition); empty in one process."""
 
 
 RawLogprob = tuple[float, list[int], list[float]]

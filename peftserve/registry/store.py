@@ -382,6 +382,19 @@ class Registry:
             raise NotFound(f"files of adapter {record.ref} ({record.sha256[:12]}) are missing")
         return path
 
+    def files_of(self, sha256: str) -> dict[str, Path]:
+        """The stored files of the adapter content ``sha256`` (engine replicas fetch adapters by
+        it); NotFound unless a registered version has that content."""
+        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+            raise NotFound(f"{sha256[:80]!r} is not an adapter's sha256")
+        if not self._query("SELECT 1 FROM adapters WHERE sha256 = ? LIMIT 1", sha256):
+            raise NotFound(f"no registered adapter has the content {sha256[:12]}")
+        blob = self._blobs / sha256
+        files = {name: blob / name for name in STORED_FILES if (blob / name).is_file()}
+        if CONFIG_NAME not in files:
+            raise NotFound(f"the files of adapter content {sha256[:12]} are missing")
+        return files
+
     # ---- deleting -----------------------------------------------------------------------
 
     def delete(

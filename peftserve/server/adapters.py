@@ -139,7 +139,8 @@ class AdapterService:
         for record in records:
             if self._files_present(record):
                 self.engine.engine.register_lora(record.ref, self._loader(record))
-                self.table.add_version(task, record.version, self._root(record), record.created_at)
+                self.table.add_version(task, record.version, self._root(record),
+                                       record.created_at, record.sha256)  # fmt: skip
         if self.table.is_served(task, stable):
             self.table.set_stable(task, stable)
 
@@ -187,7 +188,8 @@ class AdapterService:
         # upload again (200) serves it.
         stable = await to_thread.run_sync(self.stable.ensure, record.task, record.version)
         await self.engine.register_lora(record.ref, self._loader(record))
-        self.table.add_version(record.task, record.version, self._root(record), record.created_at)
+        self.table.add_version(record.task, record.version, self._root(record),
+                               record.created_at, record.sha256)  # fmt: skip
         if self.table.stable(record.task) != stable:
             self.table.set_stable(record.task, stable)
 
@@ -215,7 +217,8 @@ class AdapterService:
             )
         except Exception as exc:
             if served and self._files_present(record):
-                self.table.add_version(task, version, self._root(record), record.created_at)
+                self.table.add_version(task, version, self._root(record), record.created_at,
+                                       record.sha256)  # fmt: skip
             if is_foreign_key_error(exc):
                 raise Conflict(
                     f"adapter {task}@{version} is the stable version of its task"
@@ -321,7 +324,8 @@ class AdapterService:
             await to_thread.run_sync(self.stable.ensure, task, stable)
         for record in records:
             if self._files_present(record):
-                self.table.add_version(task, record.version, self._root(record), record.created_at)
+                self.table.add_version(task, record.version, self._root(record), record.created_at,
+                                       record.sha256)  # fmt: skip
         if stable is not None and self.table.is_served(task, stable):
             self.table.set_stable(task, stable)
 

@@ -1,6 +1,9 @@
 """Canary rollouts in the server: the controller and its hooks, request accounting, shadow copies.
 
-``CanaryRuntime`` ties ``peftserve.canary`` to the running server:
+Two roles (``docs/ray.md``): ``RequestAccounting`` is the ingress's part (accounting, shadow
+copies: it records into whatever ``windows`` it is given, the metric windows themselves in one
+process, a ``peftserve.server.samples.SampleBuffer`` pushed to the controller on Ray), and
+``CanaryRuntime`` adds the controller's part on top (one process runs both):
 
 - **controller**: a ``RolloutController`` on the registry's data directory (``RolloutStore``),
   the metric windows and the model table's router. Its hooks: ``versions`` are the task's
@@ -16,7 +19,8 @@
   weight it was routed under, its segments, its outcome and what the engine says its steps were
   shared with; a stable answer that replaced a failed candidate is recorded outside the
   experiment, the failure itself counting against the candidate), registers the completion for
-  feedback, and schedules the shadow copy.
+  feedback, and schedules the shadow copy. The engine replica that answered (Ray) is part of
+  the record.
 - **shadow copies**: after a shadowed stable request finished, a copy runs on the candidate in
   a background task: it never delays the answer and never reaches the client. The copy is
   greedy, or repeats the request's own sampling when it was seeded (reproducible either way),
@@ -31,6 +35,9 @@
   ``shadow_max_inflight`` copies run at once; others are skipped (and counted).
 - **delete protection**: ``protects`` refuses deleting the stable or candidate version of an
   active rollout (registered in ``AdapterService.protectors``).
+- **feedback**: ``record_feedback`` attributes a score to the request that answered. Where
+  completions are registered by other processes (Ray ingress replicas push them in batches),
+  ``late_completion_s`` lets an unknown id that was issued that recently wait for its record.
 """
 
 from __future__ import annotations
@@ -67,15 +74,18 @@ from peftserve.canary.store import RolloutStore
 from peftserve.engine.engine import NON_FINITE_ERROR
 from peftserve.engine.outputs import StepShare
 from peftserve.engine.sampling_params import SamplingParams
+from peftserve.server.completion_ids import issued_at
 from peftserve.server.metrics import failure_outcome
 from peftserve.server.model_table import Target, lora_id_of
 
 if TYPE_CHECKING:
+    from peftserve.canary.router import Router
     from peftserve.config import CanaryConfig
     from peftserve.engine.engine import AsyncLLMEngine
     from peftserve.engine.outputs import RequestOutput
     from peftserve.server.adapters import AdapterService
     from peftserve.server.metrics import FinishHook, Metrics, RequestTracker
+    from peftserve.server.model_table import ModelTable
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +93,8 @@ PREFIX = "peftserve"
 STOP_TIMEOUT_S = 10.0
 """How long shutdown waits for the controller's current round."""
 SHADOW_OUTCOMES = ("ok", "error", "skipped")
+FEEDBACK_POLL_S = 0.1
+"""How often feedback on a completion not known yet looks for it again (see record_feedback)."""
 
 
 @dataclass
@@ -97,6 +109,8 @@ class InternalResult:
     e2e: float | None = None
     prompt_tokens: int = 0
     batch: StepShare | None = None
+    served_by: str = ""
+    """The engine replica that ran it (Ray Serve composition); empty in one process."""
 
     @property
     def failed(self) -> bool:
@@ -119,112 +133,43 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-class CanaryRuntime:
-    """The rollout controller, its hooks and the canary side of the request path."""
+class RequestAccounting:
+    """The canary side of the request path (the ingress's role): accounting and shadow copies.
+
+    ``table`` routes (its router may be replaced by a newer snapshot at any time), ``engine``
+    runs the shadow copies, ``windows`` receives the records (see the module docstring).
+    """
 
     request_metrics: Metrics | None = None
     """The app's Prometheus metrics (set by the app): shadow copies are recorded with ``arm="shadow"``."""
 
     def __init__(
-        self, service: AdapterService, engine: AsyncLLMEngine, config: CanaryConfig, data_dir: str
+        self, table: ModelTable, engine: AsyncLLMEngine, config: CanaryConfig, windows: MetricWindows
     ) -> None:
-        self.service = service
+        self.table = table
         self.engine = engine
         self.config = config
-        self.table = service.table
-        self.router = service.table.router
-        self.windows = MetricWindows(feedback_ttl_s=config.feedback_ttl_s)
-        self.store = RolloutStore(data_dir)
-        self.controller = RolloutController(
-            self.store, self.windows, self.router, self._hooks(), config=self._controller_config()
-        )
+        self.windows = windows
         self.shadow_counts: dict[str, dict[str, int]] = {}
         self._shadows: set[asyncio.Task] = set()
-        self._loop_task: asyncio.Task | None = None
-        service.protectors.append(self.protects)
 
-    def _controller_config(self) -> ControllerConfig:
-        c = self.config
-        return ControllerConfig(
-            interval_s=c.canary_interval_s, promote_keep_warm_s=c.promote_keep_warm_s,
-            rollback_keep_warm_s=c.rollback_keep_warm_s, probes_per_tick=c.probes_per_tick,
-        )  # fmt: skip
-
-    def _hooks(self) -> ControllerHooks:
-        return ControllerHooks(
-            versions=self._versions, ensure_loaded=self._ensure_loaded, unload=self._unload,
-            set_stable=self._set_stable, probe=self._probe if self.config.probes_per_tick > 0 else None,
-            ended=self._ended,
-        )  # fmt: skip
-
-    # ---- lifecycle ----------------------------------------------------------------------
+    @property
+    def router(self) -> Router:
+        return self.table.router
 
     async def start(self) -> None:
-        """Restore the stored rollouts (the engine must run: candidates are loaded) and run the loop."""
-        restored = await self.controller.restore()
-        if restored:
-            logger.info("restored %d active rollout(s)", len(restored))
-        self._loop_task = asyncio.create_task(self.controller.run(), name="rollout-controller")
+        """Nothing to start on an ingress (its snapshot and pushes belong to its assembly)."""
 
     async def stop(self) -> None:
-        """Stop the controller loop and the shadow copies (before the engine stops)."""
-        self.controller.stop()
-        if self._loop_task is not None:
-            try:
-                await asyncio.wait_for(self._loop_task, STOP_TIMEOUT_S)
-            except (asyncio.TimeoutError, asyncio.CancelledError):
-                logger.warning("rollout controller did not stop in %g s; cancelled", STOP_TIMEOUT_S)
-            self._loop_task = None
+        """Cancel the shadow copies still running."""
         for task in list(self._shadows):
             task.cancel()
         await asyncio.gather(*self._shadows, return_exceptions=True)
 
     def close(self) -> None:
-        self.store.close()
+        """Nothing to close on an ingress."""
 
-    # ---- controller hooks ---------------------------------------------------------------
-
-    async def _versions(self, task: str) -> Collection[str] | None:
-        versions = self.table.versions.get(task)
-        return set(versions) if versions else None
-
-    async def _ensure_loaded(self, task: str, version: str) -> None:
-        await self.service.load(task, version)
-
-    async def _unload(self, task: str, version: str) -> None:
-        if lora_id_of(task, version) in self.engine.lora_status():
-            await self.service.unload(task, version)
-
-    async def _set_stable(self, task: str, version: str) -> None:
-        await to_thread.run_sync(self.service.stable.set, task, version)
-        self.table.set_stable(task, version)
-
-    async def _probe(self, task: str, version: str, prompt: str, temperature: float) -> ProbeAnswer:
-        """One probe of ``task@version`` on its twin; an engine failure other than non-finite
-        logits raises (an evaluator error, never the version's)."""
-        llm = self.engine.engine
-        ids = list(llm.tokenizer(prompt)["input_ids"])
-        room = llm.max_model_len - len(ids)
-        if room < 1:
-            raise ValueError(f"probe prompt has {len(ids)} tokens; the context holds {llm.max_model_len}")
-        twin = await self.service.probe_twin(task, version)
-        params = SamplingParams(max_tokens=min(self.config.probe_max_tokens, room), temperature=temperature)
-        result = await self.generate(f"probe-{uuid.uuid4().hex}", ids, params, twin)
-        if result.failed and not result.non_finite:
-            raise RuntimeError(f"the engine failed the probe: {result.error}")
-        record = RequestRecord(
-            task, version, 0, PROBE_STRATUM, time.time(), error=result.failed, non_finite=result.non_finite,
-            finish_reason=result.finish_reason, e2e=result.e2e, ttft=result.ttft,
-            output_tokens=len(result.token_ids), prompt_tokens=len(ids), batch=self._share(task, result.batch),
-        )  # fmt: skip
-        return ProbeAnswer(result.text, record)
-
-    async def _ended(self, task: str, stable: str, candidate: str) -> None:
-        for version in (stable, candidate):
-            try:
-                await self.service.drop_probe_twin(task, version)
-            except Exception:  # the twin goes with a restart anyway
-                logger.exception("task %s: dropping the probe twin of %s failed", task, version)
+    # ---- generations for the server itself ---------------------------------------------
 
     async def generate(
         self,
@@ -266,13 +211,7 @@ class CanaryRuntime:
         result.prompt_tokens = out.prompt_tokens
         if out.batch is not None:
             result.batch = out.batch
-
-    # ---- delete protection --------------------------------------------------------------
-
-    def protects(self, task: str, version: str) -> bool:
-        """Whether ``task@version`` is the stable or candidate version of an active rollout."""
-        rollout = self.router.rollout(task)
-        return rollout is not None and version in (rollout.spec.stable, rollout.spec.candidate)
+        result.served_by = out.served_by or result.served_by
 
     # ---- request accounting -------------------------------------------------------------
 
@@ -336,6 +275,7 @@ class CanaryRuntime:
             error=error, non_finite=error and out.error == NON_FINITE_ERROR, ttft=tracker.ttft, tpot=tracker.tpot,
             e2e=tracker.e2e, output_tokens=out.completion_tokens, prompt_tokens=out.prompt_tokens,
             finish_reason=out.finish_reason if out.finished else "abort", batch=self._share(target.task, out.batch),
+            replica=out.served_by,
         )  # fmt: skip
         self.windows.record(record)
         return record
@@ -419,7 +359,7 @@ class CanaryRuntime:
             task, candidate, decision.unit, SHADOW_STRATUM, time.time(), arm="candidate", error=copy.failed,
             non_finite=copy.non_finite, finish_reason=copy.finish_reason, e2e=copy.e2e, ttft=copy.ttft,
             output_tokens=len(copy.token_ids), prompt_tokens=len(prompt_ids), segments=decision.labels,
-            batch=self._share(task, copy.batch),
+            batch=self._share(task, copy.batch), replica=copy.served_by,
         ))  # fmt: skip
         self._count_shadow(task, "error" if copy.failed else "ok")
 
@@ -440,6 +380,135 @@ class CanaryRuntime:
             return None
         self.windows.record_noise_floor(task, _mean(stable_lp) - _mean(again_lp))
         return _mean(stable_lp) - _mean(candidate_lp)
+
+
+class CanaryRuntime(RequestAccounting):
+    """The rollout controller, its hooks, delete protection and feedback (the controller's role),
+    with the request path's accounting into its own metric windows (one process runs both)."""
+
+    def __init__(
+        self, service: AdapterService, engine: AsyncLLMEngine, config: CanaryConfig, data_dir: str
+    ) -> None:
+        windows = MetricWindows(feedback_ttl_s=config.feedback_ttl_s)
+        super().__init__(service.table, engine, config, windows)
+        self.service = service
+        self.store = RolloutStore(data_dir)
+        self.controller = RolloutController(
+            self.store, self.windows, self.router, self._hooks(), config=self._controller_config()
+        )
+        self.late_completion_s = 0.0
+        """An unknown completion id issued this recently may still be on its way (see record_feedback)."""
+        self._loop_task: asyncio.Task | None = None
+        service.protectors.append(self.protects)
+
+    def _controller_config(self) -> ControllerConfig:
+        c = self.config
+        return ControllerConfig(
+            interval_s=c.canary_interval_s, promote_keep_warm_s=c.promote_keep_warm_s,
+            rollback_keep_warm_s=c.rollback_keep_warm_s, probes_per_tick=c.probes_per_tick,
+        )  # fmt: skip
+
+    def _hooks(self) -> ControllerHooks:
+        return ControllerHooks(
+            versions=self._versions, ensure_loaded=self._ensure_loaded, unload=self._unload,
+            set_stable=self._set_stable, probe=self._probe if self.config.probes_per_tick > 0 else None,
+            ended=self._ended,
+        )  # fmt: skip
+
+    # ---- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Restore the stored rollouts (the engine must run: candidates are loaded) and run the loop."""
+        restored = await self.controller.restore()
+        if restored:
+            logger.info("restored %d active rollout(s)", len(restored))
+        self._loop_task = asyncio.create_task(self.controller.run(), name="rollout-controller")
+
+    async def stop(self) -> None:
+        """Stop the controller loop and the shadow copies (before the engine stops)."""
+        self.controller.stop()
+        if self._loop_task is not None:
+            try:
+                await asyncio.wait_for(self._loop_task, STOP_TIMEOUT_S)
+            except (asyncio.TimeoutError, asyncio.CancelledError):
+                logger.warning("rollout controller did not stop in %g s; cancelled", STOP_TIMEOUT_S)
+            self._loop_task = None
+        await super().stop()
+
+    def close(self) -> None:
+        self.store.close()
+
+    # ---- controller hooks ---------------------------------------------------------------
+
+    async def _versions(self, task: str) -> Collection[str] | None:
+        versions = self.table.versions.get(task)
+        return set(versions) if versions else None
+
+    async def _ensure_loaded(self, task: str, version: str) -> None:
+        await self.service.load(task, version)
+
+    async def _unload(self, task: str, version: str) -> None:
+        if lora_id_of(task, version) in self.engine.lora_status():
+            await self.service.unload(task, version)
+
+    async def _set_stable(self, task: str, version: str) -> None:
+        await to_thread.run_sync(self.service.stable.set, task, version)
+        self.table.set_stable(task, version)
+
+    async def _probe(self, task: str, version: str, prompt: str, temperature: float) -> ProbeAnswer:
+        """One probe of ``task@version`` on its twin; an engine failure other than non-finite
+        logits raises (an evaluator error, never the version's)."""
+        llm = self.engine.engine
+        ids = list(llm.tokenizer(prompt)["input_ids"])
+        room = llm.max_model_len - len(ids)
+        if room < 1:
+            raise ValueError(f"probe prompt has {len(ids)} tokens; the context holds {llm.max_model_len}")
+        twin = await self.service.probe_twin(task, version)
+        params = SamplingParams(max_tokens=min(self.config.probe_max_tokens, room), temperature=temperature)
+        result = await self.generate(f"probe-{uuid.uuid4().hex}", ids, params, twin)
+        if result.failed and not result.non_finite:
+            raise RuntimeError(f"the engine failed the probe: {result.error}")
+        record = RequestRecord(
+            task, version, 0, PROBE_STRATUM, time.time(), error=result.failed, non_finite=result.non_finite,
+            finish_reason=result.finish_reason, e2e=result.e2e, ttft=result.ttft,
+            output_tokens=len(result.token_ids), prompt_tokens=len(ids), batch=self._share(task, result.batch),
+            replica=result.served_by,
+        )  # fmt: skip
+        return ProbeAnswer(result.text, record)
+
+    async def _ended(self, task: str, stable: str, candidate: str) -> None:
+        for version in (stable, candidate):
+            try:
+                await self.service.drop_probe_twin(task, version)
+            except Exception:  # the twin goes with a restart anyway
+                logger.exception("task %s: dropping the probe twin of %s failed", task, version)
+
+    # ---- delete protection --------------------------------------------------------------
+
+    def protects(self, task: str, version: str) -> bool:
+        """Whether ``task@version`` is the stable or candidate version of an active rollout."""
+        rollout = self.router.rollout(task)
+        return rollout is not None and version in (rollout.spec.stable, rollout.spec.candidate)
+
+    # ---- feedback -----------------------------------------------------------------------
+
+    async def record_feedback(self, completion_id: str, score: float) -> bool:
+        """Attribute ``score`` to the request that answered ``completion_id``; False if unknown.
+
+        An unknown id issued less than ``late_completion_s`` ago may have been answered by
+        another process whose records have not arrived yet: it is looked up again until then.
+        """
+        if self.windows.record_feedback(completion_id, score):
+            return True
+        issued = issued_at(completion_id)
+        if issued is None:
+            return False
+        deadline = issued + self.late_completion_s
+        while time.time() < deadline:
+            await asyncio.sleep(min(FEEDBACK_POLL_S, max(deadline - time.time(), 0.0)))
+            if self.windows.record_feedback(completion_id, score):
+                return True
+        return False
 
 
 class RolloutCollector(Collector):

@@ -80,6 +80,8 @@ class ServedVersion:
     root: str
     """The model card's ``root``: the adapter's content address (``sha256:...``)."""
     created: int = field(default_factory=lambda: int(time.time()))
+    sha256: str = ""
+    """The registry's content address of its files (engine replicas fetch them by it)."""
 
 
 @dataclass
@@ -97,13 +99,17 @@ class ModelTable:
 
     # ---- changes -------------------------------------------------------------------------
 
-    def add_version(self, task: str, version: str, root: str, created: float | None = None) -> None:
+    def add_version(
+        self, task: str, version: str, root: str, created: float | None = None, sha256: str = ""
+    ) -> None:
         """Make ``task@version`` servable (pinned); a task takes traffic once it has a stable version."""
         if task == self.base_name:
             raise ValueError(
                 f"task {task!r} has the base model's name; adapter names must be unique"
             )
-        served = ServedVersion(root, int(created) if created is not None else int(time.time()))
+        served = ServedVersion(
+            root, int(created) if created is not None else int(time.time()), sha256
+        )
         self.versions.setdefault(task, {})[version] = served
         stable = self.stable(task)
         if stable is not None:

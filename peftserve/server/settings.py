@@ -31,6 +31,7 @@ from peftserve.config import (
     EngineConfig,
     LoRAConfig,
     ModelConfig,
+    RayConfig,
     SchedulerConfig,
     ServerConfig,
 )
@@ -42,6 +43,7 @@ CONFIG_CLASSES: tuple[type, ...] = (
     SchedulerConfig,
     ServerConfig,
     CanaryConfig,
+    RayConfig,
 )
 ENV_PREFIX = "PEFTSERVE_"
 _TRUE = ("1", "true", "yes", "on")
@@ -229,6 +231,8 @@ class ServeSettings:
     explicit: frozenset[str]
     """Fields set by a flag or an environment variable (the rest took their default)."""
     canary: CanaryConfig = dataclasses.field(default_factory=CanaryConfig)
+    ray: RayConfig = dataclasses.field(default_factory=RayConfig)
+    """How ``serve --ray`` lays the roles out on a Ray cluster."""
 
 
 def settings_from_values(
@@ -243,4 +247,6 @@ def settings_from_values(
         cache=configs[CacheConfig],
         scheduler=configs[SchedulerConfig],
     )
-    return ServeSettings(engine, configs[ServerConfig], frozenset(values), configs[CanaryConfig])
+    return ServeSettings(
+        engine, configs[ServerConfig], frozenset(values), configs[CanaryConfig], configs[RayConfig]
+    )
